@@ -1,0 +1,69 @@
+"""Few-step samplers for u_θ(z, r, t) (paper.md §4.2, paper Alg. 3 as the official code implements it).
+
+  "ode":         z_{t_m} = z_{t_n} − (t_n − t_m) · u_θ(z_{t_n}, r = t_m, t = t_n)
+  "consistency": x̂₀ = z_{t_n} − t_n · u_θ(z_{t_n}, 0, t_n);  z_{t_m} = (1 − t_m) x̂₀ + t_m ε′, fresh ε′
+
+With t_steps = [1, 0] both are the 1-NFE map x̂₀ = ε − u_θ(ε, 0, 1). Updates run in float64; the
+network sees its own dtype. Noise is drawn per sample from its own seed (`SeededNoise`), so a sample is
+reproducible from its seed alone, whatever the batch it lands in.
+"""
+
+import torch
+
+
+class SeededNoise:
+    """One torch.Generator per sample seed (like edm2's StackedRandomGenerator)."""
+
+    def __init__(self, seeds, device="cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+
+    def randn(self, shape, dtype=torch.float32):
+        """shape excludes the batch dimension; returns [len(seeds), *shape]."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+
+def randn_like(z, generator):
+    if isinstance(generator, SeededNoise):
+        return generator.randn(z.shape[1:], dtype=z.dtype).to(z.device)
+    return torch.randn(z.shape, generator=generator, device=z.device if generator is None else generator.device,
+                       dtype=z.dtype).to(z.device)
+
+
+def uniform_t_steps(num_steps):
+    """[1, (N−1)/N, …, 1/N, 0]."""
+    return [1.0 - i / num_steps for i in range(num_steps)] + [0.0]
+
+
+def parse_t_steps(t_steps):
+    t_steps = [float(t) for t in t_steps]
+    if len(t_steps) < 2 or t_steps[0] != 1.0 or t_steps[-1] != 0.0:
+        raise ValueError(f"t_steps must run from 1.0 to 0.0, got {t_steps}")
+    if any(a <= b for a, b in zip(t_steps[:-1], t_steps[1:])):
+        raise ValueError(f"t_steps must be strictly descending, got {t_steps}")
+    return t_steps
+
+
+@torch.no_grad()
+def sample(net, noise, y, t_steps, *, mode="ode", generator=None):
+    """Integrates from z_1 = noise to t = 0 along t_steps; returns x̂₀ in float64.
+
+    generator supplies the fresh noise of consistency sampling: a torch.Generator or a SeededNoise.
+    """
+    if mode not in ("ode", "consistency"):
+        raise ValueError(f"mode must be 'ode' or 'consistency', got {mode!r}")
+    t_steps = parse_t_steps(t_steps)
+    net_dtype = next(net.parameters()).dtype
+    z = noise.to(torch.float64)
+    batch = torch.ones(z.shape[0], device=z.device, dtype=net_dtype)
+
+    def u(z, r, t):
+        return net(z.to(net_dtype), batch * r, batch * t, y).to(torch.float64)
+
+    for t_n, t_m in zip(t_steps[:-1], t_steps[1:]):
+        if mode == "ode":
+            z = z - (t_n - t_m) * u(z, t_m, t_n)
+        else:
+            x0 = z - t_n * u(z, 0.0, t_n)
+            z = x0 if t_m == 0.0 else (1 - t_m) * x0 + t_m * randn_like(z, generator)
+    return z

@@ -142,6 +142,9 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", sincos_2d_pos_embed(hidden_size, grid)[None], persistent=False)
+        # Per-element latent statistics (paper.md §5.3), estimated by the trainer and saved with the weights.
+        self.register_buffer("latent_mean", torch.zeros(1, in_channels, input_size, input_size))
+        self.register_buffer("latent_std", torch.ones(1, in_channels, input_size, input_size))
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -173,6 +176,13 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def normalize(self, z):
+        """Encoder latents → the network's data space: (z − μ) / σ per element."""
+        return (z - self.latent_mean) / self.latent_std
+
+    def denormalize(self, x):
+        return x * self.latent_std.to(x.dtype) + self.latent_mean.to(x.dtype)
 
     def unpatchify(self, x):
         c, p = self.out_channels, self.patch_size

@@ -1,0 +1,217 @@
+"""Params profiles: load, validate against workflow/schemas/params.schema.yaml, resolve runs.
+
+A profile (params/*.yaml) holds `defaults` (training settings every run inherits) and `runs` (each
+overriding any default). Every experiment of the paper is an entry here, not code. Errors name the key,
+the bad value and what is allowed.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from alphaflow.objectives import alpha_schedule
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """A params file that does not validate; the message names the key, value and what is allowed."""
+
+
+#----------------------------------------------------------------------------
+# Training settings of one run (paper.md §6 defaults)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    method: str = "alphaflow"            # alphaflow | meanflow (α ≡ 0) | fm (α ≡ 1) | shortcut (α = ½, ṽ = u)
+    model: str = "B/2"                   # DiT preset
+    model_overrides: dict = field(default_factory=dict)
+    seed: int = 1                        # training seed (the official runs use 1)
+    steps: int = 400_000                 # optimiser steps
+    batch_size: int = 256                # global batch
+    micro_batch_size: int | None = None  # per-device micro-batch; None = batch_size / world size
+    lr: float = 1e-4                     # Adam learning rate
+    warmup_steps: int = 10_000           # linear warm-up from lr/1e4 (code-only, paper.md §6)
+    betas: tuple = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 16.0       # global-norm clip; None = off
+    max_bad_steps: int = 100             # consecutive NaN/Inf-gradient steps before aborting
+    ema_halflife: float = 6931.0         # steps; β = 0.5^(1/h)
+    ema_rampup: float | None = 0.05      # h = min(h, rampup·step); None = no ramp
+    fm_ratio: float = 0.5                # r = t fraction per micro-batch
+    time_loc: float = -0.4               # logit-normal location
+    time_scale: float = 1.0              # logit-normal scale
+    alpha_start: int = 0                 # k_s
+    alpha_end: int = 400_000             # k_e
+    alpha_gamma: float = 25.0            # γ
+    alpha_clamp: float = 5e-3            # η
+    discrete_only: bool = False          # α clamped at η, never a JVP
+    cfg_omega: float = 1.0               # ω
+    cfg_kappa: float = 0.0               # κ
+    cfg_interval: tuple = (0.0, 1.0)     # strict (t_min, t_max)
+    label_dropout: float = 0.0           # only inside the CFG interval
+    clamp_target: float | None = 4.0     # α > 0 target clip
+    weight_eps: float = 1e-3             # c of the adaptive weight
+    jvp_mode: str = "split"              # split | fused
+    stats_samples: int = 2048            # latents for the per-element statistics
+    init_from: str | None = None         # fine-tune from this run's final checkpoint
+    log_every: int = 100                 # metrics.jsonl / MLflow cadence
+    checkpoint_every: int = 1000         # `latest` checkpoint cadence
+    snapshot_every: int = 100_000        # kept snapshots (+ sample grid)
+    conflict_every: int | None = None    # gradient-conflict cosines cadence; None = off
+    conflict_batch: int = 128            # held-out batch for the cosines (paper App. E)
+    paper_row: str | None = None         # row of the paper's tables this run reproduces
+    resources: dict = field(default_factory=dict)
+
+    def alpha(self, step):
+        """α at optimiser step `step` for this run's method."""
+        if self.method == "fm":
+            return 1.0
+        if self.method == "meanflow":
+            return self.alpha_clamp if self.discrete_only else 0.0
+        if self.method == "shortcut":
+            return 0.5
+        return alpha_schedule(step, self.alpha_start, self.alpha_end, self.alpha_gamma, self.alpha_clamp,
+                              discrete_only=self.discrete_only)
+
+    @property
+    def shift(self):
+        return "shortcut" if self.method == "shortcut" else "velocity"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def fingerprint(self):
+        """Hash of the settings that change the trained weights (resume refuses a mismatch)."""
+        volatile = {"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
+                    "paper_row", "resources", "steps"}
+        keep = {k: v for k, v in self.to_dict().items() if k not in volatile}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+#----------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_schema(path=SCHEMA_PATH):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def format_error(err):
+    key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    value = json.dumps(err.instance, default=str)
+    if len(value) > 120:
+        value = value[:117] + "..."
+    allowed = err.schema.get("description") or err.schema.get("enum") or err.validator_value
+    if err.validator == "additionalProperties":
+        allowed = f"known keys: {sorted(err.schema.get('properties', {}))}"
+    return f"params key '{key}' = {value}: {err.message} (allowed: {allowed})"
+
+
+def validate(raw, schema=None):
+    """Raises ParamsError listing every violation."""
+    validator = jsonschema.Draft202012Validator(schema or load_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ParamsError("invalid params:\n  " + "\n  ".join(format_error(e) for e in errors))
+    for name, run in raw["runs"].items():
+        merged = {**raw["defaults"], **run}
+        if merged.get("alpha_end", 0) < merged.get("alpha_start", 0):
+            raise ParamsError(f"params key 'runs.{name}.alpha_end' = {merged['alpha_end']}: must be ≥ alpha_start "
+                              f"({merged['alpha_start']})")
+        source = merged.get("init_from")
+        if source is not None and source not in raw["runs"]:
+            raise ParamsError(f"params key 'runs.{name}.init_from' = {source!r}: not a run of this profile "
+                              f"(allowed: {sorted(raw['runs'])})")
+
+
+@dataclass
+class Params:
+    """A validated profile. `raw` is the YAML as loaded (after overrides)."""
+
+    raw: dict
+    path: str | None = None
+
+    @property
+    def profile(self):
+        return self.raw["profile"]
+
+    @property
+    def results(self):
+        return Path(self.raw.get("results", "results"))
+
+    def data_dir(self, split="train"):
+        return self.results / "data" / self.raw["data"]["name"] / split
+
+    def latent_dir(self):
+        return self.results / "latents" / f"{self.raw['data']['name']}-{self.raw['encoder']['kind']}"
+
+    def run_dir(self, run):
+        return self.results / "runs" / run
+
+    @property
+    def run_names(self):
+        return list(self.raw["runs"])
+
+    def run(self, name):
+        if name not in self.raw["runs"]:
+            raise ParamsError(f"unknown run {name!r}; this profile has: {self.run_names}")
+        merged = {**self.raw["defaults"], **self.raw["runs"][name]}
+        for key in ("betas", "cfg_interval"):
+            if key in merged:
+                merged[key] = tuple(merged[key])
+        return RunConfig(name=name, **merged)
+
+    @property
+    def samplers(self):
+        return {s["name"]: s for s in self.raw["eval"]["samplers"]}
+
+    def resources(self, stage, run=None):
+        """Launcher resources: resources.default < resources.<stage> < runs.<run>.resources (train)."""
+        res = dict(self.raw.get("resources", {}).get("default", {}))
+        res.update(self.raw.get("resources", {}).get(stage, {}))
+        if run is not None and stage == "train":
+            res.update(self.run(run).resources)
+        return res
+
+    def tracking_uri(self):
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.raw.get("tracking_uri")
+        return uri or f"sqlite:///{(PROJECT_ROOT / 'mlflow.db').as_posix()}"
+
+
+def set_by_path(raw, dotted, value):
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def load_params(path, overrides=()):
+    """Loads a params YAML, applies `key.sub=value` overrides (YAML-typed), validates."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} does not exist (profiles live in params/*.yaml)")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params file {path} must hold a mapping, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        set_by_path(raw, key, yaml.safe_load(value))
+    validate(raw)
+    return Params(raw=raw, path=str(path))

@@ -1,0 +1,359 @@
+"""One training run from a params entry, as the paper trains (paper.md §6).
+
+    alphaflow train --params params/default.yaml --run alphaflow-T-4
+
+Adam (β = 0.9, 0.95), lr warm-up, global batch split into per-device micro-batches with gradient
+accumulation, NaN/Inf gradients zeroed and counted, global-norm clip, EMA with a ramped half-life,
+DDP from the environment, atomic checkpoints with exact resume, SIGTERM/SIGUSR2 → checkpoint + requeue
+exit code, MLflow + metrics.jsonl. Starting a run whose folder has a checkpoint resumes it.
+"""
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from alphaflow import checkpoint as ckpt
+from alphaflow import distributed
+from alphaflow.data import LatentLoader
+from alphaflow.data.shards import atomic_write_bytes
+from alphaflow.ema import EMA
+from alphaflow.launch import REQUEUE_EXIT_CODE
+from alphaflow.models import build_model
+from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
+from alphaflow.tracking import Tracker, append_jsonl, git_commit, truncate_jsonl
+
+LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint is written on SIGTERM/SIGUSR2; exits with REQUEUE_EXIT_CODE."""
+
+
+def learning_rate(run, step):
+    """Linear warm-up from lr/1e4 to lr over warmup_steps, then constant (paper.md §6)."""
+    if run.warmup_steps <= 0:
+        return run.lr
+    return run.lr * min(1.0, 1e-4 + (1 - 1e-4) * step / run.warmup_steps)
+
+
+def metric_name(key):
+    """MLflow-safe names: cos(FM',TC) → cos_FMp_TC."""
+    return key.replace("'", "p").replace("(", "_").replace(")", "").replace(",", "_")
+
+
+#----------------------------------------------------------------------------
+# Set-up
+
+
+def batch_split(run, world_size):
+    """(per-device batch, micro-batch, accumulation steps) with clear errors."""
+    if run.batch_size % world_size:
+        raise ValueError(f"batch_size {run.batch_size} of run {run.name} is not divisible by {world_size} processes")
+    per_rank = run.batch_size // world_size
+    micro = run.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"per-device batch {per_rank} of run {run.name} is not divisible by micro_batch_size {micro}")
+    return per_rank, micro, per_rank // micro
+
+
+@torch.no_grad()
+def estimate_latent_stats(latent_dir, n, seed, device):
+    """Per-element mean/std from n posterior samples (paper.md §5.3: 2048 at the start of training)."""
+    loader = LatentLoader(latent_dir, min(n, 256), seed=seed + 7919, device=device)
+    xs, count = [], 0
+    while count < n:
+        x, _ = next(loader)
+        xs.append(x.double())
+        count += x.shape[0]
+    x = torch.cat(xs)[:n]
+    return x.mean(0, keepdim=True).float(), x.std(0, keepdim=True).clamp_min(1e-8).float()
+
+
+def build_run_model(run, loader, device):
+    c, h, w = loader.latent_shape
+    torch.manual_seed(run.seed)
+    return build_model(run.model, num_classes=loader.num_classes, input_size=h, in_channels=c,
+                       **run.model_overrides).to(device)
+
+
+def changed_keys(saved, current):
+    volatile = {"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
+                "paper_row", "resources", "steps"}
+    keys = set(saved) | set(current)
+    return sorted(k for k in keys - volatile if json.dumps(saved.get(k), default=list) != json.dumps(current.get(k), default=list))
+
+
+class SignalFlag:
+    """SIGTERM / SIGUSR2 (SLURM pre-emption and time limit, submitit) → stop at the next step boundary."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. the debug executor): leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def any_rank(flag, device):
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def gather_states(tensor):
+    """Every rank's generator state, so rank 0 can checkpoint them all."""
+    if not dist.is_initialized():
+        return [tensor]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, tensor.cpu())
+    return out
+
+
+#----------------------------------------------------------------------------
+# Sample grids (snapshots and the end of training)
+
+
+@torch.no_grad()
+def sample_grid(net, encoder, num_classes, path, per_class=8, t_steps=(1.0, 0.5, 0.0)):
+    from alphaflow.images import save_grid
+    from alphaflow.sampling import SeededNoise, sample
+
+    classes = min(num_classes, 10)
+    device = next(net.parameters()).device
+    y = torch.arange(classes, device=device).repeat_interleave(per_class)
+    shape = (net.in_channels, net.latent_mean.shape[-2], net.latent_mean.shape[-1])
+    noise = SeededNoise(range(len(y)), device=device).randn(shape)
+    x = net.denormalize(sample(net, noise, y, list(t_steps)).float())
+    images = encoder.decode(x)
+    # One row per class: per_class images each.
+    return save_grid(images, path, nrow=per_class, scale=2 if images.shape[-1] < 64 else 1)
+
+
+#----------------------------------------------------------------------------
+# The loop
+
+
+def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracking=True):
+    """Trains (or resumes) `run_name`; returns a summary dict. stop_after: optional step at which to stop."""
+    run = params.run(run_name)
+    info, dev = distributed.init(device)
+    run_dir = params.run_dir(run_name)
+    ckpt_dir = run_dir / "checkpoints"
+    if (ckpt_dir / "final" / "state.json").exists():
+        if info.is_main and not quiet:
+            print(f"[alphaflow] {run_name}: already finished ({ckpt_dir / 'final'})")
+        return ckpt.read_state(ckpt_dir / "final")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    per_rank, micro, accum = batch_split(run, info.world_size)
+    latent_dir = params.latent_dir()
+    loader = LatentLoader(latent_dir, micro, seed=run.seed, rank=info.rank, world_size=info.world_size, device=dev)
+    net = build_run_model(run, loader, dev)
+    mean, std = estimate_latent_stats(latent_dir, run.stats_samples, run.seed, dev)
+    net.latent_mean.copy_(mean)
+    net.latent_std.copy_(std)
+    ema = EMA(net, run.ema_halflife, run.ema_rampup)
+    fused = dev.type == "cuda"
+    opt = torch.optim.Adam(net.parameters(), lr=run.lr, betas=tuple(run.betas), eps=run.adam_eps, weight_decay=0.0,
+                           fused=fused or None)
+    gen = torch.Generator(dev).manual_seed(run.seed * 1000 + info.rank)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
+
+    # Resume, or fine-tune from another run, or start fresh.
+    start_step, bad_total, window = 0, 0, {}
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        saved = ckpt.read_state(latest)
+        if saved["fingerprint"] != run.fingerprint():
+            keys = changed_keys(saved["run"], run.to_dict())
+            raise ValueError(f"refusing to resume {run_dir}: its checkpoint was trained with different params "
+                             f"(changed keys: {keys}). Restore them, or delete {ckpt_dir} to start over.")
+        state, rng = ckpt.load_checkpoint(latest, net=net, ema=ema, optimizer=opt, device=dev)
+        loader.load_state_dict(state["loader"])
+        gen.set_state(rng[f"gen.{info.rank}"].to(torch.uint8))
+        start_step, bad_total, window = state["step"], state["bad_total"], state.get("window", {})
+        if info.is_main:
+            truncate_jsonl(run_dir / "metrics.jsonl", start_step)
+    elif run.init_from is not None:
+        source = params.run_dir(run.init_from) / "checkpoints" / "final"
+        net.load_state_dict(ckpt.load_weights(source, "raw", dev))
+        ema.load_state_dict(ckpt.load_weights(source, "ema", dev))
+        if info.is_main and not quiet:
+            print(f"[alphaflow] {run_name}: fine-tuning from {source}")
+
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if fused else None) \
+        if info.world_size > 1 else net
+
+    tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_dir / "mlflow_run_id",
+                      tags={"method": run.method, "scale": run.model, "profile": params.profile,
+                            "git_commit": git_commit(), "paper_row": str(run.paper_row)},
+                      enabled=tracking and info.is_main)
+    if info.is_main:
+        resolved = yaml.safe_dump({"run": run.to_dict(), "profile": params.profile,
+                                   "data": params.raw["data"], "encoder": params.raw["encoder"]}, sort_keys=False)
+        atomic_write_bytes(run_dir / "params.yaml", resolved.encode())
+        if start_step == 0:
+            tracker.log_params(run.to_dict())
+        tracker.log_artifact(run_dir / "params.yaml")
+
+    conflict_batch = None
+    if run.conflict_every and info.is_main:
+        held = LatentLoader(latent_dir, run.conflict_batch, seed=run.seed + 104729, device=dev)
+        hx, hy = next(held)
+        hg = torch.Generator(dev).manual_seed(run.seed + 104729)
+        ht, hr = sample_times(run.conflict_batch, 0.0, run.time_loc, run.time_scale, generator=hg)
+        conflict_batch = (hx, hy, ht.to(dev), hr.to(dev), torch.randn(hx.shape, generator=hg, device=dev))
+
+    signals = SignalFlag()
+    last_step = run.steps if stop_after is None else min(run.steps, stop_after)
+    bar = tqdm(total=run.steps, initial=start_step, disable=quiet or not info.is_main, desc=run_name,
+               dynamic_ncols=True, smoothing=0.1)
+    sums = {k: torch.tensor(window.get(k, 0.0), device=dev, dtype=torch.float64) for k in LOG_KEYS}
+    window_n = window.get("n", 0)
+    bad_run = 0
+    t0, images0 = time.perf_counter(), 0
+    params_list = [p for p in net.parameters()]
+    step = start_step
+    try:
+        for step in range(start_step, last_step):
+            alpha = run.alpha(step)
+            lr = learning_rate(run, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            for i in range(accum):
+                x, y = next(loader)
+                x = net.normalize(x)
+                noise = torch.randn(x.shape, generator=gen, device=dev)
+                t, r = sample_times(micro, run.fm_ratio, run.time_loc, run.time_scale, generator=gen)
+                t, r = t.to(dev), r.to(dev)
+                y = drop_labels(y, t, run.label_dropout, net.null_label, run.cfg_interval, gen)
+                sync = contextlib.nullcontext() if (i == accum - 1 or info.world_size == 1) else ddp.no_sync()
+                with sync, autocast():
+                    terms = alpha_flow_loss(
+                        ddp, x, y, t, r, noise, alpha, omega=run.cfg_omega, kappa=run.cfg_kappa,
+                        cfg_interval=run.cfg_interval, null_label=net.null_label, clamp_target=run.clamp_target,
+                        weight_eps=run.weight_eps, shift=run.shift, jvp_mode=run.jvp_mode, teacher=net)
+                    (terms.loss.mean() / accum).backward()
+                with torch.no_grad():
+                    sums["loss"] += terms.loss.detach().mean() / accum
+                    sums["L_TFM"] += terms.tfm.mean() / accum
+                    sums["L_TC"] += terms.tc.mean() / accum
+                    sums["L_sum"] += (terms.tfm + terms.tc).mean() / accum
+                    sums["delta_sq"] += terms.delta_sq.detach().mean() / accum
+            # NaN/Inf gradients → zero and count (paper.md §9); then the global-norm clip.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params_list if p.grad is not None])
+            if not bool(torch.isfinite(norm)):
+                for p in params_list:
+                    if p.grad is not None:
+                        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                bad_total, bad_run = bad_total + 1, bad_run + 1
+                if bad_run >= run.max_bad_steps:
+                    raise RuntimeError(f"{run_name}: {bad_run} consecutive steps with NaN/Inf gradients at step "
+                                       f"{step}; aborting (lower lr, check the data, or raise max_bad_steps)")
+            else:
+                bad_run = 0
+            if run.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(params_list, run.grad_clip, norm) if bool(torch.isfinite(norm)) \
+                    else torch.nn.utils.clip_grad_norm_(params_list, run.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(net, step)
+            window_n += 1
+            images0 += run.batch_size
+            done = step + 1
+            bar.update(1)
+
+            if info.is_main and (done % run.log_every == 0 or done == last_step):
+                elapsed = time.perf_counter() - t0
+                record = {"step": done, "alpha": alpha, "fm_ratio": run.fm_ratio, "lr": lr,
+                          "grad_norm": float(norm), "bad_steps": bad_total,
+                          "images_per_s": images0 / max(elapsed, 1e-9)}
+                record.update({k: float(v) / max(window_n, 1) for k, v in sums.items()})
+                if run.conflict_every and done % run.conflict_every == 0:
+                    record.update(gradient_conflict(net, *conflict_batch))
+                append_jsonl(run_dir / "metrics.jsonl", record)
+                tracker.log_metrics({metric_name(k): v for k, v in record.items() if k != "step"}, step=done)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", alpha=f"{alpha:.3f}",
+                                img_s=f"{record['images_per_s']:.0f}")
+                for v in sums.values():
+                    v.zero_()
+                window_n, t0, images0 = 0, time.perf_counter(), 0
+
+            stop = any_rank(signals.received is not None, dev)
+            periodic = done % run.checkpoint_every == 0 or done % run.snapshot_every == 0
+            if periodic or stop:
+                save(ckpt_dir, step_name(done), net, ema, opt, gen, loader, run, done, bad_total, sums, window_n, info)
+                if info.is_main:
+                    snaps = {s for s in range(run.snapshot_every, run.steps + 1, run.snapshot_every)}
+                    ckpt.prune(ckpt_dir, snaps)
+                    if done % run.snapshot_every == 0:
+                        log_grid(ema.module, params, run_dir / "samples" / f"grid-{done:07d}.png", tracker, loader)
+            if stop:
+                if info.is_main:
+                    print(f"[alphaflow] {run_name}: {signals.received} at step {done}; checkpoint written, "
+                          f"exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)
+                tracker.close(status="KILLED")
+                raise Preempted(REQUEUE_EXIT_CODE)
+    finally:
+        bar.close()
+        signals.restore()
+
+    summary = {"run": run_name, "step": last_step, "bad_steps": bad_total}
+    if last_step == run.steps:
+        save(ckpt_dir, "final", net, ema, opt, gen, loader, run, run.steps, bad_total, sums, window_n, info)
+        if info.is_main:
+            from alphaflow.report import plot_training_curves
+
+            grid = log_grid(ema.module, params, run_dir / "samples" / "grid-final.png", tracker, loader)
+            curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png", title=run_name)
+            tracker.log_artifact(curves, "plots")
+            summary["grid"] = str(grid)
+    tracker.close()
+    distributed.barrier()
+    return summary
+
+
+def step_name(step):
+    return ckpt.step_dir_name(step)
+
+
+def save(ckpt_dir, name, net, ema, opt, gen, loader, run, step, bad_total, sums, window_n, info):
+    states = gather_states(gen.get_state())
+    if info.is_main:
+        state = {"step": step, "bad_total": bad_total, "loader": loader.state_dict(),
+                 "fingerprint": run.fingerprint(), "run": run.to_dict(), "world_size": info.world_size,
+                 "window": {**{k: float(v) for k, v in sums.items()}, "n": window_n}}
+        rng = {f"gen.{r}": s for r, s in enumerate(states)}
+        ckpt.save_checkpoint(ckpt_dir, name, net=net, ema=ema, optimizer=opt, rng=rng, state=state)
+    distributed.barrier()
+
+
+def log_grid(net, params, path, tracker, loader):
+    from alphaflow.data import build_encoder
+
+    enc = params.raw["encoder"]
+    encoder = build_encoder(enc["kind"], path=enc.get("path"), device=next(net.parameters()).device)
+    grid = sample_grid(net, encoder, loader.num_classes, path)
+    tracker.log_artifact(grid, "samples")
+    return grid

@@ -1,0 +1,390 @@
+"""Pre-extracted latents: encode in parts, finalize (checksums + per-element stats), load for training.
+
+Paper.md §5.3: each image is encoded once and its posterior mean and log-variance are stored;
+training draws a fresh posterior sample every epoch, z = mean + exp(logvar/2)·N(0,1); latents
+are normalised per element with mean/std arrays of shape [1,c,h,w] estimated from 2048 samples,
+z_norm = (z − μ)/√(var + 1e-16). Data loading: each rank reads the fixed interleaved subset
+i·W + rank, shuffles within it every epoch, drop_last.
+
+Layout of a latent directory:
+  latents-00000.safetensors ...  {"mean": f16 [n,c,h,w], "logvar": f16 [n,c,h,w] (absent for identity),
+                                  "labels": int64 [n]}; latent shard k encodes prepared shard k
+  part-000-of-002.json ...       one resume record per encode part (shard sha256s, data manifest hash)
+  manifest.json, stats.safetensors   written by finalize_latents once every part is done
+
+Storage dtype is float16 (STORE_DTYPE): ImageNet's 1.28M × 4×32×32 mean + logvar is 21 GB
+(42 GB in float32), and LatentLoader keeps only its rank's 1/W of it in memory (2.6 GB per
+rank at W = 8). float16 keeps 11 significant bits (relative error ≤ 4.9e-4, e.g. ≤ 0.004 at
+|z| ≈ 8); pixel-space values k/127.5 − 1 still decode back to the exact uint8.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .prepare import iter_prepared_shards
+from .shards import (FORMAT, MANIFEST, ShardError, atomic_write_json, read_json, read_manifest,
+                     read_shard, sha256_file, shard_is_current, write_shard)
+
+STORE_DTYPE = np.float16
+SHARD_NAME = "latents-{:05d}.safetensors"
+PART_NAME = "part-{:03d}-of-{:03d}.json"
+STATS = "stats.safetensors"
+STATS_EPS = 1e-16               # paper §5.3: (z − μ)/√(var + 1e-16); std below includes it
+STD_FLOOR = 0.1                 # std >= STD_FLOOR · median(std); see _estimate_stats
+NOISE_STREAM, SHUFFLE_STREAM, STATS_STREAM = 1, 2, 3   # independent seed streams
+
+
+def rebuild_hint(latent_dir) -> str:
+    return (f"Rebuild it by rerunning `alphaflow encode` for {latent_dir} (every part; shards whose "
+            f"checksums match are kept, bad ones are re-encoded), which also re-finalizes the manifest; "
+            f"or delete {latent_dir} and encode again.")
+
+
+def _seed(*words: int) -> int:
+    """A 64-bit seed hashed from integers (numpy SeedSequence), for torch.Generator."""
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0])
+
+
+#----------------------------------------------------------------------------
+# Encoding (one part of num_parts; parts can run as separate array jobs).
+
+def part_shards(num_shards: int, part: int, num_parts: int) -> range:
+    """Contiguous block of prepared shards that `part` encodes."""
+    return range(num_shards * part // num_parts, num_shards * (part + 1) // num_parts)
+
+
+def encode_dataset(data_dir, out_dir, encoder, *,
+                   batch_size: int = 64,                   # images per encoder call
+                   part: int = 0,                          # which part of the shards to encode
+                   num_parts: int = 1,                     # 1 = everything in this call
+                   device="cpu",                           # where the images are sent
+                   ) -> dict:
+    """Encode prepared shards part_shards(K, part, num_parts) into latent shards. Resumable."""
+    if not (isinstance(num_parts, int) and num_parts >= 1 and isinstance(part, int) and 0 <= part < num_parts):
+        raise ValueError(f"need 0 <= part < num_parts, got part={part!r}, num_parts={num_parts!r}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data = read_manifest(data_dir, hint=f"Run `alphaflow prepare` to create {data_dir}.")
+    record = {
+        "format": FORMAT, "part": part, "num_parts": num_parts, "complete": False,
+        "encoder": encoder.name,
+        "encoder_fingerprint": getattr(encoder, "fingerprint", encoder.name),
+        "image_shape": data["image_shape"],
+        "latent_shape": list(encoder.latent_shape(tuple(data["image_shape"]))),  # (c, h, w)
+        "num_classes": data["num_classes"], "class_names": data["class_names"],
+        "data_dir": str(data_dir.resolve()), "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
+        "num_data_shards": len(data["shards"]), "shards": {},
+    }
+    path = out_dir / PART_NAME.format(part, num_parts)
+    indices = part_shards(len(data["shards"]), part, num_parts)
+    done = _previous_part_shards(path, record, data)
+    todo = [i for i in indices if str(i) not in done]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if todo and (out_dir / MANIFEST).exists():
+        os.remove(out_dir / MANIFEST)  # stale until finalize_latents runs again
+    record["shards"] = {k: v for k, v in done.items() if int(k) in indices}
+
+    bar = tqdm(total=sum(data["shards"][i]["count"] for i in indices), unit="img", disable=None,
+               initial=sum(data["shards"][i]["count"] for i in indices if i not in todo),
+               desc=f"encode {encoder.name} part {part}/{num_parts}", dynamic_ncols=True)
+    for i, images, labels, src in iter_prepared_shards(data_dir, indices=todo):
+        mean, logvar = _encode_array(encoder, images, batch_size, device, bar)
+        arrays = {"mean": mean, "labels": labels}
+        if logvar is not None:
+            arrays["logvar"] = logvar
+        sha = write_shard(out_dir / SHARD_NAME.format(i), arrays)
+        record["shards"][str(i)] = {"file": SHARD_NAME.format(i), "count": len(labels), "sha256": sha,
+                                    "source_sha256": src["sha256"], "has_logvar": logvar is not None}
+        atomic_write_json(path, record)
+    bar.close()
+    record["complete"] = True
+    atomic_write_json(path, record)
+    return record
+
+
+def _encode_array(encoder, images: np.ndarray, batch_size: int, device, bar):
+    """uint8 [n,C,H,W] -> (mean f16 [n,c,h,w], logvar f16 [n,c,h,w] | None)."""
+    means, logvars = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size]).to(device)    # [B,C,H,W] uint8
+        mean, logvar = encoder.encode(x)
+        means.append(_to_store(mean))
+        if logvar is not None:
+            logvars.append(_to_store(logvar))
+        bar.update(len(x))
+    c, h, w = encoder.latent_shape(images.shape[1:])
+    empty = np.zeros((0, c, h, w), STORE_DTYPE)
+    mean = np.concatenate(means) if means else empty
+    logvar = np.concatenate(logvars) if logvars else None
+    for name, array in (("mean", mean), ("logvar", logvar)):
+        if array is not None and not np.isfinite(array).all():
+            raise ValueError(f"encoder {encoder.name} produced non-finite {name} values (or beyond float16 range)")
+    return mean, logvar
+
+
+def _to_store(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float16).cpu().numpy()  # cast before the device->host copy: half the bytes
+
+
+def _previous_part_shards(path: Path, record: dict, data: dict) -> dict:
+    """Finished latent shards of an earlier run of this part that are still valid."""
+    if not path.exists():
+        return {}
+    try:
+        previous = read_json(path)
+    except ShardError:
+        return {}
+    same = all(previous.get(k) == record[k] for k in ("encoder_fingerprint", "latent_shape", "image_shape"))
+    if not same:
+        return {}
+    return {k: v for k, v in previous.get("shards", {}).items()
+            if int(k) < len(data["shards"]) and v["source_sha256"] == data["shards"][int(k)]["sha256"]
+            and shard_is_current(path.parent / v["file"], v["sha256"])}
+
+
+#----------------------------------------------------------------------------
+# Finalize: verify everything, write manifest.json and per-element stats (paper §5.3).
+
+def _read_parts(out_dir: Path, num_parts: int) -> list[dict]:
+    parts = []
+    for p in range(num_parts):
+        path = out_dir / PART_NAME.format(p, num_parts)
+        todo = f"Run `alphaflow encode` with part={p}, num_parts={num_parts} for {out_dir} first."
+        rec = read_json(path, hint=todo)
+        if not rec.get("complete"):
+            raise ShardError(f"{path}: part {p} of {num_parts} is unfinished. {todo}")
+        parts.append(rec)
+    keys = ("encoder_fingerprint", "latent_shape", "image_shape", "data_manifest_sha256", "num_data_shards")
+    for rec in parts[1:]:
+        for key in keys:
+            if rec[key] != parts[0][key]:
+                raise ShardError(f"{out_dir}: parts disagree on {key} ({parts[0][key]!r} vs {rec[key]!r}); "
+                                 f"they were encoded from different data or encoders. "
+                                 f"Delete {out_dir} and encode again.")
+    return parts
+
+
+def finalize_latents(out_dir, *,
+                     num_parts: int = 1,                   # how many encode parts to collect
+                     stats_samples: int = 2048,            # posterior samples for the stats (paper: 2048)
+                     seed: int = 0,                        # picks the samples and their noise
+                     ) -> dict:
+    """Verify every latent shard, write stats.safetensors (per element) and manifest.json."""
+    out_dir = Path(out_dir)
+    parts = _read_parts(out_dir, num_parts)
+    first = parts[0]
+    shards = {int(k): v for rec in parts for k, v in rec["shards"].items()}
+    if sorted(shards) != list(range(first["num_data_shards"])):
+        missing = sorted(set(range(first["num_data_shards"])) - set(shards))
+        raise ShardError(f"{out_dir}: latent shards {missing} are missing. {rebuild_hint(out_dir)}")
+    records = [{"file": shards[i]["file"], "count": shards[i]["count"], "sha256": shards[i]["sha256"]}
+               for i in range(len(shards))]
+    count = sum(r["count"] for r in records)
+    has_logvar = {bool(v["has_logvar"]) for v in shards.values()}
+    if len(has_logvar) != 1:
+        raise ShardError(f"{out_dir}: some latent shards have a logvar and some do not. {rebuild_hint(out_dir)}")
+    has_logvar = has_logvar.pop()
+    mean, std, n, floored = _estimate_stats(out_dir, records, count, stats_samples, seed)
+    stats_sha = write_shard(out_dir / STATS, {"mean": mean, "std": std})
+    manifest = {
+        "format": FORMAT,
+        "kind": "latents",
+        "count": count,
+        "num_classes": first["num_classes"],
+        "class_names": first["class_names"],
+        "image_shape": first["image_shape"],                     # (C, H, W)
+        "latent_shape": first["latent_shape"],                   # (c, h, w)
+        "encoder": first["encoder"],
+        "encoder_fingerprint": first["encoder_fingerprint"],
+        "has_logvar": has_logvar,
+        "dtype": np.dtype(STORE_DTYPE).name,
+        "shards": records,
+        "stats": {"file": STATS, "sha256": stats_sha, "samples": n, "seed": seed, "eps": STATS_EPS,
+                  "std_floor": f"{STD_FLOOR} * median(std)", "floored_elements": floored},
+        "source": {"data_dir": first["data_dir"], "data_manifest_sha256": first["data_manifest_sha256"]},
+        "num_parts": num_parts,
+    }
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _estimate_stats(out_dir: Path, records: list[dict], count: int, stats_samples: int, seed: int):
+    """Per-element mean/std [1,c,h,w] of posterior samples at `stats_samples` random indices;
+    every shard is read (and verified) once on the way."""
+    if count == 0:
+        raise ShardError(f"{out_dir}: no latents to compute statistics from")
+    n = min(stats_samples, count)
+    rng = np.random.default_rng(_seed(seed, STATS_STREAM))
+    chosen = np.sort(rng.choice(count, size=n, replace=False))
+    # Streaming float64 sums of (z − ref) and (z − ref)², ref = first sample (shifted moments:
+    # no cancellation, memory independent of n).
+    ref, s1, s2, offset = None, 0.0, 0.0, 0
+    for rec in records:
+        arrays = _read_latent_shard(out_dir, rec)
+        hits = chosen[(chosen >= offset) & (chosen < offset + rec["count"])]  # global indices
+        for start in range(0, len(hits), 256):
+            g = hits[start:start + 256]
+            z = _posterior_sample(arrays, g - offset, g, (seed, STATS_STREAM)).double()  # [b, c, h, w]
+            ref = z[:1].clone() if ref is None else ref
+            d = z - ref
+            s1, s2 = s1 + d.sum(0, keepdim=True), s2 + (d * d).sum(0, keepdim=True)
+        offset += rec["count"]
+    mean_d = s1 / n
+    var = (s2 / n - mean_d * mean_d).clamp_min(0)                            # [1, c, h, w]
+    mean = ref + mean_d
+    std = torch.sqrt(var + STATS_EPS)
+    # Deviation from the paper (which only saw SD-VAE latents): an element that happens to be
+    # constant in the 2048 samples but not in the data (a Fashion-MNIST corner pixel does) would
+    # get std 1e-8 and blow up to ~1e7 after normalisation. Flooring std at a tenth of the median
+    # keeps the map invertible; it is not expected to bind for SD-VAE latents (element stds within
+    # a small factor of each other) and manifest["stats"]["floored_elements"] says if it did.
+    floor = STD_FLOOR * std.median()
+    floored = int((std < floor).sum())
+    std = torch.maximum(std, floor)
+    return mean.float().numpy(), std.float().numpy(), n, floored
+
+
+def _read_latent_shard(latent_dir: Path, rec: dict) -> dict:
+    arrays = read_shard(latent_dir / rec["file"], sha256=rec["sha256"], hint=rebuild_hint(latent_dir))
+    if len(arrays["labels"]) != rec["count"]:
+        raise ShardError(f"shard {latent_dir / rec['file']} holds {len(arrays['labels'])} latents, "
+                         f"the manifest says {rec['count']}. {rebuild_hint(latent_dir)}")
+    return arrays
+
+
+def _posterior_sample(arrays: dict, rows: np.ndarray, global_index: np.ndarray, stream: tuple):
+    """z = mean + exp(logvar/2)·ε, ε ~ N(0,1) seeded by (*stream, global sample index)."""
+    # float16 -> float32 in numpy: torch's intra-op threads cost more than they save here
+    mean = torch.from_numpy(arrays["mean"][rows].astype(np.float32))        # [B, c, h, w]
+    if "logvar" not in arrays:
+        return mean
+    logvar = torch.from_numpy(arrays["logvar"][rows].astype(np.float32))
+    return mean + torch.exp(0.5 * logvar) * _noise(mean.shape, global_index, stream)
+
+
+def _noise(shape, global_index, stream: tuple) -> torch.Tensor:
+    """ε [B, c, h, w]: one generator per sample, so ε depends only on (stream, sample index),
+    not on batch composition, rank count or resume point."""
+    eps = torch.empty(shape)
+    for row, g in enumerate(global_index):
+        gen = torch.Generator().manual_seed(_seed(*stream, int(g)))
+        eps[row] = torch.randn(shape[1:], generator=gen)
+    return eps
+
+
+def load_latent_stats(latent_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) float32 [1,c,h,w] from stats.safetensors (sha256 checked against the manifest)."""
+    latent_dir = Path(latent_dir)
+    manifest = read_latent_manifest(latent_dir)
+    arrays = read_shard(latent_dir / manifest["stats"]["file"], sha256=manifest["stats"]["sha256"],
+                        hint=rebuild_hint(latent_dir))
+    return torch.from_numpy(arrays["mean"]), torch.from_numpy(arrays["std"])
+
+
+def read_latent_manifest(latent_dir) -> dict:
+    latent_dir = Path(latent_dir)
+    manifest = read_manifest(latent_dir, hint=f"Run `alphaflow encode` for {latent_dir} (it ends with "
+                                               f"finalize, which writes the manifest).")
+    if manifest.get("kind") != "latents":
+        raise ShardError(f"{latent_dir / MANIFEST} is not a latent manifest (kind={manifest.get('kind')!r})")
+    return manifest
+
+
+#----------------------------------------------------------------------------
+# Training loader (paper §5.3 data loading).
+
+class LatentLoader:
+    """Infinite iterator of (x float32 [B,c,h,w], y int64 [B]) for one DDP rank.
+
+    Rank r holds samples i·W + r for i < N // W (every rank the same count, so one
+    state_dict fits all ranks), shuffles them each epoch with (seed, epoch, rank), and drops
+    the last partial batch. x is a fresh posterior sample per epoch, seeded by (seed, epoch,
+    global index), so a resumed loader yields bit-identical batches.
+    """
+
+    def __init__(self, latent_dir, batch_size: int, *,
+                 seed: int,                                # drives shuffle and posterior noise
+                 rank: int = 0,                            # this process's DDP rank
+                 world_size: int = 1,                      # number of DDP ranks
+                 device="cpu"):                            # where batches are delivered
+        if not (0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size <= 0 or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"need batch_size > 0 and an integer seed >= 0, got {batch_size}, {seed!r}")
+        self.latent_dir, self.batch_size, self.seed = Path(latent_dir), batch_size, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.manifest = read_latent_manifest(self.latent_dir)
+        self.num_classes = self.manifest["num_classes"]
+        self.class_names = self.manifest["class_names"]
+        self.latent_shape = tuple(self.manifest["latent_shape"])             # (c, h, w)
+        self.stats = tuple(t.to(self.device) for t in load_latent_stats(self.latent_dir))  # [1,c,h,w] ×2
+        self.num_samples = self.manifest["count"] // world_size              # per rank
+        self.batches_per_epoch = self.num_samples // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.latent_dir}: {self.manifest['count']} latents over {world_size} rank(s) "
+                             f"give {self.num_samples} per rank, fewer than one batch of {batch_size}")
+        self._load_subset()
+        self.epoch, self.position, self._perm_epoch, self._perm = 0, 0, None, None
+        self.last_index = None                                               # global indices of the last batch
+
+    def _load_subset(self) -> None:
+        """Keep rows with global index i·W + rank, i < num_samples (1/W of the data in memory)."""
+        means, logvars, labels, index, offset = [], [], [], [], 0
+        for rec in self.manifest["shards"]:
+            g = np.arange(offset, offset + rec["count"])
+            keep = (g % self.world_size == self.rank) & (g < self.num_samples * self.world_size)
+            offset += rec["count"]
+            if not keep.any():
+                continue
+            arrays = _read_latent_shard(self.latent_dir, rec)
+            means.append(arrays["mean"][keep])
+            if "logvar" in arrays:
+                logvars.append(arrays["logvar"][keep])
+            labels.append(arrays["labels"][keep])
+            index.append(g[keep])
+        self._mean = np.concatenate(means)                                   # [n, c, h, w] f16
+        self._logvar = np.concatenate(logvars) if logvars else None          # [n, c, h, w] f16 | None
+        self._labels = np.concatenate(labels)                                # [n] int64
+        self._index = np.concatenate(index)                                  # [n] global indices
+        assert len(self._labels) == self.num_samples
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            rng = np.random.default_rng(_seed(self.seed, SHUFFLE_STREAM, self.epoch, self.rank))
+            self._perm, self._perm_epoch = rng.permutation(self.num_samples), self.epoch
+        return self._perm
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        b = self.batch_size
+        rows = self._permutation()[self.position * b:(self.position + 1) * b]
+        self.position += 1
+        arrays = {"mean": self._mean}
+        if self._logvar is not None:
+            arrays["logvar"] = self._logvar
+        x = _posterior_sample(arrays, rows, self._index[rows], (self.seed, NOISE_STREAM, self.epoch))  # [B,c,h,w]
+        y = torch.from_numpy(self._labels[rows])                                         # [B]
+        self.last_index = self._index[rows]
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "batch_size", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
+                                 f"{getattr(self, key)}; exact resume needs the same value")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

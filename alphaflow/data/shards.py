@@ -1,0 +1,159 @@
+"""Checksummed shard files: atomic writes, sha256, manifests (design.md §5, §6).
+
+Every file the data stages write goes through `atomic_write_bytes`: a temporary file in the
+same directory, flushed and fsync'ed, then `os.replace`d over the final name, so a reader sees
+either the old file or the new one, never half of one, even after kill -9 or a power loss.
+Tensor shards are safetensors (no pickle anywhere) and every shard's sha256 is recorded in a
+JSON manifest; readers verify it and fail with the file name and the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load_bytes
+from safetensors.numpy import save as st_save_bytes
+
+MANIFEST = "manifest.json"      # the finished dataset's manifest
+FORMAT = 1                      # manifest["format"]; bump on incompatible layout changes
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)                # read the process umask once (there is no getter)
+
+
+class ShardError(ValueError):
+    """A shard or manifest is missing, unreadable or fails its checksum."""
+
+
+#----------------------------------------------------------------------------
+# Atomic writes and hashing.
+
+def atomic_write_bytes(path, data: bytes) -> str:
+    """Write `data` to `path` atomically; returns its sha256 (hex)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform / filesystem
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path, obj) -> str:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """Hash of a JSON-able object in a canonical encoding (plan fingerprints)."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+#----------------------------------------------------------------------------
+# Tensor shards (safetensors, numpy arrays).
+
+def write_shard(path, arrays: dict[str, np.ndarray]) -> str:
+    """Atomically write a dict of numpy arrays as safetensors; returns the file's sha256."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    return atomic_write_bytes(path, st_save_bytes(arrays))
+
+
+def read_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, np.ndarray]:
+    """Read a shard written by `write_shard`, checking its sha256 when given.
+
+    Any failure (missing file, checksum mismatch, unparsable bytes) raises `ShardError`
+    naming the file and `hint` (what to run to rebuild it).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ShardError(f"cannot read shard {path}: {e}. {hint}".strip()) from e
+    if sha256 is not None:
+        got = sha256_bytes(data)
+        if got != sha256:
+            raise ShardError(f"shard {path} is corrupt: sha256 {got} does not match the "
+                             f"manifest's {sha256}. {hint}".strip())
+    try:
+        return st_load_bytes(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ShardError(f"shard {path} is unreadable ({type(e).__name__}: {e}). {hint}".strip()) from e
+
+
+def shard_is_current(path, sha256: str | None) -> bool:
+    """True when `path` exists and its sha256 equals `sha256` (resume check)."""
+    path = Path(path)
+    return sha256 is not None and path.is_file() and sha256_file(path) == sha256
+
+
+#----------------------------------------------------------------------------
+# Manifests.
+
+def read_json(path, *, hint: str = "") -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ShardError(f"{path} does not exist. {hint}".strip()) from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path} is unreadable ({e}). {hint}".strip()) from e
+
+
+def read_manifest(directory, *, hint: str = "") -> dict:
+    """Read `<directory>/manifest.json` and check its format version."""
+    manifest = read_json(Path(directory) / MANIFEST, hint=hint)
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{Path(directory) / MANIFEST} has format {manifest.get('format')!r}, "
+                         f"expected {FORMAT}. {hint}".strip())
+    return manifest
+
+
+def verify_shards(directory, manifest: dict, *, hint: str = "") -> None:
+    """Check every shard listed in `manifest` against its sha256 (raises `ShardError`)."""
+    for shard in manifest["shards"]:
+        path = Path(directory) / shard["file"]
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing. {hint}".strip())
+        got = sha256_file(path)
+        if got != shard["sha256"]:
+            raise ShardError(f"shard {path} is corrupt: sha256 {got} does not match the "
+                             f"manifest's {shard['sha256']}. {hint}".strip())

@@ -39,9 +39,9 @@ class Preempted(SystemExit):
 
 def learning_rate(run, step):
     """Linear warm-up from lr/1e4 to lr over warmup_steps, then constant (paper.md §6)."""
-    if run.warmup_steps <= 0:
+    if step >= run.warmup_steps:
         return run.lr
-    return run.lr * min(1.0, 1e-4 + (1 - 1e-4) * step / run.warmup_steps)
+    return run.lr * (1e-4 + (1 - 1e-4) * step / run.warmup_steps)
 
 
 def metric_name(key):
@@ -74,7 +74,11 @@ def estimate_latent_stats(latent_dir, n, seed, device):
         xs.append(x.double())
         count += x.shape[0]
     x = torch.cat(xs)[:n]
-    return x.mean(0, keepdim=True).float(), x.std(0, keepdim=True).clamp_min(1e-8).float()
+    std = x.std(0, keepdim=True)
+    # A pixel that happens to be constant in these n samples (Fashion-MNIST borders) would get std ≈ 0 and
+    # blow up on the images where it is not: floor at 0.1 × the median std, as finalize_latents does.
+    std = std.clamp_min(0.1 * float(std.median()))
+    return x.mean(0, keepdim=True).float(), std.float()
 
 
 def build_run_model(run, loader, device):
@@ -117,6 +121,15 @@ def any_rank(flag, device):
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def rank_spread(net):
+    """max − min over ranks of a float64 checksum of the weights: 0 when DDP keeps ranks in sync."""
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in net.parameters())
+        both = torch.stack([total, -total]).reshape(2)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return float(both[0] + both[1])
 
 
 def gather_states(tensor):
@@ -284,11 +297,15 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
             done = step + 1
             bar.update(1)
 
-            if info.is_main and (done % run.log_every == 0 or done == last_step):
+            log_now = done % run.log_every == 0 or done == last_step
+            spread = rank_spread(net) if log_now and info.world_size > 1 else None
+            if info.is_main and log_now:
                 elapsed = time.perf_counter() - t0
                 record = {"step": done, "alpha": alpha, "fm_ratio": run.fm_ratio, "lr": lr,
                           "grad_norm": float(norm), "bad_steps": bad_total,
                           "images_per_s": images0 / max(elapsed, 1e-9)}
+                if spread is not None:
+                    record["rank_param_spread"] = spread
                 record.update({k: float(v) / max(window_n, 1) for k, v in sums.items()})
                 if run.conflict_every and done % run.conflict_every == 0:
                     record.update(gradient_conflict(net, *conflict_batch))

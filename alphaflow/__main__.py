@@ -1,0 +1,5 @@
+import sys
+
+from alphaflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""`alphaflow <stage>`: argument parsing only; each subcommand calls one library function.
+
+    alphaflow prepare   --params P [--split train|test]
+    alphaflow encode    --params P [--part I --num-parts N] [--finalize]
+    alphaflow train     --params P --run R
+    alphaflow classifier --params P
+    alphaflow reference --params P
+    alphaflow sample    --params P --run R --weights ema|raw --sampler S [--part I --num-parts N]
+    alphaflow evaluate  --params P --run R --weights ema|raw --sampler S
+    alphaflow report    --params P
+    alphaflow launch    --params P --stage train [--run R] [--executor slurm|local|debug] -- <stage args>
+    alphaflow validate  --params P
+
+Every subcommand takes `--set key.sub=value` overrides (YAML-typed) applied before validation.
+"""
+
+import argparse
+import sys
+
+from alphaflow.config import ParamsError, load_params
+
+
+def add_common(p):
+    p.add_argument("--params", default="params/default.yaml", help="params profile (params/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params key, e.g. --set defaults.steps=100 (repeatable)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides params `device`")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (batch jobs)")
+
+
+def device_of(args, params):
+    choice = args.device or params.raw.get("device", "auto")
+    return None if choice == "auto" else choice
+
+
+def cmd_validate(args, params):
+    print(f"{args.params}: valid ({len(params.run_names)} runs: {', '.join(params.run_names)})")
+
+
+def cmd_prepare(args, params):
+    from alphaflow.stages import prepare
+
+    prepare(params, split=args.split)
+
+
+def cmd_encode(args, params):
+    from alphaflow.stages import encode
+
+    encode(params, part=args.part, num_parts=args.num_parts, finalize=args.finalize, device=device_of(args, params))
+
+
+def cmd_train(args, params):
+    from alphaflow.train import train
+
+    summary = train(params, args.run, device=device_of(args, params), quiet=args.quiet, stop_after=args.stop_after,
+                    tracking=not args.no_tracking)
+    print(f"[alphaflow] train {args.run}: {summary}")
+
+
+def cmd_classifier(args, params):
+    from alphaflow.stages import classifier
+
+    classifier(params, device=device_of(args, params))
+
+
+def cmd_reference(args, params):
+    from alphaflow.stages import reference
+
+    reference(params, device=device_of(args, params))
+
+
+def cmd_sample(args, params):
+    from alphaflow.evaluate import sample_run
+
+    sample_run(params, args.run, args.weights, args.sampler, part=args.part, num_parts=args.num_parts,
+               device=device_of(args, params), quiet=args.quiet)
+
+
+def cmd_evaluate(args, params):
+    from alphaflow.evaluate import evaluate_run
+
+    evaluate_run(params, args.run, args.weights, args.sampler, device=device_of(args, params), quiet=args.quiet)
+
+
+def cmd_report(args, params):
+    from alphaflow.report import report
+
+    report(params)
+
+
+def cmd_launch(args, params):
+    from alphaflow.stages import launch_stage
+
+    return launch_stage(params, args.stage, args.stage_args, params_path=args.params, overrides=args.overrides,
+                        executor=args.executor, run=args.run, array_parts=args.array_parts)
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="alphaflow", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a params profile")
+    add_common(p)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("prepare", help="images → uint8 shards + manifest")
+    add_common(p)
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("encode", help="images → posterior latent shards (+ statistics)")
+    add_common(p)
+    p.add_argument("--part", type=int, default=0)
+    p.add_argument("--num-parts", type=int, default=1)
+    p.add_argument("--finalize", action="store_true", help="only merge finished parts (manifest + statistics)")
+    p.set_defaults(fn=cmd_encode)
+
+    p = sub.add_parser("train", help="train (or resume) one run")
+    add_common(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
+    p.add_argument("--no-tracking", action="store_true", help="skip MLflow (metrics.jsonl only)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("classifier", help="train the small feature classifier on the dataset (demo metric)")
+    add_common(p)
+    p.set_defaults(fn=cmd_classifier)
+
+    p = sub.add_parser("reference", help="reference feature statistics of held-out real images")
+    add_common(p)
+    p.set_defaults(fn=cmd_reference)
+
+    for name, fn, help_ in (("sample", cmd_sample, "generate images from a run"),
+                            ("evaluate", cmd_evaluate, "metrics of generated images")):
+        p = sub.add_parser(name, help=help_)
+        add_common(p)
+        p.add_argument("--run", required=True)
+        p.add_argument("--weights", choices=["ema", "raw"], required=True)
+        p.add_argument("--sampler", required=True, help="a sampler name from params eval.samplers")
+        if name == "sample":
+            p.add_argument("--part", type=int, default=0)
+            p.add_argument("--num-parts", type=int, default=1)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("report", help="tables (MD/CSV/TeX) and plots")
+    add_common(p)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("launch", help="run a stage as a submitit job (SLURM, local, debug)")
+    add_common(p)
+    p.add_argument("--stage", required=True, choices=["prepare", "encode", "train", "classifier", "reference",
+                                                        "sample", "evaluate"])
+    p.add_argument("--run", default=None, help="run name (train: per-run resources)")
+    p.add_argument("--executor", choices=["slurm", "local", "debug", "none"], default=None,
+                   help="overrides params `executor`")
+    p.add_argument("--array-parts", type=int, default=None,
+                   help="data-parallel stages: one array task per part (adds --part I --num-parts N)")
+    p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- then the stage's own arguments")
+    p.set_defaults(fn=cmd_launch)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "stage_args", None) and args.stage_args[0] == "--":
+        args.stage_args = args.stage_args[1:]
+    try:
+        params = load_params(args.params, args.overrides)
+    except ParamsError as err:
+        print(f"alphaflow: {err}", file=sys.stderr)
+        return 2
+    return args.fn(args, params) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

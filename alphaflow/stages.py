@@ -1,0 +1,138 @@
+"""Data-side stages from a params profile: prepare, encode, classifier, reference; and `launch`.
+
+Each function reads what it needs from the validated params and calls the library (alphaflow.data,
+alphaflow.metrics, alphaflow.launch). Paths follow design.md §5.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from alphaflow.config import PROJECT_ROOT
+
+
+def resolve_device(device):
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+#----------------------------------------------------------------------------
+# prepare / encode
+
+
+def folder_path(params, split):
+    data = params.raw["data"]
+    path = data.get("ref_path") if split == "test" and data.get("ref_path") else data.get("path")
+    path = path or os.environ.get("ALPHAFLOW_IMAGENET")
+    if not path:
+        raise FileNotFoundError("params data.path is unset and ALPHAFLOW_IMAGENET is not set: point either at an "
+                                "ImageNet-style folder (one sub-folder per class)")
+    return path
+
+
+def prepare(params, split="train"):
+    from alphaflow.data import prepare_embedded, prepare_folder
+
+    data = params.raw["data"]
+    out = params.data_dir(split)
+    if data["source"] == "folder":
+        manifest = prepare_folder(folder_path(params, split), out, resolution=data.get("resolution") or 256,
+                                  workers=data.get("workers", 2), limit_per_class=data.get("limit_per_class"))
+    else:
+        manifest = prepare_embedded(data["source"], out, split=split, resolution=data.get("resolution"))
+    print(f"[alphaflow] prepare {split}: {manifest['count']} images → {out}")
+    return manifest
+
+
+def build_params_encoder(params, device=None):
+    from alphaflow.data import build_encoder
+
+    enc = params.raw["encoder"]
+    return build_encoder(enc["kind"], path=enc.get("path"), device=resolve_device(device))
+
+
+def encode(params, part=0, num_parts=1, finalize=False, device=None):
+    from alphaflow.data import encode_dataset, finalize_latents
+
+    enc = params.raw["encoder"]
+    out = params.latent_dir()
+    if not finalize:
+        encode_dataset(params.data_dir("train"), out, build_params_encoder(params, device),
+                       batch_size=enc.get("batch_size", 64), part=part, num_parts=num_parts,
+                       device=resolve_device(device))
+    if finalize or num_parts == 1:
+        manifest = finalize_latents(out, num_parts=num_parts, seed=params.raw["seed"])
+        print(f"[alphaflow] encode: {manifest['count']} latents {manifest['latent_shape']} → {out}")
+
+
+#----------------------------------------------------------------------------
+# Metric networks and reference statistics
+
+
+def classifier_path(params):
+    return params.results / "classifier" / f"{params.raw['data']['name']}.safetensors"
+
+
+def classifier(params, device=None):
+    """Trains the small CNN whose features give the fast, clearly labelled demo metric (FD_classifier)."""
+    from alphaflow.classifier import train_classifier
+    from alphaflow.data import load_prepared
+
+    images, labels, _ = load_prepared(params.data_dir("train"))
+    val_images, val_labels, _ = load_prepared(params.data_dir("test"))
+    info = train_classifier(images, labels, out_path=classifier_path(params),
+                            epochs=params.raw["eval"].get("classifier_epochs", 2), seed=params.raw["seed"],
+                            device=resolve_device(device), val_images=val_images, val_labels=val_labels)
+    print(f"[alphaflow] classifier: {info}")
+    return info
+
+
+def reference_images(params):
+    """Held-out real images (the test split) for reference statistics, capped at eval.ref_samples."""
+    from alphaflow.data import load_prepared
+
+    images, labels, manifest = load_prepared(params.data_dir("test"))
+    n = params.raw["eval"].get("ref_samples") or len(images)
+    return images[:n], labels[:n], manifest
+
+
+def reference(params, device=None):
+    from alphaflow.evaluate import metric_plan, reference_stats_for
+
+    images, _, manifest = reference_images(params)
+    for metric, extractor, _ in metric_plan(params):
+        reference_stats_for(params, extractor, images, manifest, device=resolve_device(device))
+        print(f"[alphaflow] reference {metric}: {extractor} statistics of {len(images)} held-out images cached")
+
+
+#----------------------------------------------------------------------------
+# launch: a stage as a submitit job
+
+
+def launch_stage(params, stage, stage_args, *, params_path, overrides=(), executor=None, run=None, array_parts=None):
+    """Runs `alphaflow <stage> --params ... <stage_args>` in-process (executor none) or as a submitit job."""
+    from alphaflow.launch import Resources, launch
+
+    executor = executor or params.raw.get("executor", "none")
+    base = [sys.executable, "-m", "alphaflow", stage, "--params", str(params_path)]
+    for item in overrides:
+        base += ["--set", item]
+    if stage == "train" and run and "--run" not in stage_args:
+        base += ["--run", run]
+    command = base + list(stage_args)
+    array = None
+    if array_parts:
+        array = [["--part", str(i), "--num-parts", str(array_parts)] for i in range(array_parts)]
+    if executor == "none":
+        import subprocess
+
+        todo = array or [[]]
+        codes = [subprocess.run(command + extra, cwd=PROJECT_ROOT).returncode for extra in todo]
+        return next((c for c in codes if c), 0)
+    resources = Resources(**params.resources(stage, run))
+    name = f"af-{stage}" + (f"-{run}" if run else "")
+    log_dir = Path(params.results) / "logs" / "launch" / (run or stage)
+    return launch(command, executor=executor, resources=resources, log_dir=log_dir, job_name=name, array=array)

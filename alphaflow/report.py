@@ -1,12 +1,31 @@
-"""Tables and plots: the paper's tables with this project's numbers beside them (paper.md §8)."""
+"""Tables and plots: the paper's tables with this project's numbers beside them (paper.md §8).
+
+    alphaflow report --params P
+
+reads every `results/runs/<run>/eval/<weights>/<sampler>.json` of the profile and writes, under
+`results/tables/<profile>/`:
+  results.csv          long format: one row per run × weights × sampler × metric (value, CI, n)
+  table1.{md,csv,tex}  paper Table 1 shape: model × method × weights, 1-NFE and 2-NFE per metric,
+                       ours [95 % CI] | paper | Δ; paper rows without a result say "not run"
+  table2.{md,csv,tex}  the same for Table 2 ablation runs (paper_results.<run>.table: 2a / 2b), if any
+  samplers.md          every sampler of every run (not only the 1-/2-NFE pair of Table 1)
+and under `results/plots/<profile>/`: training curves (losses, α(k)), gradient-conflict cosines,
+metric bars (EMA vs raw, per sampler, with CIs) and one sample sheet per run. Each run's rows also go
+to its MLflow run with `log_table` (artifact `fid_table.json`), so the MLflow UI compares runs.
+"""
 
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "is": "IS", "fd_classifier": "FD_clf", "is_classifier": "IS_clf"}
+NOT_RUN = "not run"
 
 
 def read_jsonl(path):
@@ -16,15 +35,162 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def save_figure(fig, out_png):
+    """Atomic PNG write (temp file + rename)."""
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+#----------------------------------------------------------------------------
+# Collecting results
+
+
+def collect(params):
+    """Long-format DataFrame of every finished evaluation of the profile's runs."""
+    rows = []
+    for run_name in params.run_names:
+        run = params.run(run_name)
+        for path in sorted((params.run_dir(run_name) / "eval").glob("*/*.json")):
+            record = json.loads(path.read_text())
+            for metric, m in record["metrics"].items():
+                rows.append({"run": run_name, "method": run.method, "model": run.model, "weights": record["weights"],
+                             "sampler": record["sampler"], "nfe": len(record["t_steps"]) - 1, "mode": record["mode"],
+                             "metric": metric, "value": m["value"], "low": m["low"], "high": m["high"],
+                             "n": m.get("n", record["num_samples"]), "extractor": m.get("extractor", ""),
+                             "labels": record.get("labels", "")})
+    columns = ["run", "method", "model", "weights", "sampler", "nfe", "mode", "metric", "value", "low", "high", "n",
+               "extractor", "labels"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def nfe_samplers(params, run_name):
+    """{1: sampler, 2: sampler} used for the run's Table 1 columns (paper_results may name the 2-NFE one)."""
+    paper = params.raw.get("paper_results", {}).get(run_name, {})
+    by_nfe = {}
+    for name, s in params.samplers.items():
+        by_nfe.setdefault(len(s["t_steps"]) - 1, name)
+    if paper.get("nfe2_sampler") in params.samplers:
+        by_nfe[2] = paper["nfe2_sampler"]
+    return {n: by_nfe.get(n) for n in (1, 2)}
+
+
+def table_metrics(params):
+    """Metrics shown in the tables: the profile's own (FD/FID-like first), then any with paper numbers."""
+    metrics = [m for m in params.raw["eval"]["metrics"]]
+    for entry in params.raw.get("paper_results", {}).values():
+        for key in entry:
+            base = key.rsplit("_", 1)[0]
+            if key.endswith(("_1nfe", "_2nfe")) and base not in metrics:
+                metrics.append(base)
+    return metrics
+
+
+def paper_table(params, results, table="1"):
+    """Wide table: a row per (run, weights) of this table; ours / paper / Δ for each NFE × metric."""
+    paper_results = params.raw.get("paper_results", {})
+    metrics = table_metrics(params)
+    runs = [r for r in params.run_names if str(paper_results.get(r, {}).get("table", "1")) == table]
+    if table != "1" and not runs:
+        return None
+    rows = []
+    for run_name in runs:
+        paper = paper_results.get(run_name, {})
+        samplers = nfe_samplers(params, run_name)
+        for weights in params.raw["eval"]["weights"]:
+            row = {"run": run_name, "paper row": paper.get("row", "–"), "weights": weights}
+            for nfe in (1, 2):
+                for metric in metrics:
+                    col = f"NFE{nfe} {METRIC_LABELS.get(metric, metric)}"
+                    hit = results[(results.run == run_name) & (results.weights == weights)
+                                  & (results.sampler == samplers[nfe]) & (results.metric == metric)]
+                    ours = hit.iloc[0] if len(hit) else None
+                    # The paper evaluates EMA weights only (paper.md §7).
+                    theirs = paper.get(f"{metric}_{nfe}nfe") if weights == "ema" else None
+                    row[f"{col} ours"] = None if ours is None else float(ours.value)
+                    row[f"{col} low"] = None if ours is None else float(ours.low)
+                    row[f"{col} high"] = None if ours is None else float(ours.high)
+                    row[f"{col} paper"] = theirs
+                    row[f"{col} Δ"] = (None if ours is None or theirs is None else float(ours.value) - theirs)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fmt(x, digits=2):
+    return "–" if x is None or (isinstance(x, float) and pd.isna(x)) else f"{x:.{digits}f}"
+
+
+def display_table(wide):
+    """The wide table with 'ours' as 'value [low, high]' (or 'not run'), ready for Markdown/LaTeX."""
+    out = pd.DataFrame({"run": wide["run"], "paper row": wide["paper row"], "weights": wide["weights"]})
+    for col in [c[: -len(" ours")] for c in wide.columns if c.endswith(" ours")]:
+        ours = [NOT_RUN if pd.isna(v) else f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+                for v, lo, hi in zip(wide[f"{col} ours"], wide[f"{col} low"], wide[f"{col} high"])]
+        if wide[f"{col} paper"].isna().all() and all(o == NOT_RUN for o in ours):
+            continue  # a metric nobody reports for this table
+        out[f"{col} ours"] = ours
+        if not wide[f"{col} paper"].isna().all():
+            out[f"{col} paper"] = [fmt(v) for v in wide[f"{col} paper"]]
+            out[f"{col} Δ"] = [fmt(v) for v in wide[f"{col} Δ"]]
+    return out
+
+
+def markdown(df):
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def latex(df):
+    escaped = df.map(lambda v: str(v).replace("_", r"\_").replace("%", r"\%").replace("α", r"$\alpha$"))
+    escaped.columns = [str(c).replace("_", r"\_").replace("Δ", r"$\Delta$") for c in df.columns]
+    return escaped.to_latex(index=False)
+
+
+def write_table(wide, base, title):
+    shown = display_table(wide)
+    write_text(f"{base}.md", f"# {title}\n\n{markdown(shown)}")
+    write_text(f"{base}.csv", wide.to_csv(index=False))
+    write_text(f"{base}.tex", latex(shown))
+    return shown
+
+
+def samplers_table(results):
+    if results.empty:
+        return "no evaluation results yet\n"
+    pivot = results.assign(cell=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
+                                 zip(results.value, results.low, results.high)])
+    pivot = pivot.pivot_table(index=["run", "weights"], columns=["metric", "sampler"], values="cell", aggfunc="first")
+    pivot.columns = [f"{METRIC_LABELS.get(m, m)} {s}" for m, s in pivot.columns]
+    return markdown(pivot.reset_index().fillna("–"))
+
+
+#----------------------------------------------------------------------------
+# Plots
+
+
 def plot_training_curves(metrics_jsonl, out_png, title=""):
     """Loss decomposition (L_TFM, L_TC, their sum), the weighted loss and α(k) against the step."""
     records = read_jsonl(metrics_jsonl)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = [r["step"] for r in records]
     for key in ("loss", "L_TFM", "L_TC", "L_sum"):
-        ax_loss.plot(steps, [r.get(key) for r in records], label=key)
+        if any(key in r for r in records):
+            ax_loss.plot(steps, [r.get(key) for r in records], label=key)
     ax_loss.set_xlabel("step")
     ax_loss.set_title(f"{title} losses")
     ax_loss.legend(fontsize=8)
@@ -33,8 +199,157 @@ def plot_training_curves(metrics_jsonl, out_png, title=""):
     ax_alpha.set_title("α(k)")
     ax_alpha.set_ylim(-0.05, 1.05)
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return save_figure(fig, out_png)
+
+
+def plot_all_training(params, out_png):
+    """Every run's weighted loss and α(k) on shared axes."""
+    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run_name in params.run_names:
+        records = read_jsonl(params.run_dir(run_name) / "metrics.jsonl")
+        steps = [r["step"] for r in records]
+        ax_loss.plot(steps, [r.get("loss") for r in records], label=run_name)
+        ax_alpha.plot(steps, [r.get("alpha") for r in records], label=run_name)
+    ax_loss.set(xlabel="step", title="adaptive-weighted loss", yscale="log")
+    ax_alpha.set(xlabel="step", title="α(k) (sigmoid curriculum)", ylim=(-0.05, 1.05))
+    ax_loss.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def plot_gradient_conflict(params, out_png):
+    """cos(∇L_TFM, ∇L_TC) and cos(∇L_FM′, ∇L_TC) against the step (paper Fig. 3 / App. E)."""
+    series = {}
+    for run_name in params.run_names:
+        records = [r for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl") if "cos(TFM,TC)" in r]
+        if records:
+            series[run_name] = records
+    if not series:
+        return None
+    keys = ["cos(TFM,TC)", "cos(FM',TC)", "cos(TFM,FM')"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), sharey=True)
+    for ax, key in zip(axes, keys):
+        for run_name, records in series.items():
+            ax.plot([r["step"] for r in records], [r.get(key) for r in records], marker="o", ms=3, label=run_name)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(title=key.replace("cos", "cos ∇"), xlabel="step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def plot_metric_bars(results, metric, out_png):
+    """One bar per run × weights × sampler with its bootstrap interval."""
+    sub = results[results.metric == metric]
+    if sub.empty:
+        return None
+    groups = sorted(set(zip(sub.weights, sub.sampler)))
+    runs = list(dict.fromkeys(sub.run))
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(runs) * len(groups) ** 0.5), 4))
+    for i, (weights, sampler) in enumerate(groups):
+        vals, err_lo, err_hi = [], [], []
+        for run in runs:
+            hit = sub[(sub.run == run) & (sub.weights == weights) & (sub.sampler == sampler)]
+            v, lo, hi = (hit.iloc[0].value, hit.iloc[0].low, hit.iloc[0].high) if len(hit) else (float("nan"),) * 3
+            vals.append(v)
+            err_lo.append(max(v - lo, 0))
+            err_hi.append(max(hi - v, 0))
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(runs))]
+        ax.bar(xs, vals, width, yerr=[err_lo, err_hi], capsize=2, label=f"{weights} {sampler}")
+    ax.set_xticks(range(len(runs)), runs, rotation=15, fontsize=8)
+    ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (lower is better)" if not metric.startswith("is") else metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def plot_metric_vs_step(params, results, metric, out_png):
+    """The metric at each evaluated step per run (EMA, first sampler) — final evaluations and any logged
+    in training (metrics.jsonl keys named like the MLflow ones: `<metric>_<sampler>_<weights>`)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    drawn = False
+    for run_name in params.run_names:
+        points = {}
+        for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl"):
+            for key, v in r.items():
+                if key.startswith(f"{metric}_") and key.endswith("_ema"):
+                    points[r["step"]] = v
+        final = results[(results.run == run_name) & (results.metric == metric) & (results.weights == "ema")]
+        if len(final):
+            points[params.run(run_name).steps] = float(final.sort_values("nfe").iloc[0].value)
+        if points:
+            steps = sorted(points)
+            ax.plot(steps, [points[s] for s in steps], marker="o", label=run_name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="training step", ylabel=METRIC_LABELS.get(metric, metric), title=f"{metric} (EMA) vs step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def sample_sheet(params, run_name, out_png):
+    """The run's class-sorted sample grids, one panel per weights × sampler."""
+    grids = sorted((params.run_dir(run_name) / "samples").glob("*/*.png"))
+    if not grids:
+        return None
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
+    for ax, path in zip(axes[0], grids):
+        ax.imshow(plt.imread(path), cmap="gray")
+        ax.set_title(f"{path.parent.name} {path.stem}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(run_name)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+#----------------------------------------------------------------------------
+# The report stage
+
+
+def log_to_mlflow(params, results):
+    """Each run's rows as an MLflow table on its own run (metrics were logged by `evaluate`)."""
+    from alphaflow.tracking import Tracker
+
+    for run_name, rows in results.groupby("run"):
+        run_id_file = params.run_dir(run_name) / "mlflow_run_id"
+        if not run_id_file.exists():
+            continue
+        tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_id_file)
+        tracker.log_table({c: rows[c].tolist() for c in rows.columns}, "fid_table.json")
+        tracker.close()
+
+
+def report(params, *, mlflow=True):
+    """Writes tables and plots; returns {name: path}."""
+    tables = params.results / "tables" / params.profile
+    plots = params.results / "plots" / params.profile
+    results = collect(params)
+    out = {"results": write_text(tables / "results.csv", results.to_csv(index=False))}
+    shown = write_table(paper_table(params, results, "1"), tables / "table1",
+                        f"Table 1 — {params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)")
+    out["table1"] = tables / "table1.md"
+    for table in ("2a", "2b"):
+        wide = paper_table(params, results, table)
+        if wide is not None:
+            write_table(wide, tables / f"table{table}", f"Table {table} — {params.profile}")
+            out[f"table{table}"] = tables / f"table{table}.md"
+    out["samplers"] = write_text(tables / "samplers.md", f"# Every sampler — {params.profile}\n\n"
+                                 + samplers_table(results))
+    out["training"] = plot_all_training(params, plots / "training.png")
+    out["gradient_conflict"] = plot_gradient_conflict(params, plots / "gradient_conflict.png")
+    for metric in params.raw["eval"]["metrics"]:
+        out[f"bars_{metric}"] = plot_metric_bars(results, metric, plots / f"{metric}.png")
+        out[f"steps_{metric}"] = plot_metric_vs_step(params, results, metric, plots / f"{metric}_vs_step.png")
+    for run_name in params.run_names:
+        out[f"samples_{run_name}"] = sample_sheet(params, run_name, plots / f"samples_{run_name}.png")
+        curves = params.run_dir(run_name) / "plots" / "training.png"
+        if curves.exists():
+            shutil.copyfile(curves, plots / f"training_{run_name}.png")
+    if mlflow and not results.empty:
+        log_to_mlflow(params, results)
+    print(f"[alphaflow] report → {tables}, {plots}\n\n{markdown(shown)}")
+    return {k: v for k, v in out.items() if v is not None}

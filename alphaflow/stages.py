@@ -90,22 +90,41 @@ def classifier(params, device=None):
     return info
 
 
+def reference_split(params):
+    """Split whose images give the reference statistics: the held-out split, except for a folder
+    source without `ref_path`, where it is the full train set (the paper's choice, paper.md §7)."""
+    data = params.raw["data"]
+    return "train" if data["source"] == "folder" and not data.get("ref_path") else "test"
+
+
 def reference_images(params):
-    """Held-out real images (the test split) for reference statistics, capped at eval.ref_samples."""
+    """Real images for reference statistics (see reference_split), capped at eval.ref_samples."""
     from alphaflow.data import load_prepared
 
-    images, labels, manifest = load_prepared(params.data_dir("test"))
+    images, labels, manifest = load_prepared(params.data_dir(reference_split(params)))
     n = params.raw["eval"].get("ref_samples") or len(images)
     return images[:n], labels[:n], manifest
 
 
+def reference_marker(params):
+    return params.results / "reference" / f"{params.raw['data']['name']}.json"
+
+
 def reference(params, device=None):
+    """Caches reference statistics for every metric of the profile; writes a summary for the DAG."""
+    from alphaflow.data.shards import atomic_write_json
     from alphaflow.evaluate import metric_plan, reference_stats_for
 
     images, _, manifest = reference_images(params)
-    for metric, extractor, _ in metric_plan(params):
-        reference_stats_for(params, extractor, images, manifest, device=resolve_device(device))
+    summary = {"count": len(images), "metrics": {}}
+    for metric, extractor, weights_path in metric_plan(params):
+        if metric.startswith("is"):
+            continue  # Inception Score needs no reference
+        mu, sigma = reference_stats_for(params, extractor, images, manifest, resolve_device(device), weights_path)
+        summary["metrics"][metric] = {"extractor": extractor, "dim": int(mu.shape[-1])}
         print(f"[alphaflow] reference {metric}: {extractor} statistics of {len(images)} held-out images cached")
+    atomic_write_json(reference_marker(params), summary)
+    return summary
 
 
 #----------------------------------------------------------------------------

@@ -63,6 +63,13 @@ class Tracker:
         self._thread = None
         if not enabled:
             return
+        try:  # import on this thread: a first import racing between two threads half-initialises mlflow
+            import mlflow.entities  # noqa: F401
+            import mlflow.tracking  # noqa: F401
+        except ImportError as err:
+            self._warn(err)
+            self.enabled = False
+            return
         # Bounded HTTP retries/timeouts so a dead server fails fast inside the worker thread.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
@@ -126,6 +133,10 @@ class Tracker:
 
     def log_artifact(self, path, artifact_path=None):
         self._put(lambda c, rid: c.log_artifact(rid, str(path), artifact_path))
+
+    def log_table(self, columns, artifact_file):
+        """A {column: [values]} table as an MLflow table artifact (`mlflow.load_table` joins them across runs)."""
+        self._put(lambda c, rid: c.log_table(rid, data=columns, artifact_file=artifact_file))
 
     def close(self, status="FINISHED", timeout=30):
         if not self.enabled or self._thread is None:

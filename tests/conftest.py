@@ -6,6 +6,13 @@ import torch
 # Deterministic, CPU-friendly defaults for every test.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Tests never write into the project's own MLflow store (subprocesses inherit this).
+import tempfile  # noqa: E402
+
+_MLFLOW_DIR = tempfile.mkdtemp(prefix="alphaflow-test-mlflow-")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_DIR}/mlflow.db"
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
 
 def randomized(net, std=0.05, seed=0):
     """Gives a zero-initialised DiT non-trivial outputs (adaLN and output layers are zero at init)."""

@@ -1,0 +1,38 @@
+# Paths and the command line of a stage (shared by every rule file).
+import shlex
+
+GPU_STAGES = {"encode", "train", "classifier", "reference", "sample", "evaluate"}
+DATA = P.raw["data"]["name"]
+WEIGHTS = P.raw["eval"]["weights"]
+SAMPLERS = list(P.samplers)
+RUNS = P.run_names
+NEEDS_CLASSIFIER = any(m in ("fd_classifier", "is_classifier") for m in P.raw["eval"]["metrics"])
+
+
+def data_manifest(split):
+    return f"{P.data_dir(split)}/manifest.json"
+
+
+LATENTS = f"{P.latent_dir()}/manifest.json"
+CLASSIFIER = f"{RESULTS}/classifier/{DATA}.safetensors"
+REFERENCE = f"{RESULTS}/reference/{DATA}.json"
+
+
+def final_state(run):
+    return f"{P.run_dir(run)}/checkpoints/final/state.json"
+
+
+def stage_cmd(stage, args="", run=None, parts=1):
+    """`alphaflow <stage> ...` in-process, or `alphaflow launch` through submitit for GPU stages."""
+    common = f"--params {shlex.quote(PARAMS_FILE)}" + "".join(f" --set {shlex.quote(o)}" for o in OVERRIDES)
+    if EXECUTOR == "none" or stage not in GPU_STAGES:
+        if parts > 1:  # sequential parts, same files as the array job would write
+            return " && ".join(f"alphaflow {stage} {common} --quiet {args} --part {i} --num-parts {parts}"
+                               for i in range(parts))
+        return f"alphaflow {stage} {common} --quiet {args}".strip()
+    launch = f"alphaflow launch {common} --stage {stage} --executor {EXECUTOR}"
+    if run:
+        launch += f" --run {run}"
+    if parts > 1:
+        launch += f" --array-parts {parts}"
+    return f"{launch} -- --quiet {args}".strip()

@@ -1,0 +1,16 @@
+# Tables (paper Table 1/2 shape, paper numbers beside ours; MD/CSV/TeX) and plots. Runs locally.
+REPORT = [f"{RESULTS}/tables/{P.profile}/table1.md", f"{RESULTS}/tables/{P.profile}/results.csv"]
+
+
+rule report:
+    input:
+        [eval_json(r, w, s) for r in RUNS for w in WEIGHTS for s in SAMPLERS],
+    output:
+        REPORT,
+    params:
+        cmd=stage_cmd("report"),
+        paper=P.raw.get("paper_results", {}),
+    log:
+        f"{RESULTS}/logs/report-{P.profile}.log",
+    shell:
+        "{params.cmd} > {log} 2>&1"

@@ -48,6 +48,7 @@ def snakemake_commands(*args, cwd=ROOT):
     for line in out.splitlines():
         if line.startswith("Shell command: "):
             cmd = re.sub(r"\s*>\s*\S+\s+2>&1$", "", line[len("Shell command: "):])
+            cmd = re.sub(r"^OMP_NUM_THREADS=\d+\s+", "", cmd)
             if cmd != "None":
                 cmds.add(" ".join(cmd.split()))
     return out, cmds
@@ -61,7 +62,7 @@ def test_demo_plan_covers_every_run_weights_sampler():
     out, cmds = snakemake_commands("all")
     counts = job_counts(out)
     assert counts["train"] == 4 and counts["sample"] == 16 and counts["evaluate"] == 16 and counts["report"] == 1
-    assert "alphaflow train --params params/default.yaml --quiet --run meanflow-XS-4" in cmds
+    assert "alphaflow train --params params/default.yaml --quiet --run meanflow-N-4" in cmds
 
 
 def test_slurm_profile_plans_every_paper_run_through_the_launcher():

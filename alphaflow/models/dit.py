@@ -218,6 +218,7 @@ PRESETS = {
     "XS/2": dict(depth=6, hidden_size=192, num_heads=6, patch_size=2),
     "T/4": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4),
     "T/2": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
+    "N/4": dict(depth=3, hidden_size=96, num_heads=3, patch_size=4),
 }
 
 

@@ -14,7 +14,7 @@ rule prepare:
     log:
         f"{RESULTS}/logs/prepare-{{split}}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
 
 
 ENCODE_PARTS = P.raw["encoder"].get("parts", 1)
@@ -33,7 +33,7 @@ rule encode:
     log:
         f"{RESULTS}/logs/encode.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
 
 
 rule classifier:
@@ -49,7 +49,7 @@ rule classifier:
     log:
         f"{RESULTS}/logs/classifier.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
 
 
 rule reference:
@@ -66,4 +66,4 @@ rule reference:
     log:
         f"{RESULTS}/logs/reference.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"

@@ -31,11 +31,11 @@ rule sample:
         sampler=lambda w: P.samplers[w.sampler],
         num_samples=P.raw["eval"]["num_samples"],
         labels=P.raw["eval"].get("labels", "random"),
-    threads: 2
+    threads: 1
     log:
         f"{RESULTS}/logs/sample-{{run}}-{{weights}}-{{sampler}}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
 
 
 rule evaluate:
@@ -49,8 +49,8 @@ rule evaluate:
     params:
         cmd=lambda w: stage_cmd("evaluate", f"--run {w.run} --weights {w.weights} --sampler {w.sampler}"),
         metrics=P.raw["eval"]["metrics"],
-    threads: 2
+    threads: 1
     log:
         f"{RESULTS}/logs/evaluate-{{run}}-{{weights}}-{{sampler}}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"

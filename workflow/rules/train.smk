@@ -26,4 +26,4 @@ rule train:
     log:
         f"{RESULTS}/logs/train-{{run}}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"

@@ -1,0 +1,269 @@
+"""Sampling at scale and metrics of generated images (paper.md §4.2, §7).
+
+    alphaflow sample   --params P --run R --weights ema --sampler 1nfe [--part I --num-parts N]
+    alphaflow evaluate --params P --run R --weights ema --sampler 1nfe
+
+Sample i uses seed i (noise from its own generator) and label RandomState(i).choice(num_classes)
+("random", paper Table 1) or i mod num_classes ("balanced", Table 6 †), so a sample is the same
+whichever part or batch it is generated in. Samples go to uint8 safetensors chunks, each checksummed;
+finished chunks are skipped on restart. Metrics come with bootstrap intervals over samples, go to
+eval/<weights>/<sampler>.json, and are logged onto the run's MLflow run (`fid_1nfe_ema`, …).
+"""
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+from alphaflow import checkpoint as ckpt
+from alphaflow.data.shards import ShardError, atomic_write_bytes, atomic_write_json, sha256_file
+from alphaflow.models import build_model
+from alphaflow.sampling import SeededNoise, sample
+from alphaflow.stages import build_params_encoder, classifier_path, resolve_device
+
+#----------------------------------------------------------------------------
+# Labels and seeds
+
+
+def labels_for_seeds(seeds, num_classes, protocol):
+    """Class label per seed: "random" = RandomState(seed).choice(C) (EDM convention), "balanced" = seed mod C."""
+    if protocol == "balanced":
+        return np.asarray([s % num_classes for s in seeds], dtype=np.int64)
+    return np.asarray([np.random.RandomState(s).choice(num_classes) for s in seeds], dtype=np.int64)
+
+
+def part_range(n, part, num_parts):
+    if not 0 <= part < num_parts:
+        raise ValueError(f"need 0 <= part < num_parts, got part={part}, num_parts={num_parts}")
+    return n * part // num_parts, n * (part + 1) // num_parts
+
+
+def samples_dir(params, run, weights, sampler):
+    return params.run_dir(run) / "samples" / weights / sampler
+
+
+#----------------------------------------------------------------------------
+# Loading a trained run
+
+
+def load_run_net(params, run_name, weights, device):
+    """The run's DiT with its EMA or raw weights (and latent statistics) from checkpoints/final."""
+    run = params.run(run_name)
+    final = params.run_dir(run_name) / "checkpoints" / "final"
+    state = ckpt.load_weights(final, weights, device)
+    c, h, _ = state["latent_mean"].shape[1:]
+    num_classes = state["y_embedder.table.weight"].shape[0] - 1
+    net = build_model(run.model, num_classes=num_classes, input_size=h, in_channels=c, **run.model_overrides)
+    net.load_state_dict(state)
+    return net.to(device).eval()
+
+
+def generate(net, encoder, seeds, labels, sampler, device, autocast):
+    """uint8 images for the given seeds/labels with one sampler entry of params."""
+    shape = (net.in_channels, net.latent_mean.shape[-2], net.latent_mean.shape[-1])
+    noise = SeededNoise(seeds, device=device).randn(shape)
+    # Fresh noise of consistency sampling: its own per-sample stream, offset from the initial noise.
+    fresh = SeededNoise([s + (1 << 40) for s in seeds], device=device)
+    y = torch.as_tensor(labels, device=device)
+    with autocast():
+        x = sample(net, noise, y, sampler["t_steps"], mode=sampler["mode"], generator=fresh)
+        return encoder.decode(net.denormalize(x.float()))
+
+
+def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, device=None, quiet=False):
+    """Generates this part's seeds into checksummed chunks; writes done.json when every part is there."""
+    device = torch.device(resolve_device(device))
+    ev = params.raw["eval"]
+    if sampler_name not in params.samplers:
+        raise ValueError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")
+    sampler = params.samplers[sampler_name]
+    out = samples_dir(params, run_name, weights, sampler_name)
+    out.mkdir(parents=True, exist_ok=True)
+    n, batch = ev["num_samples"], ev.get("batch_size", 256)
+    start, end = part_range(n, part, num_parts)
+    net = load_run_net(params, run_name, weights, device)
+    encoder = build_params_encoder(params, device)
+    num_classes = net.num_classes
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else _null
+    chunks = [(s, min(s + batch, end)) for s in range(start, end, batch)]
+    t0 = time.perf_counter()
+    for lo, hi in tqdm(chunks, disable=quiet, desc=f"sample {run_name}/{weights}/{sampler_name}"):
+        path = out / f"seeds-{lo:07d}-{hi:07d}.safetensors"
+        if path.exists():
+            continue  # finished chunk (atomic writes: it is complete)
+        seeds = list(range(lo, hi))
+        labels = labels_for_seeds(seeds, num_classes, ev.get("labels", "random"))
+        images = generate(net, encoder, seeds, labels, sampler, device, autocast)
+        atomic_write_bytes(path, st_save({"images": images.cpu().contiguous(),
+                                          "labels": torch.as_tensor(labels), "seeds": torch.as_tensor(seeds)}))
+    elapsed = time.perf_counter() - t0
+    atomic_write_json(out / f"part-{part}-of-{num_parts}.json", {"start": start, "end": end, "seconds": elapsed})
+    if all((out / f"part-{i}-of-{num_parts}.json").exists() for i in range(num_parts)):
+        write_samples_manifest(out, n, batch, num_parts, sampler)
+    if not quiet:
+        print(f"[alphaflow] sample {run_name}/{weights}/{sampler_name}: seeds {start}…{end - 1} "
+              f"({(end - start) / max(elapsed, 1e-9):.1f} images/s)")
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def chunk_files(out, n, batch, num_parts):
+    files = []
+    for part in range(num_parts):
+        start, end = part_range(n, part, num_parts)
+        files += [out / f"seeds-{s:07d}-{min(s + batch, end):07d}.safetensors" for s in range(start, end, batch)]
+    return files
+
+
+def write_samples_manifest(out, n, batch, num_parts, sampler):
+    files = chunk_files(out, n, batch, num_parts)
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ShardError(f"{out}: chunks missing: {missing[:5]} — rerun `alphaflow sample` for the missing parts")
+    atomic_write_json(out / "done.json", {"count": n, "sampler": sampler, "num_parts": num_parts,
+                                          "chunks": [{"file": f.name, "sha256": sha256_file(f)} for f in files]})
+
+
+def load_samples(out):
+    """(images uint8 [N,C,H,W], labels [N]) of a finished sample folder, checksums verified."""
+    out = Path(out)
+    manifest_path = out / "done.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} is missing: run `alphaflow sample` for this run/weights/sampler first")
+    manifest = json.loads(manifest_path.read_text())
+    images, labels = [], []
+    for rec in manifest["chunks"]:
+        data = (out / rec["file"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            raise ShardError(f"{out / rec['file']} fails its sha256 — delete it and rerun `alphaflow sample`")
+        tensors = st_load(data)
+        images.append(tensors["images"])
+        labels.append(tensors["labels"])
+    return torch.cat(images), torch.cat(labels)
+
+
+#----------------------------------------------------------------------------
+# Metrics
+
+
+def metric_plan(params):
+    """[(metric, extractor, weights_path)] for params eval.metrics; FID/FDD weights come from env/params."""
+    ev = params.raw["eval"]
+    plan = []
+    for metric in ev["metrics"]:
+        if metric in ("fd_classifier", "is_classifier"):
+            plan.append((metric, "classifier-local", str(classifier_path(params))))
+        elif metric == "fid":
+            inception = ev.get("inception", "inception-fid-ts")
+            path = os.environ.get("ALPHAFLOW_INCEPTION_TS" if inception == "inception-fid-ts" else "ALPHAFLOW_INCEPTION_WEIGHTS")
+            plan.append((metric, inception, path))
+        elif metric == "is":
+            plan.append((metric, "inception-v3-compat", os.environ.get("ALPHAFLOW_INCEPTION_WEIGHTS")))
+        elif metric == "fdd":
+            plan.append((metric, "dinov2-timm-local", os.environ.get("ALPHAFLOW_DINOV2_WEIGHTS")))
+    return plan
+
+
+def content_hash(manifest, n):
+    shards = json.dumps([s["sha256"] for s in manifest["shards"]]).encode()
+    return hashlib.sha256(shards + f"|{n}".encode()).hexdigest()[:16]
+
+
+INCEPTION_LIKE = ("inception-fid-ts", "inception-v3-compat", "dinov2-timm-local")
+
+
+def capped(params, extractor, images, kind):
+    """The slow ImageNet networks see at most eval.fid_samples generated / eval.fid_ref_samples reference images."""
+    key = {"generated": "fid_samples", "reference": "fid_ref_samples"}[kind]
+    cap = params.raw["eval"].get(key)
+    return images[:cap] if extractor in INCEPTION_LIKE and cap else images
+
+
+def reference_stats_for(params, extractor, images, manifest, device="cpu", weights_path=None):
+    from alphaflow.metrics import reference_stats
+
+    if weights_path is None:
+        weights_path = dict((e, w) for _, e, w in metric_plan(params)).get(extractor)
+    images = capped(params, extractor, images, "reference")
+    return reference_stats(images, extractor, cache_dir=params.results / "reference",
+                           content_hash=content_hash(manifest, len(images)), weights_path=weights_path,
+                           device=device)
+
+
+def evaluate_images(params, images, device):
+    """{metric: {value, low, high, n}} for uint8 images against the reference statistics."""
+    from alphaflow import metrics as M
+    from alphaflow.stages import reference_images
+
+    ev = params.raw["eval"]
+    ref_images, _, manifest = reference_images(params)
+    n_boot, seed = ev.get("n_boot", 100), params.raw["seed"]
+    features = {}  # one extraction per network, shared by its FD and IS
+    results = {}
+    for metric, extractor, weights_path in metric_plan(params):
+        gen = capped(params, extractor, images, "generated")
+        if extractor not in features:
+            features[extractor] = M.extract_features(extractor, gen, weights_path=weights_path, device=device,
+                                                     progress=False)
+        feats = features[extractor]
+        if metric.startswith("is"):
+            results[metric] = M.bootstrap_is(feats["logits"], n_boot=n_boot, seed=seed)
+        else:
+            mu, sigma = reference_stats_for(params, extractor, ref_images, manifest, device, weights_path)
+            results[metric] = M.bootstrap_fd(feats["features"], mu, sigma, n_boot=n_boot, seed=seed, device=device)
+        results[metric]["n"] = len(gen)
+        results[metric]["extractor"] = extractor
+    return results
+
+
+def eval_path(params, run, weights, sampler):
+    return params.run_dir(run) / "eval" / weights / f"{sampler}.json"
+
+
+def mlflow_metric_name(metric, sampler, weights):
+    return f"{metric}_{sampler}_{weights}"
+
+
+def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=False):
+    from alphaflow.images import save_grid
+    from alphaflow.tracking import Tracker
+
+    device = resolve_device(device)
+    out = samples_dir(params, run_name, weights, sampler_name)
+    images, labels = load_samples(out)
+    t0 = time.perf_counter()
+    metrics = evaluate_images(params, images, device)
+    record = {"run": run_name, "weights": weights, "sampler": sampler_name, "num_samples": len(images),
+              "labels": params.raw["eval"].get("labels", "random"), "t_steps": params.samplers[sampler_name]["t_steps"],
+              "mode": params.samplers[sampler_name]["mode"], "seconds": time.perf_counter() - t0, "metrics": metrics}
+    atomic_write_json(eval_path(params, run_name, weights, sampler_name), record)
+    # A class-sorted grid (8 per class) for the report.
+    order = torch.argsort(labels, stable=True)
+    per_class = [order[labels[order] == c][:8] for c in range(min(10, int(labels.max()) + 1))]
+    save_grid(images[torch.cat(per_class)], out.parent / f"{sampler_name}.png", nrow=8,
+              scale=2 if images.shape[-1] < 64 else 1)
+    run_dir = params.run_dir(run_name)
+    tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_dir / "mlflow_run_id")
+    tracker.log_metrics({mlflow_metric_name(m, sampler_name, weights): v["value"] for m, v in metrics.items()},
+                        step=params.run(run_name).steps)
+    tracker.log_metrics({mlflow_metric_name(m, sampler_name, weights) + "_ci_low": v["low"] for m, v in metrics.items()},
+                        step=params.run(run_name).steps)
+    tracker.log_metrics({mlflow_metric_name(m, sampler_name, weights) + "_ci_high": v["high"] for m, v in metrics.items()},
+                        step=params.run(run_name).steps)
+    tracker.log_artifact(out.parent / f"{sampler_name}.png", "samples")
+    tracker.close()
+    if not quiet:
+        shown = ", ".join(f"{m} {v['value']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for m, v in metrics.items())
+        print(f"[alphaflow] evaluate {run_name}/{weights}/{sampler_name}: {shown}")
+    return record

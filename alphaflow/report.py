@@ -307,6 +307,125 @@ def sample_sheet(params, run_name, out_png):
 
 
 #----------------------------------------------------------------------------
+# Seeds: mean over training seeds with t-intervals, and verdicts (params `group`, `comparisons`)
+
+
+def t_interval(values, level=0.95):
+    """(mean, half-width) of the Student-t interval over independent runs; half-width NaN for n < 2."""
+    from scipy import stats as st
+
+    x = pd.Series(values, dtype=float)
+    n = len(x)
+    if n < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(st.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / n ** 0.5)
+
+
+def welch_interval(a, b, level=0.95):
+    """(mean(a) − mean(b), half-width) with Welch's t-interval (unequal variances)."""
+    from scipy import stats as st
+
+    a, b = pd.Series(a, dtype=float), pd.Series(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return float(a.mean() - b.mean()), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
+    return float(a.mean() - b.mean()), float(st.t.ppf(0.5 + level / 2, dof) * (va + vb) ** 0.5)
+
+
+def with_groups(params, results):
+    """results restricted to runs with a `group`, with group and seed columns."""
+    runs = {r: params.run(r) for r in params.run_names if params.run(r).group}
+    sub = results[results.run.isin(runs)].copy()
+    sub["group"] = sub.run.map(lambda r: runs[r].group)
+    sub["seed"] = sub.run.map(lambda r: runs[r].seed)
+    return sub
+
+
+def seed_table(grouped):
+    """A row per group × weights × sampler × metric: mean over seeds, 95 % t-interval, seeds."""
+    rows = []
+    for (group, weights, sampler, metric), sub in grouped.groupby(["group", "weights", "sampler", "metric"]):
+        mean, half = t_interval(sub.value)
+        rows.append({"group": group, "weights": weights, "sampler": sampler, "metric": metric, "mean": mean,
+                     "low": mean - half, "high": mean + half, "seeds": len(sub),
+                     "per_seed": " ".join(f"{v:.2f}" for v in sub.sort_values("seed").value)})
+    return pd.DataFrame(rows)
+
+
+def verdicts(params, grouped):
+    """One line per comparison × weights × sampler × metric: A − B with its Welch interval."""
+    lines = []
+    for a, b in params.raw.get("comparisons", []):
+        for (weights, sampler, metric), sub in grouped.groupby(["weights", "sampler", "metric"]):
+            va, vb = sub[sub.group == a].value, sub[sub.group == b].value
+            if va.empty or vb.empty:
+                continue
+            diff, half = welch_interval(va, vb)
+            lower_better = not metric.startswith("is")
+            if pd.isna(half) or abs(diff) <= half:
+                verdict = "not separable"
+            else:
+                better = a if (diff < 0) == lower_better else b
+                verdict = f"{better} better"
+            lines.append({"comparison": f"{a} − {b}", "weights": weights, "sampler": sampler, "metric": metric,
+                          "difference": diff, "low": diff - half, "high": diff + half, "verdict": verdict})
+    return pd.DataFrame(lines)
+
+
+def plot_metric_vs_step_by_group(params, metric_key, out_png):
+    """In-training `metric_key` per group: mean over seeds (line) and min–max band over seeds."""
+    curves = {}
+    for run_name in params.run_names:
+        group = params.run(run_name).group
+        points = {r["step"]: r[metric_key] for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl")
+                  if metric_key in r}
+        if group and points:
+            curves.setdefault(group, []).append(points)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for group, runs in curves.items():
+        steps = sorted(set.intersection(*(set(p) for p in runs)))
+        vals = pd.DataFrame([[p[s] for s in steps] for p in runs], columns=steps)
+        ax.plot(steps, vals.mean(), marker="o", ms=3, label=f"{group} (n={len(runs)})")
+        ax.fill_between(steps, vals.min(), vals.max(), alpha=0.2)
+    ax.set(xlabel="training step", ylabel=metric_key, title=f"{metric_key}: mean over seeds, band = min–max",
+           yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def seeds_report(params, results, tables, plots):
+    grouped = with_groups(params, results)
+    if grouped.empty:
+        return {}
+    table = seed_table(grouped)
+    verdict = verdicts(params, grouped)
+    out = {"seeds_csv": write_text(tables / "seeds_per_run.csv", grouped.to_csv(index=False))}
+    shown = table.assign(**{"mean [95 % t-interval over seeds]": [
+        f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in zip(table["mean"], table["low"], table["high"])]})
+    shown = shown[["group", "weights", "sampler", "metric", "mean [95 % t-interval over seeds]", "seeds", "per_seed"]]
+    text = (f"# Mean over training seeds — {params.profile}\n\nIntervals are Student-t 95 % intervals over "
+            f"training seeds (not bootstrap over samples).\n\n{markdown(shown)}")
+    if not verdict.empty:
+        verdict_shown = verdict.assign(**{"A − B [95 % Welch interval]": [
+            f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in zip(verdict.difference, verdict.low, verdict.high)]})
+        text += ("\n## Verdicts\n\nLower is better for FD/FID. \"not separable\" = the interval contains 0.\n\n"
+                 + markdown(verdict_shown[["comparison", "weights", "sampler", "metric", "A − B [95 % Welch interval]",
+                                           "verdict"]]))
+        out["verdicts_csv"] = write_text(tables / "verdicts.csv", verdict.to_csv(index=False))
+    out["seeds"] = write_text(tables / "seeds.md", text)
+    write_text(tables / "seeds.csv", table.to_csv(index=False))
+    for sampler in params.samplers:
+        for weights in params.raw["eval"]["weights"]:
+            key = f"fd_classifier_{sampler}_{weights}"
+            out[f"steps_{key}"] = plot_metric_vs_step_by_group(params, key, plots / f"{key}_vs_step.png")
+    return out
+
+
+#----------------------------------------------------------------------------
 # The report stage
 
 
@@ -339,6 +458,7 @@ def report(params, *, mlflow=True):
             out[f"table{table}"] = tables / f"table{table}.md"
     out["samplers"] = write_text(tables / "samplers.md", f"# Every sampler — {params.profile}\n\n"
                                  + samplers_table(results))
+    out.update(seeds_report(params, results, tables, plots))
     out["training"] = plot_all_training(params, plots / "training.png")
     out["gradient_conflict"] = plot_gradient_conflict(params, plots / "gradient_conflict.png")
     for metric in params.raw["eval"]["metrics"]:

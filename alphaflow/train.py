@@ -316,6 +316,15 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                 for v in sums.values():
                     v.zero_()
                 window_n, t0, images0 = 0, time.perf_counter(), 0
+            if run.eval_every and done % run.eval_every == 0 and info.is_main:
+                # In-training FD_clf (metric-vs-step curves); excluded from the images/s window.
+                from alphaflow.evaluate import in_training_metrics
+
+                t_eval = time.perf_counter()
+                scores = in_training_metrics(params, {"ema": ema.module, "raw": net}, str(dev))
+                append_jsonl(run_dir / "metrics.jsonl", {"step": done, **scores})
+                tracker.log_metrics(scores, step=done)
+                t0 += time.perf_counter() - t_eval
 
             stop = any_rank(signals.received is not None, dev)
             periodic = done % run.checkpoint_every == 0 or done % run.snapshot_every == 0

@@ -129,6 +129,10 @@ def test_dvc_and_snakemake_declare_the_same_stages_and_outputs():
 def tiny_profile(path, results="results", **defaults):
     d = tiny_params_dict(results, path.parent / "images", **defaults)
     d["eval"]["weights"] = ["ema", "raw"]
+    # Every params key dvc.yaml names must exist (DVC refuses missing params).
+    d["eval"].update({"fid_samples": None, "fid_ref_samples": None, "slow_metric_weights": None,
+                      "inception": "inception-fid-ts"})
+    d["paper_results"] = {}
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return d
 

@@ -5,6 +5,8 @@
 
 def train_inputs(w):
     inputs = [LATENTS]
+    if P.run(w.run).eval_every:  # in-training FD_clf needs the classifier and its reference statistics
+        inputs += [CLASSIFIER, REFERENCE]
     source = P.run(w.run).init_from
     if source:
         inputs.append(final_state(source))

@@ -1,0 +1,119 @@
+"""Sampling at scale, evaluation and the report, on a tiny trained run (real training, real metrics)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alphaflow import evaluate as E
+from alphaflow.config import load_params
+from alphaflow.data.shards import ShardError
+from conftest import ROOT
+
+
+def test_labels_follow_the_two_protocols_of_table_6():
+    seeds = list(range(20))
+    balanced = E.labels_for_seeds(seeds, 10, "balanced")
+    assert np.bincount(balanced, minlength=10).tolist() == [2] * 10
+    random = E.labels_for_seeds(seeds, 1000, "random")
+    assert random[7] == np.random.RandomState(7).choice(1000)  # EDM convention, per seed
+    assert E.labels_for_seeds([7], 1000, "random")[0] == random[7]  # independent of batching
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_latents):
+    """A tiny project with one finished α-Flow run, its classifier and reference statistics."""
+    import shutil
+
+    import yaml
+
+    from alphaflow.stages import classifier, reference
+    from alphaflow.train import train
+    from conftest import tiny_params_dict
+
+    base = tmp_path_factory.mktemp("eval")
+    shutil.copytree(tiny_latents / "results", base / "results")
+    d = tiny_params_dict(base / "results", tiny_latents / "images")
+    d["runs"] = {"alphaflow-tiny": {"method": "alphaflow"}}
+    path = base / "params.yaml"
+    path.write_text(yaml.safe_dump(d))
+    params = load_params(path)
+    train(params, "alphaflow-tiny", device="cpu", quiet=True, tracking=False)
+    classifier(params, device="cpu")
+    reference(params, device="cpu")
+    return params
+
+
+def test_sampling_is_the_same_whatever_the_partition_and_resumes_per_chunk(trained):
+    params = trained
+    E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", device="cpu", quiet=True)
+    out = E.samples_dir(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5")
+    whole, labels = E.load_samples(out)
+    assert whole.dtype == torch.uint8 and len(whole) == params.raw["eval"]["num_samples"]
+    # Two array tasks write different chunk boundaries but the same image per seed.
+    import shutil
+
+    shutil.rmtree(out)
+    for part in (1, 0):
+        E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", part=part, num_parts=2, device="cpu", quiet=True)
+    parted, labels2 = E.load_samples(out)
+    assert torch.equal(parted, whole) and torch.equal(labels2, labels)
+    # A lost chunk is regenerated alone; finished chunks are not touched.
+    chunks = sorted(out.glob("seeds-*.safetensors"))
+    kept = {c.name: c.stat().st_mtime_ns for c in chunks[1:]}
+    chunks[0].unlink()
+    (out / "done.json").unlink()
+    E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", part=0, num_parts=2, device="cpu", quiet=True)
+    assert {c.name: c.stat().st_mtime_ns for c in sorted(out.glob("seeds-*.safetensors"))[1:]} == kept
+    assert torch.equal(E.load_samples(out)[0], whole)
+
+
+def test_a_corrupt_sample_chunk_is_refused_by_name(trained):
+    params = trained
+    E.sample_run(params, "alphaflow-tiny", "raw", "1nfe", device="cpu", quiet=True)
+    out = E.samples_dir(params, "alphaflow-tiny", "raw", "1nfe")
+    chunk = sorted(out.glob("seeds-*.safetensors"))[0]
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=chunk.name):
+        E.load_samples(out)
+    chunk.unlink()
+    (out / "done.json").unlink()
+
+
+def test_evaluate_writes_metrics_with_intervals_and_the_report_tables(trained):
+    from alphaflow.report import report
+
+    params = trained
+    for weights in ("ema", "raw"):
+        E.sample_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
+        record = E.evaluate_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
+        m = record["metrics"]["fd_classifier"]
+        assert m["low"] <= m["value"] <= m["high"] and m["n"] == params.raw["eval"]["num_samples"]
+    on_disk = json.loads(E.eval_path(params, "alphaflow-tiny", "raw", "1nfe").read_text())
+    assert on_disk["metrics"] == record["metrics"]
+    out = report(params, mlflow=False)
+    table = out["table1"].read_text()
+    assert "alphaflow-tiny" in table and "NFE1 FD_clf" in table
+    assert "NFE2" not in table  # no 2-NFE cell was evaluated and the paper has none: the column is left out
+    csv = (params.results / "tables" / "test" / "results.csv").read_text().splitlines()
+    assert len(csv) == 1 + 2  # ema and raw, one metric
+    assert out["bars_fd_classifier"].exists() and out["training"].exists()
+
+
+def test_paper_report_lists_every_paper_row_with_its_numbers_and_not_run(tmp_path):
+    from alphaflow.report import report
+
+    params = load_params(ROOT / "params" / "paper.yaml", [f"results={tmp_path}"])
+    out = report(params, mlflow=False)
+    table = out["table1"].read_text()
+    for run_name, entry in params.raw["paper_results"].items():
+        assert run_name in table
+        for key in ("fid_1nfe", "fdd_1nfe", "fid_2nfe", "fdd_2nfe"):
+            if key in entry:
+                assert f"{entry[key]:.2f}" in table
+    ema_rows = [line for line in table.splitlines() if "| ema |" in line]
+    assert len(ema_rows) == 12 and all("not run" in line for line in ema_rows)
+    assert (tmp_path / "tables" / "paper" / "table1.tex").read_text().startswith("\\begin{tabular}")

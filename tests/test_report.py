@@ -1,0 +1,56 @@
+"""Report aggregation over training seeds: t-intervals, Welch verdicts, per-seed CSV (issue 11 machinery).
+
+The evaluation JSONs here are written by the test with chosen values, so the expected intervals and
+verdicts can be computed by hand; the real pipeline writes the same files (tests/test_evaluate.py).
+"""
+
+import json
+
+import pytest
+import yaml
+
+from alphaflow.config import load_params
+from alphaflow.report import report, t_interval, welch_interval
+from conftest import tiny_params_dict
+
+
+def write_eval(params, run, weights, sampler, value):
+    path = params.run_dir(run) / "eval" / weights / f"{sampler}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t_steps = params.samplers[sampler]["t_steps"]
+    path.write_text(json.dumps({"run": run, "weights": weights, "sampler": sampler, "num_samples": 10,
+                                "t_steps": t_steps, "mode": "ode", "labels": "balanced", "metrics": {
+                                    "fd_classifier": {"value": value, "low": value - 1, "high": value + 1, "n": 10}}}))
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
+    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in (1, 2, 3)}
+    d["comparisons"] = [["alphaflow", "meanflow"]]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return load_params(path)
+
+
+def test_t_interval_and_welch_match_the_textbook():
+    mean, half = t_interval([10.0, 12.0, 14.0])
+    assert mean == 12.0 and half == pytest.approx(4.302653 * 2.0 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2) · s / √n
+    diff, half = welch_interval([10.0, 12.0, 14.0], [20.0, 22.0, 24.0])
+    assert diff == -10.0 and half == pytest.approx(2.776445 * (8 / 3) ** 0.5, rel=1e-5)  # equal variances: dof 4
+
+
+def test_seed_table_and_verdicts(seeded):
+    values = {"alphaflow": [10.0, 12.0, 14.0], "meanflow": [20.0, 22.0, 24.0]}
+    for method, vals in values.items():
+        for seed, v in zip((1, 2, 3), vals):
+            write_eval(seeded, f"{method}-s{seed}", "ema", "1nfe", v)          # clearly separated
+            write_eval(seeded, f"{method}-s{seed}", "raw", "1nfe", v if method == "alphaflow" else v - 9)  # overlapping
+    out = report(seeded, mlflow=False)
+    text = out["seeds"].read_text()
+    assert "12.00 [7.03, 16.97]" in text  # mean [t-interval] of 10, 12, 14
+    verdicts = {(r.split(",")[1], r.split(",")[2]): r.split(",")[-1] for r in out["verdicts_csv"].read_text().splitlines()[1:]}
+    assert verdicts[("ema", "1nfe")] == "alphaflow better"
+    assert verdicts[("raw", "1nfe")] == "not separable"
+    per_seed = out["seeds_csv"].read_text().splitlines()
+    assert len(per_seed) == 1 + 6 * 2  # 6 runs × 2 weights

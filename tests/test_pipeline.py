@@ -126,8 +126,8 @@ def test_dvc_and_snakemake_declare_the_same_stages_and_outputs():
 # The DAG for real (slow)
 
 
-def tiny_profile(path, results="results", **defaults):
-    d = tiny_params_dict(results, path.parent / "images", **defaults)
+def tiny_profile(path, images, results="results", **defaults):
+    d = tiny_params_dict(results, images, **defaults)
     d["eval"]["weights"] = ["ema", "raw"]
     # Every params key dvc.yaml names must exist (DVC refuses missing params).
     d["eval"].update({"fid_samples": None, "fid_ref_samples": None, "slow_metric_weights": None,
@@ -143,7 +143,7 @@ def test_snakemake_runs_the_tiny_dag_end_to_end_and_then_has_nothing_to_do(tiny_
 
     write_class_folder(tmp_path / "images")
     params = tmp_path / "params.yaml"
-    tiny_profile(params, results=str(tmp_path / "results"))
+    tiny_profile(params, tmp_path / "images", results=str(tmp_path / "results"))
     args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", tmp_path, "--cores", "2",
             "--config", f"params={params}"]
     run(args)
@@ -169,7 +169,7 @@ def test_dvc_repro_runs_the_same_dag_in_a_git_repo(tiny_latents, tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     write_class_folder(repo / "images")
     (repo / "params").mkdir()
-    tiny_profile(repo / "params" / "default.yaml")
+    tiny_profile(repo / "params" / "default.yaml", repo / "images")
     for cmd in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
         run(cmd, cwd=repo)
     run(["git", "add", "-A"], cwd=repo)

@@ -209,3 +209,30 @@ def test_stats_floor_for_constant_elements(tmp_path):
     _, std = load_latent_stats(tmp_path / "lat")
     assert manifest["stats"]["floored_elements"] == 3  # the corner in 3 channels
     torch.testing.assert_close(std[0, :, 0, 0], torch.full((3,), 0.1) * std.median())
+
+
+#----------------------------------------------------------------------------
+# The paper profile's own data stages, on an ImageNet-shaped folder of real JPEGs.
+
+
+def test_paper_profile_prepare_and_encode_on_a_jpeg_folder(tiny_vae_dir, tmp_path):
+    from conftest import run_cli
+
+    rng = np.random.default_rng(1)
+    for c in ("n01440764", "n01443537", "n01484850"):
+        (tmp_path / "imagenet" / c).mkdir(parents=True)
+        for i in range(4):
+            size = tuple(int(s) for s in rng.integers(40, 90, 2))
+            Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(
+                tmp_path / "imagenet" / c / f"{c}_{i}.JPEG", quality=90)
+    sets = ["--params", "params/paper.yaml", "--set", f"results={tmp_path / 'results'}",
+            "--set", f"data.path={tmp_path / 'imagenet'}", "--set", f"data.resolution={RES}",
+            "--set", "data.workers=1", "--set", f"encoder.path={tiny_vae_dir}", "--set", "encoder.batch_size=4"]
+    run_cli("prepare", *sets)
+    for part in range(2):  # the paper profile encodes as an array job; two parts here, then finalize
+        run_cli("encode", *sets, "--part", part, "--num-parts", 2, "--device", "cpu")
+    run_cli("encode", *sets, "--finalize", "--num-parts", 2)
+    manifest = json.loads((tmp_path / "results/latents/imagenet256-sd-vae-ft-ema/manifest.json").read_text())
+    assert manifest["count"] == 12 and manifest["latent_shape"] == [4, RES // 2, RES // 2]
+    prepared = json.loads((tmp_path / "results/data/imagenet256/train/manifest.json").read_text())
+    assert prepared["class_names"] == ["n01440764", "n01443537", "n01484850"]

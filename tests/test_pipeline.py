@@ -185,6 +185,17 @@ def test_dvc_repro_runs_the_same_dag_in_a_git_repo(tiny_latents, tmp_path):
     d = yaml.safe_load((repo / "params" / "default.yaml").read_text())
     d["eval"]["n_boot"] = 7
     (repo / "params" / "default.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-    status = run([BIN / "dvc", "status"], cwd=repo).stdout
-    changed = {line.split(":")[0].strip() for line in status.splitlines() if line and not line.startswith("\t")}
-    assert changed and all(s.startswith("evaluate@") for s in changed if s), status
+    assert changed_stages(repo) == {f"evaluate@{r}-{w}-sampler{i}" for r in ("alphaflow-tiny", "meanflow-tiny")
+                                    for w in ("ema", "raw") for i in (0, 1)}
+    # An encoder param invalidates encode and everything downstream of it, and nothing upstream.
+    d["eval"]["n_boot"] = 20
+    d["encoder"]["batch_size"] = 32
+    (repo / "params" / "default.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    changed = changed_stages(repo)
+    assert "encode" in changed and not any(s.startswith(("prepare", "classifier", "reference")) for s in changed)
+
+
+def changed_stages(repo):
+    """Stages `dvc status` lists as changed (directly or through an upstream dependency)."""
+    status = json.loads(run([BIN / "dvc", "status", "--json"], cwd=repo).stdout)
+    return set(status)

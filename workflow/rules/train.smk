@@ -24,7 +24,7 @@ rule train:
         cmd=lambda w: stage_cmd("train", f"--run {w.run}", run=w.run),
         fingerprint=lambda w: P.run(w.run).fingerprint(),
         steps=lambda w: P.run(w.run).steps,
-    threads: 2
+    threads: 1   # tiny CPU runs: two 1-thread trainings beat one 2-thread run; GPU jobs ignore this
     log:
         f"{RESULTS}/logs/train-{{run}}.log",
     shell:

@@ -185,10 +185,10 @@ def samplers_table(results):
 
 def plot_training_curves(metrics_jsonl, out_png, title=""):
     """Loss decomposition (L_TFM, L_TC, their sum), the weighted loss and α(k) against the step."""
-    records = read_jsonl(metrics_jsonl)
+    records = [r for r in read_jsonl(metrics_jsonl) if "alpha" in r]  # training records (not in-training evals)
     fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = [r["step"] for r in records]
-    for key in ("loss", "L_TFM", "L_TC", "L_sum"):
+    for key in ("delta_sq", "L_TFM", "L_TC", "L_sum"):
         if any(key in r for r in records):
             ax_loss.plot(steps, [r.get(key) for r in records], label=key)
     ax_loss.set_xlabel("step")
@@ -203,14 +203,15 @@ def plot_training_curves(metrics_jsonl, out_png, title=""):
 
 
 def plot_all_training(params, out_png):
-    """Every run's weighted loss and α(k) on shared axes."""
+    """Every run's Δ² (mean squared distance to the target, before the adaptive weight, which makes the
+    weighted loss ≈ 1 by design) and α(k) on shared axes."""
     fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(11, 3.8))
     for run_name in params.run_names:
-        records = read_jsonl(params.run_dir(run_name) / "metrics.jsonl")
+        records = [r for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl") if "alpha" in r]
         steps = [r["step"] for r in records]
-        ax_loss.plot(steps, [r.get("loss") for r in records], label=run_name)
+        ax_loss.plot(steps, [r.get("delta_sq") for r in records], label=run_name)
         ax_alpha.plot(steps, [r.get("alpha") for r in records], label=run_name)
-    ax_loss.set(xlabel="step", title="adaptive-weighted loss", yscale="log")
+    ax_loss.set(xlabel="step", title="Δ² = mean (u − sg(target))² (unweighted)", yscale="log")
     ax_alpha.set(xlabel="step", title="α(k) (sigmoid curriculum)", ylim=(-0.05, 1.05))
     ax_loss.legend(fontsize=7)
     fig.tight_layout()

@@ -5,12 +5,15 @@ background thread behind a queue: a slow or dead tracking server never blocks th
 first failure prints one warning; after it the thread drops MLflow records, the local file keeps all.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -52,6 +55,23 @@ def truncate_jsonl(path, max_step):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def store_lock(uri):
+    """Serialises the first use of a SQLite store: MLflow creates and migrates it then, and two processes
+    doing so at once leave it half-migrated for good (seen with two training jobs started together)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     """One MLflow run per training run; resumes the same MLflow run via `run_id_file`."""
 
@@ -83,23 +103,34 @@ class Tracker:
             print(f"[alphaflow] WARNING: MLflow tracking failed ({type(err).__name__}: {err}); training goes on, "
                   f"metrics stay in metrics.jsonl", file=sys.stderr, flush=True)
 
-    def _worker(self, uri, experiment, run_name, tags):
-        try:
-            from mlflow.tracking import MlflowClient
+    def _open(self, uri, experiment, run_name, tags):
+        """(client, run id); creates the experiment and the run, or reopens the run of run_id_file."""
+        from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(uri)
-            exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-            run_id = self.run_id_file.read_text().strip() if self.run_id_file.exists() else None
-            if run_id is None:
-                run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-                self.run_id_file.write_text(run_id)
-            else:
-                client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-        except Exception as err:  # noqa: BLE001 — tracking must never crash training
-            self._warn(err)
-            client = None
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        run_id = self.run_id_file.read_text().strip() if self.run_id_file.exists() else None
+        if run_id is None:
+            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+            self.run_id_file.write_text(run_id)
+        else:
+            client.update_run(run_id, status="RUNNING")
+        return client, run_id
+
+    def _worker(self, uri, experiment, run_name, tags, attempts=4):
+        client = None
+        for attempt in range(attempts):
+            # Retried: jobs started together race to create the experiment (or a server is slow to answer).
+            try:
+                with store_lock(uri):
+                    client, self.run_id = self._open(uri, experiment, run_name, tags)
+                break
+            except Exception as err:  # noqa: BLE001 — tracking must never crash training
+                if attempt == attempts - 1:
+                    self._warn(err)
+                else:
+                    time.sleep(1.0 + attempt)
         while True:
             item = self.queue.get()
             if item is None:
@@ -123,8 +154,6 @@ class Tracker:
         self._put(lambda c, rid: c.log_batch(rid, params=items))
 
     def log_metrics(self, metrics, step):
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)

@@ -293,12 +293,11 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
               scale=2 if images.shape[-1] < 64 else 1)
     run_dir = params.run_dir(run_name)
     tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_dir / "mlflow_run_id")
-    tracker.log_metrics({mlflow_metric_name(m, sampler_name, weights): v["value"] for m, v in metrics.items()},
-                        step=params.run(run_name).steps)
-    tracker.log_metrics({mlflow_metric_name(m, sampler_name, weights) + "_ci_low": v["low"] for m, v in metrics.items()},
-                        step=params.run(run_name).steps)
-    tracker.log_metrics({mlflow_metric_name(m, sampler_name, weights) + "_ci_high": v["high"] for m, v in metrics.items()},
-                        step=params.run(run_name).steps)
+    logged = {}
+    for m, v in metrics.items():
+        name = mlflow_metric_name(m, sampler_name, weights)
+        logged.update({name: v["value"], f"{name}_ci_low": v["low"], f"{name}_ci_high": v["high"]})
+    tracker.log_metrics(logged, step=params.run(run_name).steps)
     tracker.log_artifact(out.parent / f"{sampler_name}.png", "samples")
     tracker.close()
     if not quiet:

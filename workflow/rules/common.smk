@@ -1,6 +1,8 @@
 # Paths and the command line of a stage (shared by every rule file).
 import shlex
 
+from alphaflow.stages import classifier_path, reference_marker
+
 GPU_STAGES = {"encode", "train", "classifier", "reference", "sample", "evaluate"}
 DATA = P.raw["data"]["name"]
 WEIGHTS = P.raw["eval"]["weights"]
@@ -14,8 +16,8 @@ def data_manifest(split):
 
 
 LATENTS = f"{P.latent_dir()}/manifest.json"
-CLASSIFIER = f"{RESULTS}/classifier/{DATA}.safetensors"
-REFERENCE = f"{RESULTS}/reference/{DATA}.json"
+CLASSIFIER = str(classifier_path(P))     # the paths the stages write (alphaflow.stages)
+REFERENCE = str(reference_marker(P))
 
 
 def final_state(run):

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from alphaflow.models import PRESETS, build_model
 from alphaflow.objectives import alpha_flow_loss, sample_times
+from official_meanflow import official_meanflow_loss  # benchmarks/ is on sys.path when run as a script
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -43,6 +44,7 @@ def make_step(kind, net, opt, x, y, noise, autocast, jvp_mode="split", cfg=False
         "fm": dict(alpha=1.0, fm_ratio=1.0),
         "alphaflow": dict(alpha=0.5, fm_ratio=0.5),
         "meanflow": dict(alpha=0.0, fm_ratio=0.5),
+        "official": dict(alpha=0.0, fm_ratio=0.5),
     }[kind]
     guidance = dict(omega=0.2, kappa=0.92, cfg_interval=(0.0, 0.75), null_label=net.null_label) if cfg else {}
     gen = torch.Generator(x.device).manual_seed(0)
@@ -54,7 +56,10 @@ def make_step(kind, net, opt, x, y, noise, autocast, jvp_mode="split", cfg=False
                     t = torch.rand(x.shape[0], device=x.device, generator=gen)
                     return net(noise, t, t, y)
             t, r = sample_times(x.shape[0], settings["fm_ratio"], generator=gen)
-            loss = alpha_flow_loss(net, x, y, t, r, noise, settings["alpha"], jvp_mode=jvp_mode, **guidance).loss
+            if kind == "official":
+                loss = official_meanflow_loss(net, x, y, t, r, noise)
+            else:
+                loss = alpha_flow_loss(net, x, y, t, r, noise, settings["alpha"], jvp_mode=jvp_mode, **guidance).loss
         loss.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -113,7 +118,8 @@ def main(argv=None):
     rows = [("forward (no grad)", "forward", "split", False), ("FM step", "fm", "split", False),
             ("α-Flow step (α=½, 50% r≠t)", "alphaflow", "split", False),
             ("MeanFlow JVP step, split", "meanflow", "split", False),
-            ("MeanFlow JVP step, fused", "meanflow", "fused", False)]
+            ("MeanFlow JVP step, fused", "meanflow", "fused", False),
+            ("MeanFlow, official formulation (autograd.functional.jvp)", "official", "split", False)]
     if not args.no_cfg:
         rows += [("FM step + CFG teachers", "fm", "split", True),
                  ("α-Flow step + CFG teachers", "alphaflow", "split", True),
@@ -125,18 +131,26 @@ def main(argv=None):
           f"{flops_img / 1e9:.3f} GFLOP/img forward, threads {torch.get_num_threads()}")
     print(f"| step | ms/step | images/s | × FM step | peak GiB | MFU |")
     print(f"|---|---|---|---|---|---|")
-    fm_ms = None
+    fm_ms, ms_of = None, {}
     for label, kind, jvp_mode, cfg in rows:
         step = make_step(kind, net, opt, x, y, noise, autocast, jvp_mode=jvp_mode, cfg=cfg)
         sec, peak = timed(step, device, args.warmup, args.iters)
         ms = 1e3 * sec
         if kind == "fm" and not cfg:
             fm_ms = ms
+        ms_of[(kind, jvp_mode, cfg)] = ms
         ratio = f"{ms / fm_ms:.2f}" if fm_ms else "—"
         work = (1 if kind == "forward" else 3) * flops_img * args.batch
         mfu = f"{100 * work / sec / (peak_tflops * 1e12):.1f}%" if peak_tflops else "n/a"
         mem = f"{peak:.2f}" if peak is not None else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} (RSS)"
         print(f"| {label} | {ms:.1f} | {args.batch / sec:.1f} | {ratio} | {mem} | {mfu} |", flush=True)
+
+    # The GPU-performance targets, as ratios measured in this one run.
+    best_mf = min(ms_of[("meanflow", "split", False)], ms_of[("meanflow", "fused", False)])
+    print(f"\nα-Flow / FM step: {ms_of[('alphaflow', 'split', False)] / fm_ms:.2f} (target ≤ 1.20)")
+    print(f"MeanFlow / FM step: {best_mf / fm_ms:.2f} (target ≤ 1.35)")
+    print(f"speed-up over the official formulation: {ms_of[('official', 'split', False)] / best_mf:.2f}× "
+          f"(target ≥ 1.5×)")
 
 
 if __name__ == "__main__":

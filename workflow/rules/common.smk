@@ -8,6 +8,9 @@ DATA = P.raw["data"]["name"]
 WEIGHTS = P.raw["eval"]["weights"]
 SAMPLERS = list(P.samplers)
 RUNS = P.run_names
+# Scheduling order when cores are scarce: the critical path (data → latents → training) first, so the
+# long training jobs start at once and sampling/evaluation of finished runs fill the idle cores.
+PRIORITY = {"encode": 40, "train": 30, "classifier": 20, "reference": 20}
 NEEDS_CLASSIFIER = any(m in ("fd_classifier", "is_classifier") for m in P.raw["eval"]["metrics"])
 
 

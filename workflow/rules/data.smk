@@ -30,6 +30,7 @@ rule encode:
              + (f" && {stage_cmd('encode', f'--finalize --num-parts {ENCODE_PARTS}')}" if ENCODE_PARTS > 1 else "")),
         encoder=P.raw["encoder"],
     threads: 2
+    priority: PRIORITY["encode"]
     log:
         f"{RESULTS}/logs/encode.log",
     shell:
@@ -46,6 +47,7 @@ rule classifier:
         cmd=stage_cmd("classifier"),
         epochs=P.raw["eval"].get("classifier_epochs", 2),
     threads: 2
+    priority: PRIORITY["classifier"]
     log:
         f"{RESULTS}/logs/classifier.log",
     shell:
@@ -63,6 +65,7 @@ rule reference:
         metrics=P.raw["eval"]["metrics"],
         ref_samples=P.raw["eval"].get("ref_samples"),
     threads: 2
+    priority: PRIORITY["reference"]
     log:
         f"{RESULTS}/logs/reference.log",
     shell:

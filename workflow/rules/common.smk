@@ -1,6 +1,7 @@
 # Paths and the command line of a stage (shared by every rule file).
 import shlex
 
+from alphaflow.models import PRESETS
 from alphaflow.stages import classifier_path, reference_marker
 
 GPU_STAGES = {"encode", "train", "classifier", "reference", "sample", "evaluate"}
@@ -11,6 +12,18 @@ RUNS = P.run_names
 # Scheduling order when cores are scarce: the critical path (data → latents → training) first, so the
 # long training jobs start at once and sampling/evaluation of finished runs fill the idle cores.
 PRIORITY = {"encode": 40, "train": 30, "classifier": 20, "reference": 20}
+
+
+def train_priority(w):
+    """30 + (0, 1]: the costliest training first (longest-processing-time order keeps cores busy)."""
+    return PRIORITY["train"] + train_cost(w.run) / max(map(train_cost, RUNS))
+
+
+def train_cost(run):
+    """Relative compute of a run: steps × batch × depth × width² × tokens (patch² per token)."""
+    cfg = P.run(run)
+    arch = {**PRESETS[cfg.model], **cfg.model_overrides}
+    return cfg.steps * cfg.batch_size * arch["depth"] * arch["hidden_size"] ** 2 / arch["patch_size"] ** 2
 NEEDS_CLASSIFIER = any(m in ("fd_classifier", "is_classifier") for m in P.raw["eval"]["metrics"])
 
 

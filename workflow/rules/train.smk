@@ -25,7 +25,7 @@ rule train:
         fingerprint=lambda w: P.run(w.run).fingerprint(),
         steps=lambda w: P.run(w.run).steps,
     threads: 1   # tiny CPU runs: two 1-thread trainings beat one 2-thread run; GPU jobs ignore this
-    priority: PRIORITY["train"]
+    priority: train_priority
     log:
         f"{RESULTS}/logs/train-{{run}}.log",
     shell:

@@ -354,23 +354,39 @@ def seed_table(grouped):
     return pd.DataFrame(rows)
 
 
+def paired_interval(a, b, level=0.95):
+    """(mean(a − b), half-width): the t-interval of per-seed differences; a, b indexed by the same seeds."""
+    return t_interval((pd.Series(a, dtype=float) - pd.Series(b, dtype=float)).dropna(), level)
+
+
+def verdict_of(diff, half, a, b, lower_better=True):
+    """"not separable" when the interval diff ± half contains 0, else which of a, b is better."""
+    if pd.isna(half) or abs(diff) <= half:
+        return "not separable"
+    return f"{a if (diff < 0) == lower_better else b} better"
+
+
 def verdicts(params, grouped):
-    """One line per comparison × weights × sampler × metric: A − B with its Welch interval."""
+    """One line per comparison × weights × sampler × metric: A − B with its Welch interval and, when both
+    groups ran the same seeds, the paired interval (seed k gives every method the same initial weights,
+    data order and noise draws, so per-seed differences cancel the shared luck)."""
     lines = []
     for a, b in params.raw.get("comparisons", []):
         for (weights, sampler, metric), sub in grouped.groupby(["weights", "sampler", "metric"]):
-            va, vb = sub[sub.group == a].value, sub[sub.group == b].value
+            va = sub[sub.group == a].set_index("seed").value
+            vb = sub[sub.group == b].set_index("seed").value
             if va.empty or vb.empty:
                 continue
-            diff, half = welch_interval(va, vb)
             lower_better = not metric.startswith("is")
-            if pd.isna(half) or abs(diff) <= half:
-                verdict = "not separable"
-            else:
-                better = a if (diff < 0) == lower_better else b
-                verdict = f"{better} better"
-            lines.append({"comparison": f"{a} − {b}", "weights": weights, "sampler": sampler, "metric": metric,
-                          "difference": diff, "low": diff - half, "high": diff + half, "verdict": verdict})
+            diff, half = welch_interval(va, vb)
+            line = {"comparison": f"{a} − {b}", "weights": weights, "sampler": sampler, "metric": metric,
+                    "difference": diff, "low": diff - half, "high": diff + half,
+                    "verdict": verdict_of(diff, half, a, b, lower_better)}
+            if set(va.index) == set(vb.index):
+                pdiff, phalf = paired_interval(va, vb)
+                line.update(paired_difference=pdiff, paired_low=pdiff - phalf, paired_high=pdiff + phalf,
+                            paired_verdict=verdict_of(pdiff, phalf, a, b, lower_better))
+            lines.append(line)
     return pd.DataFrame(lines)
 
 
@@ -398,6 +414,12 @@ def plot_metric_vs_step_by_group(params, metric_key, out_png):
     return save_figure(fig, out_png)
 
 
+def interval_strings(df, prefix):
+    """'+d [lo, hi]' per row from the columns <prefix>difference/low/high ('–' where missing)."""
+    d, lo, hi = df[f"{prefix}difference"], df[f"{prefix}low"], df[f"{prefix}high"]
+    return ["–" if pd.isna(x) else f"{x:+.2f} [{l:+.2f}, {h:+.2f}]" for x, l, h in zip(d, lo, hi)]
+
+
 def seeds_report(params, results, tables, plots):
     grouped = with_groups(params, results)
     if grouped.empty:
@@ -411,11 +433,17 @@ def seeds_report(params, results, tables, plots):
     text = (f"# Mean over training seeds — {params.profile}\n\nIntervals are Student-t 95 % intervals over "
             f"training seeds (not bootstrap over samples).\n\n{markdown(shown)}")
     if not verdict.empty:
-        verdict_shown = verdict.assign(**{"A − B [95 % Welch interval]": [
-            f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in zip(verdict.difference, verdict.low, verdict.high)]})
-        text += ("\n## Verdicts\n\nLower is better for FD/FID. \"not separable\" = the interval contains 0.\n\n"
-                 + markdown(verdict_shown[["comparison", "weights", "sampler", "metric", "A − B [95 % Welch interval]",
-                                           "verdict"]]))
+        columns = ["comparison", "weights", "sampler", "metric", "A − B [95 % Welch interval]", "verdict"]
+        verdict_shown = verdict.assign(**{"A − B [95 % Welch interval]": interval_strings(verdict, "")})
+        if "paired_difference" in verdict:
+            verdict_shown["paired by seed [95 % t-interval]"] = interval_strings(verdict, "paired_")
+            verdict_shown["paired verdict"] = verdict["paired_verdict"].fillna("–")
+            columns += ["paired by seed [95 % t-interval]", "paired verdict"]
+        text += ("\n## Verdicts\n\nLower is better for FD/FID. \"not separable\" = the interval contains 0. "
+                 "Welch treats the two groups' seeds as independent samples. The paired interval uses that seed k "
+                 "gives both methods the same initial weights, data order and noise draws: it is the t-interval "
+                 "of the per-seed differences (only when both groups ran the same seeds).\n\n"
+                 + markdown(verdict_shown[columns]))
         out["verdicts_csv"] = write_text(tables / "verdicts.csv", verdict.to_csv(index=False))
     out["seeds"] = write_text(tables / "seeds.md", text)
     write_text(tables / "seeds.csv", table.to_csv(index=False))

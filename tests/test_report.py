@@ -6,11 +6,12 @@ verdicts can be computed by hand; the real pipeline writes the same files (tests
 
 import json
 
+import pandas as pd
 import pytest
 import yaml
 
 from alphaflow.config import load_params
-from alphaflow.report import report, t_interval, welch_interval
+from alphaflow.report import paired_interval, report, t_interval, welch_interval
 from conftest import tiny_params_dict
 
 
@@ -38,6 +39,10 @@ def test_t_interval_and_welch_match_the_textbook():
     assert mean == 12.0 and half == pytest.approx(4.302653 * 2.0 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2) · s / √n
     diff, half = welch_interval([10.0, 12.0, 14.0], [20.0, 22.0, 24.0])
     assert diff == -10.0 and half == pytest.approx(2.776445 * (8 / 3) ** 0.5, rel=1e-5)  # equal variances: dof 4
+    # Paired: differences −9, −10, −14 (mean −11, s = √7) → t(0.975, 2) · s / √3.
+    diff, half = paired_interval(pd.Series([11.0, 12.0, 10.0], index=[1, 2, 3]),
+                                 pd.Series([24.0, 20.0, 22.0], index=[3, 1, 2]))
+    assert diff == pytest.approx(-11.0) and half == pytest.approx(4.302653 * 7 ** 0.5 / 3 ** 0.5, rel=1e-5)
 
 
 def test_seed_table_and_verdicts(seeded):
@@ -49,8 +54,12 @@ def test_seed_table_and_verdicts(seeded):
     out = report(seeded, mlflow=False)
     text = out["seeds"].read_text()
     assert "12.00 [7.03, 16.97]" in text  # mean [t-interval] of 10, 12, 14
-    verdicts = {(r.split(",")[1], r.split(",")[2]): r.split(",")[-1] for r in out["verdicts_csv"].read_text().splitlines()[1:]}
-    assert verdicts[("ema", "1nfe")] == "alphaflow better"
-    assert verdicts[("raw", "1nfe")] == "not separable"
+    verdicts = pd.read_csv(out["verdicts_csv"]).set_index(["weights", "sampler"])
+    assert verdicts.loc[("ema", "1nfe"), "verdict"] == "alphaflow better"
+    assert verdicts.loc[("raw", "1nfe"), "verdict"] == "not separable"
+    # Paired by seed: raw differences are −1, −1, −1 (every seed favours α-Flow by 1), which Welch cannot see.
+    assert verdicts.loc[("raw", "1nfe"), "paired_difference"] == pytest.approx(-1.0)
+    assert verdicts.loc[("raw", "1nfe"), "paired_verdict"] == "alphaflow better"
+    assert "paired by seed [95 % t-interval]" in text and "-1.00 [-1.00, -1.00]" in text
     per_seed = out["seeds_csv"].read_text().splitlines()
     assert len(per_seed) == 1 + 6 * 2  # 6 runs × 2 weights

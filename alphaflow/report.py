@@ -307,6 +307,30 @@ def sample_sheet(params, run_name, out_png):
     return save_figure(fig, out_png)
 
 
+def group_sample_sheet(params, weights, out_png):
+    """One column per group (its lowest-seed run), one row per sampler: the same sample seeds and labels."""
+    first = {}
+    for run_name in sorted(params.run_names, key=lambda r: params.run(r).seed):
+        first.setdefault(params.run(run_name).group, run_name)
+    first.pop(None, None)
+    samplers = list(params.samplers)
+    grids = {(g, s): params.run_dir(r) / "samples" / weights / f"{s}.png" for g, r in first.items() for s in samplers}
+    if not first or not any(p.exists() for p in grids.values()):
+        return None
+    fig, axes = plt.subplots(len(samplers), len(first), figsize=(3.2 * len(first), 3.6 * len(samplers)),
+                             squeeze=False)
+    for j, (group, run_name) in enumerate(first.items()):
+        for i, sampler in enumerate(samplers):
+            ax = axes[i][j]
+            if grids[group, sampler].exists():
+                ax.imshow(plt.imread(grids[group, sampler]), cmap="gray")
+            ax.set_title(f"{run_name} · {sampler}", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(f"{weights} weights: the same sample seeds and labels for every method (rows: classes)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
 #----------------------------------------------------------------------------
 # Seeds: mean over training seeds with t-intervals, and verdicts (params `group`, `comparisons`)
 
@@ -493,6 +517,8 @@ def report(params, *, mlflow=True):
     for metric in params.raw["eval"]["metrics"]:
         out[f"bars_{metric}"] = plot_metric_bars(results, metric, plots / f"{metric}.png")
         out[f"steps_{metric}"] = plot_metric_vs_step(params, results, metric, plots / f"{metric}_vs_step.png")
+    for weights in params.raw["eval"]["weights"]:
+        out[f"samples_by_group_{weights}"] = group_sample_sheet(params, weights, plots / f"samples_by_group_{weights}.png")
     for run_name in params.run_names:
         out[f"samples_{run_name}"] = sample_sheet(params, run_name, plots / f"samples_{run_name}.png")
         curves = params.run_dir(run_name) / "plots" / "training.png"

@@ -63,3 +63,19 @@ def test_seed_table_and_verdicts(seeded):
     assert "paired by seed [95 % t-interval]" in text and "-1.00 [-1.00, -1.00]" in text
     per_seed = out["seeds_csv"].read_text().splitlines()
     assert len(per_seed) == 1 + 6 * 2  # 6 runs × 2 weights
+
+
+def test_group_sample_sheet_uses_each_groups_first_seed(seeded):
+    import torch
+
+    from alphaflow.images import save_grid
+    from alphaflow.report import group_sample_sheet
+
+    out = seeded.run_dir("alphaflow-s1").parent.parent / "by_group.png"
+    assert group_sample_sheet(seeded, "ema", out) is None  # nothing sampled yet: no figure
+    for run in ("alphaflow-s1", "meanflow-s1"):
+        for sampler in seeded.samplers:
+            grid = seeded.run_dir(run) / "samples" / "ema" / f"{sampler}.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), grid, nrow=8)
+    assert group_sample_sheet(seeded, "ema", out) == out and out.stat().st_size > 1000

@@ -218,20 +218,37 @@ def plot_all_training(params, out_png):
     return save_figure(fig, out_png)
 
 
-def plot_gradient_conflict(params, out_png):
-    """cos(∇L_TFM, ∇L_TC) and cos(∇L_FM′, ∇L_TC) against the step (paper Fig. 3 / App. E)."""
-    series = {}
+def curves_by_group(params, key):
+    """{group: [{step: value} per seed]} for a metrics.jsonl key; a run without a group is its own group."""
+    curves = {}
     for run_name in params.run_names:
-        records = [r for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl") if "cos(TFM,TC)" in r]
-        if records:
-            series[run_name] = records
-    if not series:
-        return None
+        points = {r["step"]: r[key] for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl")
+                  if r.get(key) is not None}
+        if points:
+            curves.setdefault(params.run(run_name).group or run_name, []).append(points)
+    return curves
+
+
+def plot_band(ax, runs, label):
+    """Mean over seeds (line) and min–max band over seeds, at the steps every seed logged."""
+    steps = sorted(set.intersection(*(set(p) for p in runs)))
+    vals = pd.DataFrame([[p[s] for s in steps] for p in runs], columns=steps)
+    line, = ax.plot(steps, vals.mean(), marker="o", ms=3, label=f"{label} (n={len(runs)})")
+    if len(runs) > 1:
+        ax.fill_between(steps, vals.min(), vals.max(), alpha=0.2, color=line.get_color())
+
+
+def plot_gradient_conflict(params, out_png):
+    """cos(∇L_TFM, ∇L_TC), cos(∇L_FM′, ∇L_TC), cos(∇L_TFM, ∇L_FM′) against the step (paper Fig. 3 / App. E),
+    per group: mean over seeds, band = min–max."""
     keys = ["cos(TFM,TC)", "cos(FM',TC)", "cos(TFM,FM')"]
+    curves = {key: curves_by_group(params, key) for key in keys}
+    if not curves[keys[0]]:
+        return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), sharey=True)
     for ax, key in zip(axes, keys):
-        for run_name, records in series.items():
-            ax.plot([r["step"] for r in records], [r.get(key) for r in records], marker="o", ms=3, label=run_name)
+        for group, runs in curves[key].items():
+            plot_band(ax, runs, group)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(title=key.replace("cos", "cos ∇"), xlabel="step")
     axes[0].legend(fontsize=7)
@@ -416,21 +433,12 @@ def verdicts(params, grouped):
 
 def plot_metric_vs_step_by_group(params, metric_key, out_png):
     """In-training `metric_key` per group: mean over seeds (line) and min–max band over seeds."""
-    curves = {}
-    for run_name in params.run_names:
-        group = params.run(run_name).group
-        points = {r["step"]: r[metric_key] for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl")
-                  if metric_key in r}
-        if group and points:
-            curves.setdefault(group, []).append(points)
+    curves = curves_by_group(params, metric_key)
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for group, runs in curves.items():
-        steps = sorted(set.intersection(*(set(p) for p in runs)))
-        vals = pd.DataFrame([[p[s] for s in steps] for p in runs], columns=steps)
-        ax.plot(steps, vals.mean(), marker="o", ms=3, label=f"{group} (n={len(runs)})")
-        ax.fill_between(steps, vals.min(), vals.max(), alpha=0.2)
+        plot_band(ax, runs, group)
     ax.set(xlabel="training step", ylabel=metric_key, title=f"{metric_key}: mean over seeds, band = min–max",
            yscale="log")
     ax.legend(fontsize=8)

@@ -79,3 +79,21 @@ def test_group_sample_sheet_uses_each_groups_first_seed(seeded):
             grid.parent.mkdir(parents=True, exist_ok=True)
             save_grid(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), grid, nrow=8)
     assert group_sample_sheet(seeded, "ema", out) == out and out.stat().st_size > 1000
+
+
+def test_curves_by_group_collect_every_seed_and_plot(seeded):
+    from alphaflow.report import curves_by_group, plot_gradient_conflict
+
+    keys = ("cos(TFM,TC)", "cos(FM',TC)", "cos(TFM,FM')")
+    for method, sign in (("alphaflow", -1), ("meanflow", 1)):
+        for seed in (1, 2, 3):
+            path = seeded.run_dir(f"{method}-s{seed}") / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lines = [{"step": 10, "alpha": 1.0}]  # a training record without the key is skipped
+            lines += [{"step": k, **{key: sign * 0.1 * seed * k for key in keys}} for k in (250, 500)]
+            path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curves = curves_by_group(seeded, "cos(TFM,TC)")
+    assert sorted(curves) == ["alphaflow", "meanflow"] and len(curves["meanflow"]) == 3
+    assert [c[500] for c in curves["alphaflow"]] == pytest.approx([-50.0, -100.0, -150.0])
+    out = seeded.run_dir("alphaflow-s1").parent.parent / "conflict.png"
+    assert plot_gradient_conflict(seeded, out) == out and out.stat().st_size > 1000

@@ -148,12 +148,16 @@ class Tracker:
             self.queue.put(fn)
 
     def log_params(self, params):
+        if not self.enabled:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         self._put(lambda c, rid: c.log_batch(rid, params=items))
 
     def log_metrics(self, metrics, step):
+        if not self.enabled:
+            return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)

@@ -11,6 +11,7 @@ exit code, MLflow + metrics.jsonl. Starting a run whose folder has a checkpoint 
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,12 +26,12 @@ from alphaflow import distributed
 from alphaflow.data import LatentLoader
 from alphaflow.data.shards import atomic_write_bytes
 from alphaflow.ema import EMA
-from alphaflow.launch import REQUEUE_EXIT_CODE
 from alphaflow.models import build_model
 from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
 from alphaflow.tracking import Tracker, append_jsonl, git_commit, truncate_jsonl
 
 LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
+REQUEUE_EXIT_CODE = os.EX_TEMPFAIL  # = alphaflow.launch.REQUEUE_EXIT_CODE, kept here so training needs no submitit
 
 
 class Preempted(SystemExit):

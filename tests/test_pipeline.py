@@ -122,6 +122,19 @@ def test_dvc_and_snakemake_declare_the_same_stages_and_outputs():
     assert checked == 2 + 1 + 1 + 1 + 4 + 16 + 16 + 2  # prepare×2, encode, classifier, reference, train, …, report
 
 
+def test_dvc_runs_the_small_profile_after_the_documented_switch(tmp_path):
+    """README: `sed -i 's#params/default.yaml#params/small.yaml#g' dvc.yaml` turns DVC to the small profile."""
+    _, smk_cmds = snakemake_commands("all", "--config", "params=params/small.yaml")
+    shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("params/default.yaml",
+                                                                                "params/small.yaml"))
+    run(["git", "init", "-q"], cwd=tmp_path)
+    stages = dvc_stages(cwd=tmp_path)
+    assert {cmd for _, cmd, _ in stages} == smk_cmds
+    assert sum(name.startswith("train@") for name, _, _ in stages) == 13  # 3 methods × 3 seeds + 2 × 2 ablation
+
+
 #----------------------------------------------------------------------------
 # The DAG for real (slow)
 

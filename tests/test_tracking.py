@@ -27,3 +27,19 @@ def test_processes_creating_one_sqlite_store_at_once_all_track(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert sorted(r.info.run_name for r in runs) == [f"run{i}" for i in range(4)]
     assert all(r.data.metrics == {"x": 1.0} for r in runs)
+
+
+def test_without_mlflow_installed_tracking_warns_once_and_does_nothing(tmp_path, monkeypatch, capsys):
+    """A machine without MLflow (a bare GPU image) still trains: metrics.jsonl keeps everything."""
+    from alphaflow.tracking import Tracker
+
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow…` raises ImportError
+    t = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "bare", "run", run_id_file=tmp_path / "id")
+    t.log_params({"a": {"b": 1}})
+    t.log_metrics({"x": 1.0}, step=1)
+    t.close()
+    assert not t.enabled and t.warned
+    assert capsys.readouterr().err.count("MLflow tracking failed") == 1
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "id").exists()

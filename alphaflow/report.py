@@ -408,9 +408,9 @@ def verdict_of(diff, half, a, b, lower_better=True):
 
 
 def verdicts(params, grouped):
-    """One line per comparison × weights × sampler × metric: A − B with its Welch interval and, when both
-    groups ran the same seeds, the paired interval (seed k gives every method the same initial weights,
-    data order and noise draws, so per-seed differences cancel the shared luck)."""
+    """One line per comparison × weights × sampler × metric: A − B with its Welch interval and, over the
+    seeds both groups ran (at least 2), the paired interval (seed k gives every method the same initial
+    weights, data order and noise draws, so per-seed differences cancel the shared luck)."""
     lines = []
     for a, b in params.raw.get("comparisons", []):
         for (weights, sampler, metric), sub in grouped.groupby(["weights", "sampler", "metric"]):
@@ -423,10 +423,11 @@ def verdicts(params, grouped):
             line = {"comparison": f"{a} − {b}", "weights": weights, "sampler": sampler, "metric": metric,
                     "difference": diff, "low": diff - half, "high": diff + half,
                     "verdict": verdict_of(diff, half, a, b, lower_better)}
-            if set(va.index) == set(vb.index):
-                pdiff, phalf = paired_interval(va, vb)
-                line.update(paired_difference=pdiff, paired_low=pdiff - phalf, paired_high=pdiff + phalf,
-                            paired_verdict=verdict_of(pdiff, phalf, a, b, lower_better))
+            common = va.index.intersection(vb.index)
+            if len(common) >= 2:
+                pdiff, phalf = paired_interval(va[common], vb[common])
+                line.update(paired_seeds=len(common), paired_difference=pdiff, paired_low=pdiff - phalf,
+                            paired_high=pdiff + phalf, paired_verdict=verdict_of(pdiff, phalf, a, b, lower_better))
             lines.append(line)
     return pd.DataFrame(lines)
 
@@ -468,13 +469,15 @@ def seeds_report(params, results, tables, plots):
         columns = ["comparison", "weights", "sampler", "metric", "A − B [95 % Welch interval]", "verdict"]
         verdict_shown = verdict.assign(**{"A − B [95 % Welch interval]": interval_strings(verdict, "")})
         if "paired_difference" in verdict:
-            verdict_shown["paired by seed [95 % t-interval]"] = interval_strings(verdict, "paired_")
+            verdict_shown["paired by seed [95 % t-interval]"] = [
+                x if x == "–" else f"{x} (n={int(n)})" for x, n in zip(interval_strings(verdict, "paired_"),
+                                                                       verdict["paired_seeds"])]
             verdict_shown["paired verdict"] = verdict["paired_verdict"].fillna("–")
             columns += ["paired by seed [95 % t-interval]", "paired verdict"]
         text += ("\n## Verdicts\n\nLower is better for FD/FID. \"not separable\" = the interval contains 0. "
                  "Welch treats the two groups' seeds as independent samples. The paired interval uses that seed k "
                  "gives both methods the same initial weights, data order and noise draws: it is the t-interval "
-                 "of the per-seed differences (only when both groups ran the same seeds).\n\n"
+                 "of the per-seed differences over the n seeds both groups ran.\n\n"
                  + markdown(verdict_shown[columns]))
         out["verdicts_csv"] = write_text(tables / "verdicts.csv", verdict.to_csv(index=False))
     out["seeds"] = write_text(tables / "seeds.md", text)

@@ -97,3 +97,18 @@ def test_curves_by_group_collect_every_seed_and_plot(seeded):
     assert [c[500] for c in curves["alphaflow"]] == pytest.approx([-50.0, -100.0, -150.0])
     out = seeded.run_dir("alphaflow-s1").parent.parent / "conflict.png"
     assert plot_gradient_conflict(seeded, out) == out and out.stat().st_size > 1000
+
+
+def test_paired_interval_uses_the_seeds_both_groups_ran():
+    from types import SimpleNamespace
+
+    from alphaflow.report import verdicts
+
+    rows = [("a", s, v) for s, v in zip((1, 2, 3), (10.0, 12.0, 11.0))]
+    rows += [("b", s, v) for s, v in zip((1, 2, 3, 4, 5), (20.0, 21.0, 23.0, 99.0, 99.0))]
+    grouped = pd.DataFrame([{"group": g, "seed": s, "value": v, "weights": "ema", "sampler": "1nfe",
+                             "metric": "fd_classifier"} for g, s, v in rows])
+    line = verdicts(SimpleNamespace(raw={"comparisons": [["a", "b"]]}), grouped).iloc[0]
+    assert line.paired_seeds == 3
+    assert line.paired_difference == pytest.approx(-31.0 / 3)  # −10, −9, −12 on seeds 1–3; seeds 4, 5 unpaired
+    assert line.difference == pytest.approx(11.0 - 52.4)        # Welch keeps every seed

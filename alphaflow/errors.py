@@ -1,0 +1,9 @@
+"""Errors a user can fix (bad params, corrupt or missing input, a wrong checkpoint or weights file).
+
+`alphaflow <stage>` prints such an error as one message naming the file/key and what to do, and exits 2;
+the traceback only with ALPHAFLOW_DEBUG=1. Anything else is an internal error and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message names the file or key and what to do."""

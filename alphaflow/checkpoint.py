@@ -2,10 +2,13 @@
 
     checkpoints/step-0001000/{model,ema,optimizer,rng}.safetensors + state.json
     checkpoints/latest.json   -> {"dir": "step-0001000"}   (the newest complete checkpoint)
-    checkpoints/final/        the finished run (what sampling reads)
+    checkpoints/final/        the finished run (what sampling reads): hard links to the last step-*
+                              checkpoint's files, state.json written last (the Snakemake output)
 
 A checkpoint is written into a hidden temporary folder, each file fsync'ed, then the folder is renamed
-and `latest.json` replaced atomically: after kill -9 the newest checkpoint is always complete.
+and `latest.json` replaced atomically: after kill -9 the newest checkpoint is always complete. `latest.json`
+only ever names a step-* folder, so deleting `final/state.json` (Snakemake does, before it re-runs a
+training job) never strands a resume. state.json records the sha256 of the weight files; loading checks it.
 Loading never unpickles: safetensors + JSON only.
 """
 
@@ -17,19 +20,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alphaflow.data.shards import _fsync_dir, atomic_write_json
+from alphaflow.data.shards import _fsync_dir, atomic_write_json, sha256_file
+from alphaflow.errors import UserError
 
 LATEST = "latest.json"
+WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 
 
 def step_dir_name(step):
     return f"step-{step:07d}"
 
 
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete or does not match its recorded checksums."""
+
+
 def _save_tensors(tensors, path):
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+    return sha256_file(path)
 
 
 def optimizer_tensors(optimizer):
@@ -57,12 +67,12 @@ def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state):
     tmp = ckpt_dir / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_tensors(net.state_dict(), tmp / "model.safetensors")
-    _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
+    files = {"raw": _save_tensors(net.state_dict(), tmp / WEIGHT_FILES["raw"]),
+             "ema": _save_tensors(ema.state_dict(), tmp / WEIGHT_FILES["ema"])}
     opt_tensors, param_groups = optimizer_tensors(optimizer)
     _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     _save_tensors(rng, tmp / "rng.safetensors")
-    atomic_write_json(tmp / "state.json", {**state, "param_groups": param_groups})
+    atomic_write_json(tmp / "state.json", {**state, "sha256": files, "param_groups": param_groups})
     final = ckpt_dir / name
     if final.exists():
         shutil.rmtree(final)
@@ -72,20 +82,63 @@ def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state):
     return final
 
 
-def latest_checkpoint(ckpt_dir):
-    """The newest complete checkpoint folder, or None."""
+def publish_final(ckpt_dir, name):
+    """`final/` = the complete checkpoint `name` (hard links, a copy where links fail); state.json last."""
+    ckpt_dir = Path(ckpt_dir)
+    src, tmp = ckpt_dir / name, ckpt_dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in sorted(src.iterdir()):
+        if f.name != "state.json":
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(ckpt_dir / "final", ignore_errors=True)
+    os.replace(tmp, ckpt_dir / "final")
+    atomic_write_json(ckpt_dir / "final" / "state.json", read_state(src))
+    return ckpt_dir / "final"
+
+
+def complete_checkpoints(ckpt_dir):
+    """{step: folder} of the complete step-* checkpoints (state.json present and readable)."""
+    out = {}
+    for path in Path(ckpt_dir).glob("step-*"):
+        state = read_state(path, missing_ok=True)
+        if state is not None:
+            out[state["step"]] = path
+    return out
+
+
+def latest_checkpoint(ckpt_dir, max_step=None):
+    """The newest complete checkpoint folder (at most `max_step`), or None.
+
+    latest.json names it; when that folder is gone or incomplete (a kill, a deleted marker), or is past
+    `max_step` (a run shortened in params), the newest complete step-* folder that fits is used instead.
+    """
     pointer = Path(ckpt_dir) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(ckpt_dir) / json.loads(pointer.read_text())["dir"]
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{pointer} points at {path}, which is incomplete; delete {pointer} to "
-                                "fall back to an older checkpoint or start over")
-    return path
+    if pointer.exists():
+        try:
+            path = Path(ckpt_dir) / json.loads(pointer.read_text())["dir"]
+        except (OSError, ValueError, KeyError):
+            path = None  # a torn pointer: fall back to scanning
+        state = read_state(path, missing_ok=True) if path is not None else None
+        if state is not None and (max_step is None or state["step"] <= max_step):
+            return path
+    steps = [s for s in complete_checkpoints(ckpt_dir) if max_step is None or s <= max_step]
+    return complete_checkpoints(ckpt_dir)[max(steps)] if steps else None
 
 
-def read_state(path):
-    return json.loads((Path(path) / "state.json").read_text())
+def read_state(path, missing_ok=False):
+    """A checkpoint's state.json; None for a missing/unreadable one when missing_ok."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        if missing_ok:
+            return None
+        raise CheckpointError(f"{Path(path) / 'state.json'} is missing or unreadable: the checkpoint is "
+                              "incomplete; re-run `alphaflow train` for this run (it resumes from the newest "
+                              "complete checkpoint)") from None
 
 
 def load_checkpoint(path, *, net, ema, optimizer, device="cpu"):
@@ -102,12 +155,16 @@ def load_checkpoint(path, *, net, ema, optimizer, device="cpu"):
 
 def load_weights(path, which="ema", device="cpu"):
     """The EMA or raw weights of a checkpoint folder, for sampling."""
-    files = {"ema": "ema.safetensors", "raw": "model.safetensors"}
-    if which not in files:
-        raise ValueError(f"weights must be one of {sorted(files)}, got {which!r}")
-    file = Path(path) / files[which]
+    if which not in WEIGHT_FILES:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_FILES)}, got {which!r}")
+    file = Path(path) / WEIGHT_FILES[which]
     if not file.exists():
-        raise FileNotFoundError(f"{file} is missing: train the run first (`alphaflow train --run ...`)")
+        raise CheckpointError(f"{file} is missing: train the run first (`alphaflow train --run ...`)")
+    expected = read_state(path).get("sha256", {}).get(which)
+    if expected is not None and sha256_file(file) != expected:
+        raise CheckpointError(f"{file} does not match the sha256 in {Path(path) / 'state.json'}: the weights "
+                              "were changed or damaged after training; delete the run's checkpoints/final and "
+                              "re-run `alphaflow train` (it resumes from the last step checkpoint)")
     return load_file(str(file), device=str(device))
 
 

@@ -94,11 +94,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self):
-        """Hash of the settings that change the trained weights (resume refuses a mismatch)."""
-        volatile = {"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
-                    "paper_row", "resources", "steps", "eval_every", "group"}
-        keep = {k: v for k, v in self.to_dict().items() if k not in volatile}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=list).encode()).hexdigest()[:16]
+        """Hash of the settings that change the trained weights (provenance.train_settings)."""
+        from alphaflow.provenance import canonical, train_settings
+
+        return hashlib.sha256(canonical(train_settings(self)).encode()).hexdigest()[:16]
 
 
 #----------------------------------------------------------------------------
@@ -160,6 +159,9 @@ class Params:
         return self.results / "latents" / f"{self.raw['data']['name']}-{self.raw['encoder']['kind']}"
 
     def run_dir(self, run):
+        if run in ("", ".", "..") or "/" in run or "\\" in run:  # the schema's pattern says so too
+            raise ParamsError(f"run name {run!r} is not a plain folder name: results/runs/<run> must stay inside "
+                              f"{self.results / 'runs'}")
         return self.results / "runs" / run
 
     @property

@@ -5,14 +5,17 @@
 
 Sample i uses seed i (noise from its own generator) and label RandomState(i).choice(num_classes)
 ("random", paper Table 1) or i mod num_classes ("balanced", Table 6 †), so a sample is the same
-whichever part or batch it is generated in. Samples go to uint8 safetensors chunks, each checksummed;
-finished chunks are skipped on restart. Metrics come with bootstrap intervals over samples, go to
+whichever part or batch it is generated in. Samples go to uint8 safetensors chunks, each checksummed,
+in a folder named by the samples' fingerprint (the weights' sha256, the sampler, labels, counts, decoder:
+`sample_fingerprint`): finished chunks of the same fingerprint are skipped on restart, chunks of any other
+(a retrained run, a changed sampler) are never read and are removed when the new set is done. Metrics come with bootstrap intervals over samples, go to
 eval/<weights>/<sampler>.json, and are logged onto the run's MLflow run (`fid_1nfe_ema`, …).
 """
 
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -78,6 +81,23 @@ def generate(net, encoder, seeds, labels, sampler, device, autocast):
         return encoder.decode(net.denormalize(x.float()))
 
 
+def sample_fingerprint(params, run_name, weights, sampler_name, num_parts=None):
+    """What a sample set depends on: the weights file's sha256 (recorded at training), the sampler,
+    labels, counts and batching (batch size, parts: batched kernels need not be bit-equal across batch
+    shapes), the decoder. num_parts: the parts it is sampled in (None = params eval.parts)."""
+    from alphaflow.provenance import fingerprint, stage_reads
+
+    final = params.run_dir(run_name) / "checkpoints" / "final"
+    weights_sha = ckpt.read_state(final).get("sha256", {}).get(weights)
+    if weights_sha is None:  # a checkpoint from before checksums were recorded
+        weights_sha = sha256_file(final / ckpt.WEIGHT_FILES[weights])
+    reads = stage_reads(params, "sample", weights=weights, sampler=sampler_name)
+    if num_parts is not None:
+        reads["eval"]["parts"] = num_parts
+    reads["eval"]["parts"] = reads["eval"]["parts"] or 1
+    return fingerprint("sample", reads, [weights_sha])
+
+
 def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, device=None, quiet=False):
     """Generates this part's seeds into checksummed chunks; writes done.json when every part is there."""
     device = torch.device(resolve_device(device))
@@ -86,7 +106,9 @@ def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, 
         raise ValueError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")
     sampler = params.samplers[sampler_name]
     out = samples_dir(params, run_name, weights, sampler_name)
-    out.mkdir(parents=True, exist_ok=True)
+    fp = sample_fingerprint(params, run_name, weights, sampler_name, num_parts)
+    chunk_dir = out / f"chunks-{fp}"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
     n, batch = ev["num_samples"], ev.get("batch_size", 256)
     start, end = part_range(n, part, num_parts)
     net = load_run_net(params, run_name, weights, device)
@@ -96,18 +118,18 @@ def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, 
     chunks = [(s, min(s + batch, end)) for s in range(start, end, batch)]
     t0 = time.perf_counter()
     for lo, hi in tqdm(chunks, disable=quiet, desc=f"sample {run_name}/{weights}/{sampler_name}"):
-        path = out / f"seeds-{lo:07d}-{hi:07d}.safetensors"
+        path = chunk_dir / f"seeds-{lo:07d}-{hi:07d}.safetensors"
         if path.exists():
-            continue  # finished chunk (atomic writes: it is complete)
+            continue  # finished chunk of this fingerprint (atomic writes: it is complete)
         seeds = list(range(lo, hi))
         labels = labels_for_seeds(seeds, num_classes, ev.get("labels", "random"))
         images = generate(net, encoder, seeds, labels, sampler, device, autocast)
         atomic_write_bytes(path, st_save({"images": images.cpu().contiguous(),
                                           "labels": torch.as_tensor(labels), "seeds": torch.as_tensor(seeds)}))
     elapsed = time.perf_counter() - t0
-    atomic_write_json(out / f"part-{part}-of-{num_parts}.json", {"start": start, "end": end, "seconds": elapsed})
-    if all((out / f"part-{i}-of-{num_parts}.json").exists() for i in range(num_parts)):
-        write_samples_manifest(out, n, batch, num_parts, sampler)
+    atomic_write_json(chunk_dir / f"part-{part}-of-{num_parts}.json", {"start": start, "end": end, "seconds": elapsed})
+    if all((chunk_dir / f"part-{i}-of-{num_parts}.json").exists() for i in range(num_parts)):
+        write_samples_manifest(out, chunk_dir, n, batch, num_parts, sampler, fp)
     if not quiet:
         print(f"[alphaflow] sample {run_name}/{weights}/{sampler_name}: seeds {start}…{end - 1} "
               f"({(end - start) / max(elapsed, 1e-9):.1f} images/s)")
@@ -127,22 +149,37 @@ def chunk_files(out, n, batch, num_parts):
     return files
 
 
-def write_samples_manifest(out, n, batch, num_parts, sampler):
-    files = chunk_files(out, n, batch, num_parts)
+def write_samples_manifest(out, chunk_dir, n, batch, num_parts, sampler, fp):
+    files = chunk_files(chunk_dir, n, batch, num_parts)
     missing = [f.name for f in files if not f.exists()]
     if missing:
-        raise ShardError(f"{out}: chunks missing: {missing[:5]} — rerun `alphaflow sample` for the missing parts")
-    atomic_write_json(out / "done.json", {"count": n, "sampler": sampler, "num_parts": num_parts,
-                                          "chunks": [{"file": f.name, "sha256": sha256_file(f)} for f in files]})
+        raise ShardError(f"{chunk_dir}: chunks missing: {missing[:5]} — rerun `alphaflow sample` for the missing parts")
+    atomic_write_json(out / "done.json", {"count": n, "sampler": sampler, "num_parts": num_parts, "fingerprint": fp,
+                                          "chunks": [{"file": f"{chunk_dir.name}/{f.name}", "sha256": sha256_file(f)}
+                                                     for f in files]})
+    for stale in out.iterdir():  # sample sets of other fingerprints (and the older flat layout)
+        if stale != chunk_dir and (stale.name.startswith("chunks-") or stale.name.startswith("seeds-")
+                                   or stale.name.startswith("part-")):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
-def load_samples(out):
-    """(images uint8 [N,C,H,W], labels [N]) of a finished sample folder, checksums verified."""
+def samples_parts(out):
+    """How many parts the finished sample set in `out` was generated in (None when unfinished)."""
+    path = Path(out) / "done.json"
+    return json.loads(path.read_text())["num_parts"] if path.exists() else None
+
+
+def load_samples(out, fingerprint=None):
+    """(images uint8 [N,C,H,W], labels [N]) of a finished sample folder, checksums verified; with
+    `fingerprint`, the folder must hold the sample set of that fingerprint (not an older one)."""
     out = Path(out)
     manifest_path = out / "done.json"
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path} is missing: run `alphaflow sample` for this run/weights/sampler first")
+        raise ShardError(f"{manifest_path} is missing: run `alphaflow sample` for this run/weights/sampler first")
     manifest = json.loads(manifest_path.read_text())
+    if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+        raise ShardError(f"{out} holds samples of other weights or settings (fingerprint "
+                         f"{manifest.get('fingerprint')}, expected {fingerprint}): run `alphaflow sample` again")
     images, labels = [], []
     for rec in manifest["chunks"]:
         data = (out / rec["file"]).read_bytes()
@@ -277,12 +314,20 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
     from alphaflow.images import save_grid
     from alphaflow.tracking import Tracker
 
+    from alphaflow.provenance import file_hash, fingerprint, stage_reads
+    from alphaflow.stages import reference_marker
+
     device = resolve_device(device)
     out = samples_dir(params, run_name, weights, sampler_name)
-    images, labels = load_samples(out)
+    samples_fp = sample_fingerprint(params, run_name, weights, sampler_name, samples_parts(out))
+    images, labels = load_samples(out, fingerprint=samples_fp)
     t0 = time.perf_counter()
     metrics = evaluate_images(params, images, device, weights=weights)
-    record = {"run": run_name, "weights": weights, "sampler": sampler_name, "num_samples": len(images),
+    reference = reference_marker(params)
+    upstream = [samples_fp, file_hash(reference) if reference.exists() else None]
+    record = {"run": run_name, "weights": weights, "sampler": sampler_name,
+              "fingerprint": fingerprint("evaluate", stage_reads(params, "evaluate", weights=weights), upstream),
+              "samples_fingerprint": samples_fp, "num_samples": len(images),
               "labels": params.raw["eval"].get("labels", "random"), "t_steps": params.samplers[sampler_name]["t_steps"],
               "mode": params.samplers[sampler_name]["mode"], "seconds": time.perf_counter() - t0, "metrics": metrics}
     atomic_write_json(eval_path(params, run_name, weights, sampler_name), record)

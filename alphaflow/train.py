@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from alphaflow.data.shards import atomic_write_bytes
 from alphaflow.ema import EMA
 from alphaflow.models import build_model
 from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
+from alphaflow.provenance import TRAIN_VOLATILE, fingerprint, latents_content_hash, stage_reads
 from alphaflow.tracking import Tracker, append_jsonl, git_commit, truncate_jsonl
 
 LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
@@ -90,10 +92,49 @@ def build_run_model(run, loader, device):
 
 
 def changed_keys(saved, current):
-    volatile = {"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
-                "paper_row", "resources", "steps"}
     keys = set(saved) | set(current)
-    return sorted(k for k in keys - volatile if json.dumps(saved.get(k), default=list) != json.dumps(current.get(k), default=list))
+    return sorted(k for k in keys - TRAIN_VOLATILE
+                  if json.dumps(saved.get(k), default=list) != json.dumps(current.get(k), default=list))
+
+
+def train_fingerprint(params, run):
+    """What the weights depend on: the run's settings, the latents' content, the fine-tune source's weights."""
+    upstream = [latents_content_hash(params.latent_dir())]
+    if run.init_from is not None:
+        source = ckpt.read_state(params.run_dir(run.init_from) / "checkpoints" / "final")
+        upstream.append(source["fingerprint"] + f"@{source['step']}")
+    return fingerprint("train", stage_reads(params, "train", run=run.name), upstream)
+
+
+def discard_stale(run_dir, latest, fp, run, quiet):
+    """Returns the checkpoint to resume from (`latest` when it has this fingerprint), or None after
+    clearing the run folder of what other params or data produced.
+
+    Checkpoints, metrics, samples and evaluations of other settings would otherwise be resumed or
+    reported under the new ones. Old final weights are kept in superseded/<fingerprint>/ (a rename).
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    old = ckpt.read_state(latest if latest is not None else ckpt_dir / "final", missing_ok=True)
+    if latest is not None and old is not None and old.get("fingerprint") == fp:
+        return latest
+    if not ckpt_dir.exists() and not (run_dir / "metrics.jsonl").exists():
+        return None  # a fresh run
+    if not quiet:
+        why = (f"no checkpoint at or before step {run.steps}" if old is None or old.get("fingerprint") == fp
+               else f"trained with other params or data (changed keys: "
+                    f"{changed_keys(old.get('run', {}), run.to_dict()) or 'none: upstream data or code'})")
+        print(f"[alphaflow] {run.name}: {run_dir}: {why}; starting over", flush=True)
+    final = ckpt.read_state(ckpt_dir / "final", missing_ok=True)
+    if final is not None:
+        keep = run_dir / "superseded" / f"{final.get('fingerprint')}-step{final['step']}"
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(ckpt_dir / "final", keep)
+    for path in (ckpt_dir, run_dir / "samples", run_dir / "eval", run_dir / "plots"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (run_dir / "metrics.jsonl", run_dir / "mlflow_run_id"):
+        path.unlink(missing_ok=True)
+    return None
 
 
 class SignalFlag:
@@ -172,10 +213,18 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
     info, dev = distributed.init(device)
     run_dir = params.run_dir(run_name)
     ckpt_dir = run_dir / "checkpoints"
-    if (ckpt_dir / "final" / "state.json").exists():
+    fp = train_fingerprint(params, run)
+    finished = ckpt.read_state(ckpt_dir / "final", missing_ok=True)
+    if finished is not None and finished.get("fingerprint") == fp and finished["step"] == run.steps:
         if info.is_main and not quiet:
-            print(f"[alphaflow] {run_name}: already finished ({ckpt_dir / 'final'})")
-        return ckpt.read_state(ckpt_dir / "final")
+            print(f"[alphaflow] {run_name}: already finished ({ckpt_dir / 'final'}, fingerprint {fp})")
+        return finished
+    latest = ckpt.latest_checkpoint(ckpt_dir, max_step=run.steps)
+    if info.is_main:
+        latest = discard_stale(run_dir, latest, fp, run, quiet)
+    distributed.barrier()
+    if not info.is_main:
+        latest = ckpt.latest_checkpoint(ckpt_dir, max_step=run.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     per_rank, micro, accum = batch_split(run, info.world_size)
     latent_dir = params.latent_dir()
@@ -194,27 +243,28 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
         torch.backends.cudnn.allow_tf32 = True
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
 
-    # Resume, or fine-tune from another run, or start fresh.
-    start_step, bad_total, window = 0, 0, {}
-    latest = ckpt.latest_checkpoint(ckpt_dir)
+    # Resume (the same fingerprint: a kill, a requeue, or more steps for a finished run), or fine-tune
+    # from another run, or start fresh.
+    start_step, bad_total, window, ema_offset = 0, 0, {}, 0
     if latest is not None:
-        saved = ckpt.read_state(latest)
-        if saved["fingerprint"] != run.fingerprint():
-            keys = changed_keys(saved["run"], run.to_dict())
-            raise ValueError(f"refusing to resume {run_dir}: its checkpoint was trained with different params "
-                             f"(changed keys: {keys}). Restore them, or delete {ckpt_dir} to start over.")
         state, rng = ckpt.load_checkpoint(latest, net=net, ema=ema, optimizer=opt, device=dev)
         loader.load_state_dict(state["loader"])
         gen.set_state(rng[f"gen.{info.rank}"].to(torch.uint8))
         start_step, bad_total, window = state["step"], state["bad_total"], state.get("window", {})
+        ema_offset = state.get("ema_step_offset", 0)
         if info.is_main:
             truncate_jsonl(run_dir / "metrics.jsonl", start_step)
+            if not quiet:
+                print(f"[alphaflow] {run_name}: resuming from {latest.name} (step {start_step} of {run.steps})")
     elif run.init_from is not None:
         source = params.run_dir(run.init_from) / "checkpoints" / "final"
         net.load_state_dict(ckpt.load_weights(source, "raw", dev))
         ema.load_state_dict(ckpt.load_weights(source, "ema", dev))
+        # The fine-tune continues the source's EMA with its full half-life: its ramp-up counts the source's
+        # steps too (restarting at 0 would set β = 0 and throw the loaded EMA away at the first update).
+        ema_offset = ckpt.read_state(source)["step"]
         if info.is_main and not quiet:
-            print(f"[alphaflow] {run_name}: fine-tuning from {source}")
+            print(f"[alphaflow] {run_name}: fine-tuning from {source} (EMA continues at step {ema_offset})")
 
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if fused else None) \
         if info.world_size > 1 else net
@@ -292,7 +342,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                     else torch.nn.utils.clip_grad_norm_(params_list, run.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            ema.update(net, step)
+            ema.update(net, ema_offset + step)
             window_n += 1
             images0 += run.batch_size
             done = step + 1
@@ -329,8 +379,11 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
 
             stop = any_rank(signals.received is not None, dev)
             periodic = done % run.checkpoint_every == 0 or done % run.snapshot_every == 0
-            if periodic or stop:
-                save(ckpt_dir, step_name(done), net, ema, opt, gen, loader, run, done, bad_total, sums, window_n, info)
+            # The last step of this call is always saved: the end of the run (final links to it), and
+            # --stop-after N (no work since the last periodic checkpoint is lost).
+            if periodic or stop or done == last_step:
+                save(ckpt_dir, step_name(done), net, ema, opt, gen, loader, run, done, bad_total, sums, window_n,
+                     info, fp, ema_offset)
                 if info.is_main:
                     snaps = {s for s in range(run.snapshot_every, run.steps + 1, run.snapshot_every)}
                     ckpt.prune(ckpt_dir, snaps)
@@ -348,8 +401,8 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
 
     summary = {"run": run_name, "step": last_step, "bad_steps": bad_total}
     if last_step == run.steps:
-        save(ckpt_dir, "final", net, ema, opt, gen, loader, run, run.steps, bad_total, sums, window_n, info)
         if info.is_main:
+            ckpt.publish_final(ckpt_dir, step_name(run.steps))
             from alphaflow.report import plot_training_curves
 
             grid = log_grid(ema.module, params, run_dir / "samples" / "grid-final.png", tracker, loader)
@@ -365,11 +418,12 @@ def step_name(step):
     return ckpt.step_dir_name(step)
 
 
-def save(ckpt_dir, name, net, ema, opt, gen, loader, run, step, bad_total, sums, window_n, info):
+def save(ckpt_dir, name, net, ema, opt, gen, loader, run, step, bad_total, sums, window_n, info, fp, ema_offset):
     states = gather_states(gen.get_state())
     if info.is_main:
         state = {"step": step, "bad_total": bad_total, "loader": loader.state_dict(),
-                 "fingerprint": run.fingerprint(), "run": run.to_dict(), "world_size": info.world_size,
+                 "fingerprint": fp, "run": run.to_dict(), "world_size": info.world_size,
+                 "ema_step_offset": ema_offset,
                  "window": {**{k: float(v) for k, v in sums.items()}, "n": window_n}}
         rng = {f"gen.{r}": s for r, s in enumerate(states)}
         ckpt.save_checkpoint(ckpt_dir, name, net=net, ema=ema, optimizer=opt, rng=rng, state=state)

@@ -60,12 +60,12 @@ def test_sampling_is_the_same_whatever_the_partition_and_resumes_per_chunk(train
     parted, labels2 = E.load_samples(out)
     assert torch.equal(parted, whole) and torch.equal(labels2, labels)
     # A lost chunk is regenerated alone; finished chunks are not touched.
-    chunks = sorted(out.glob("seeds-*.safetensors"))
+    chunks = sorted(out.glob("chunks-*/seeds-*.safetensors"))
     kept = {c.name: c.stat().st_mtime_ns for c in chunks[1:]}
     chunks[0].unlink()
     (out / "done.json").unlink()
     E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", part=0, num_parts=2, device="cpu", quiet=True)
-    assert {c.name: c.stat().st_mtime_ns for c in sorted(out.glob("seeds-*.safetensors"))[1:]} == kept
+    assert {c.name: c.stat().st_mtime_ns for c in sorted(out.glob("chunks-*/seeds-*.safetensors"))[1:]} == kept
     assert torch.equal(E.load_samples(out)[0], whole)
 
 
@@ -73,7 +73,7 @@ def test_a_corrupt_sample_chunk_is_refused_by_name(trained):
     params = trained
     E.sample_run(params, "alphaflow-tiny", "raw", "1nfe", device="cpu", quiet=True)
     out = E.samples_dir(params, "alphaflow-tiny", "raw", "1nfe")
-    chunk = sorted(out.glob("seeds-*.safetensors"))[0]
+    chunk = sorted(out.glob("chunks-*/seeds-*.safetensors"))[0]
     data = bytearray(chunk.read_bytes())
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))

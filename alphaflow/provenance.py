@@ -1,0 +1,90 @@
+"""What produced a stage output: the params keys the stage reads, its upstream outputs, the code version.
+
+The declarative promise (a changed input never yields a stale result) rests on three things:
+
+1. `stage_reads(params, stage, ...)` is the one list of params values a stage's OUTPUT depends on. The
+   Snakefile hands it to each rule as `params: reads=...` (Snakemake re-runs a job whose params changed),
+   dvc.yaml lists the same keys (a test checks), and the stage hashes it into its fingerprint.
+   Keys that only change how or where a stage runs (resources, executor, workers, log cadence, encoder
+   batch size) are not in it: changing them re-runs nothing.
+2. `fingerprint(stage, reads, upstream)`: sha256 of the stage name, its CODE_VERSION, the reads and the
+   content hashes of its upstream outputs. Every output records it (final/state.json, samples done.json,
+   eval JSON); a stage that finds an existing output or partial work with another fingerprint discards it
+   and recomputes, one with the same fingerprint reuses it (cheap resume).
+3. CODE_VERSION: bump a stage's number when a code change alters what it writes for the same inputs.
+   (Hashing the source instead would retrain a 2,000 GPU-hour profile for a comment.)
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+# Bump when a change of the code changes the stage's output for the same params and inputs.
+CODE_VERSION = {"prepare": 1, "encode": 1, "classifier": 1, "reference": 1, "train": 2, "sample": 2,
+                "evaluate": 2, "report": 1}
+
+# Training settings that do not change the trained weights: cadence of logs/checkpoints/evaluation,
+# bookkeeping, resources. `steps` is handled apart: a larger count extends a finished run.
+TRAIN_VOLATILE = frozenset({"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
+                            "paper_row", "resources", "steps", "eval_every", "group"})
+
+
+def pick(mapping, keys):
+    return {k: mapping.get(k) for k in keys}
+
+
+def stage_reads(params, stage, *, split=None, run=None, weights=None, sampler=None):
+    """The params values the output of `stage` (for this split/run/weights/sampler) depends on."""
+    raw, ev = params.raw, params.raw["eval"]
+    if stage == "prepare":
+        return {"data": pick(raw["data"], ("name", "source", "path", "ref_path", "resolution", "limit_per_class")),
+                "split": split}
+    if stage == "encode":  # the seed picks the latent-statistics samples
+        return {"seed": raw["seed"], "encoder": pick(raw["encoder"], ("kind", "path"))}
+    if stage == "classifier":
+        return {"seed": raw["seed"], "classifier_epochs": ev.get("classifier_epochs", 2)}
+    if stage == "reference":
+        return {"eval": pick(ev, ("metrics", "ref_samples", "fid_ref_samples", "inception"))}
+    if stage == "train":
+        return {"run": train_settings(params.run(run))}
+    if stage == "sample":
+        return {"sampler": pick(params.samplers[sampler], ("t_steps", "mode")), "weights": weights,
+                "eval": pick(ev, ("num_samples", "labels", "batch_size", "parts")),
+                "decoder": stage_reads(params, "encode")["encoder"]}
+    if stage == "evaluate":
+        slow = ev.get("slow_metric_weights") or ev["weights"]
+        return {"seed": raw["seed"], "slow_metrics": weights in slow,
+                "eval": pick(ev, ("metrics", "n_boot", "fid_samples", "fid_ref_samples", "ref_samples", "inception"))}
+    if stage == "report":
+        return {"paper_results": raw.get("paper_results", {}), "comparisons": raw.get("comparisons")}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def train_settings(run):
+    """A run's settings that change its weights (everything but TRAIN_VOLATILE)."""
+    return {k: v for k, v in run.to_dict().items() if k not in TRAIN_VOLATILE}
+
+
+def canonical(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def fingerprint(stage, reads, upstream=()):
+    """sha256 (16 hex) of the stage, its code version, what it reads and its upstream content hashes."""
+    record = {"stage": stage, "code": CODE_VERSION[stage], "reads": reads, "upstream": list(upstream)}
+    return hashlib.sha256(canonical(record).encode()).hexdigest()[:16]
+
+
+def file_hash(path):
+    """Content hash of a small marker/manifest file (manifests carry their shards' checksums)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def latents_content_hash(latent_dir):
+    """Hash of what training reads from the latents (shard and statistics checksums, shapes), not of
+    where the data came from: the same latents rebuilt elsewhere keep their hash."""
+    manifest = json.loads((Path(latent_dir) / "manifest.json").read_text())
+    keep = {k: manifest.get(k) for k in ("count", "latent_shape", "num_classes", "encoder_fingerprint", "dtype")}
+    keep["shards"] = [s["sha256"] for s in manifest["shards"]]
+    keep["stats"] = manifest["stats"]["sha256"]
+    return hashlib.sha256(canonical(keep).encode()).hexdigest()[:16]

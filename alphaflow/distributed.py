@@ -3,6 +3,7 @@
 NCCL on CUDA, gloo on CPU. Single-process runs need no environment at all.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,47 @@ def init(device_kind=None):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+class RankFailed(RuntimeError):
+    """Raised on the ranks that waited while another rank's work (rank 0's checkpoint, evaluation, ...) failed."""
+
+
+@contextlib.contextmanager
+def main_work(what, when=True):
+    """Work that only rank 0 does, such that a failure in it ends every rank promptly with the real error.
+
+        with distributed.main_work(f"the evaluation at step {step}", when=due) as mine:
+            if mine:  # `when` on rank 0, False elsewhere
+                ...
+
+    Without this the other ranks would wait for a rank 0 that died in their next collective until the process
+    group's timeout (10-30 min). On leaving the block every rank takes part in one all_reduce of a failure flag
+    (it can stand in for a barrier; none when `when` is false or there is no process group). On a failure the
+    ranks exchange error summaries: the rank that failed re-raises its own exception (full traceback), the
+    others raise RankFailed("rank 0 failed in <what>: <error>").
+    """
+    grouped = dist.is_initialized()
+    mine = bool(when) and (not grouped or dist.get_rank() == 0)
+    if not when or not grouped:
+        yield mine
+        return
+    error = None
+    try:
+        yield mine
+    except BaseException as err:  # Ctrl-C on rank 0 must reach the waiting ranks too
+        error = err
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    summaries = [None] * dist.get_world_size()
+    dist.all_gather_object(summaries, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    rank, summary = next((r, s) for r, s in enumerate(summaries) if s is not None)
+    raise RankFailed(f"rank {rank} failed in {what}: {summary}")
 
 
 def cleanup():

@@ -219,12 +219,10 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
         if info.is_main and not quiet:
             print(f"[alphaflow] {run_name}: already finished ({ckpt_dir / 'final'}, fingerprint {fp})")
         return finished
+    with distributed.main_work("clearing outputs of other params") as mine:
+        if mine:
+            discard_stale(run_dir, ckpt.latest_checkpoint(ckpt_dir, max_step=run.steps), fp, run, quiet)
     latest = ckpt.latest_checkpoint(ckpt_dir, max_step=run.steps)
-    if info.is_main:
-        latest = discard_stale(run_dir, latest, fp, run, quiet)
-    distributed.barrier()
-    if not info.is_main:
-        latest = ckpt.latest_checkpoint(ckpt_dir, max_step=run.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     per_rank, micro, accum = batch_split(run, info.world_size)
     latent_dir = params.latent_dir()
@@ -252,10 +250,11 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
         gen.set_state(rng[f"gen.{info.rank}"].to(torch.uint8))
         start_step, bad_total, window = state["step"], state["bad_total"], state.get("window", {})
         ema_offset = state.get("ema_step_offset", 0)
-        if info.is_main:
-            truncate_jsonl(run_dir / "metrics.jsonl", start_step)
-            if not quiet:
-                print(f"[alphaflow] {run_name}: resuming from {latest.name} (step {start_step} of {run.steps})")
+        with distributed.main_work("truncating metrics.jsonl") as mine:
+            if mine:
+                truncate_jsonl(run_dir / "metrics.jsonl", start_step)
+                if not quiet:
+                    print(f"[alphaflow] {run_name}: resuming from {latest.name} (step {start_step} of {run.steps})")
     elif run.init_from is not None:
         source = params.run_dir(run.init_from) / "checkpoints" / "final"
         net.load_state_dict(ckpt.load_weights(source, "raw", dev))
@@ -273,21 +272,23 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                       tags={"method": run.method, "scale": run.model, "profile": params.profile,
                             "git_commit": git_commit(), "paper_row": str(run.paper_row)},
                       enabled=tracking and info.is_main)
-    if info.is_main:
-        resolved = yaml.safe_dump({"run": run.to_dict(), "profile": params.profile,
-                                   "data": params.raw["data"], "encoder": params.raw["encoder"]}, sort_keys=False)
-        atomic_write_bytes(run_dir / "params.yaml", resolved.encode())
-        if start_step == 0:
-            tracker.log_params(run.to_dict())
-        tracker.log_artifact(run_dir / "params.yaml")
+    with distributed.main_work("writing params.yaml") as mine:
+        if mine:
+            resolved = yaml.safe_dump({"run": run.to_dict(), "profile": params.profile,
+                                       "data": params.raw["data"], "encoder": params.raw["encoder"]}, sort_keys=False)
+            atomic_write_bytes(run_dir / "params.yaml", resolved.encode())
+            if start_step == 0:
+                tracker.log_params(run.to_dict())
+            tracker.log_artifact(run_dir / "params.yaml")
 
     conflict_batch = None
-    if run.conflict_every and info.is_main:
-        held = LatentLoader(latent_dir, run.conflict_batch, seed=run.seed + 104729, device=dev)
-        hx, hy = next(held)
-        hg = torch.Generator(dev).manual_seed(run.seed + 104729)
-        ht, hr = sample_times(run.conflict_batch, 0.0, run.time_loc, run.time_scale, generator=hg)
-        conflict_batch = (hx, hy, ht.to(dev), hr.to(dev), torch.randn(hx.shape, generator=hg, device=dev))
+    with distributed.main_work("loading the gradient-conflict batch", when=run.conflict_every) as mine:
+        if mine:
+            held = LatentLoader(latent_dir, run.conflict_batch, seed=run.seed + 104729, device=dev)
+            hx, hy = next(held)
+            hg = torch.Generator(dev).manual_seed(run.seed + 104729)
+            ht, hr = sample_times(run.conflict_batch, 0.0, run.time_loc, run.time_scale, generator=hg)
+            conflict_batch = (hx, hy, ht.to(dev), hr.to(dev), torch.randn(hx.shape, generator=hg, device=dev))
 
     signals = SignalFlag()
     last_step = run.steps if stop_after is None else min(run.steps, stop_after)
@@ -350,32 +351,35 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
 
             log_now = done % run.log_every == 0 or done == last_step
             spread = rank_spread(net) if log_now and info.world_size > 1 else None
-            if info.is_main and log_now:
-                elapsed = time.perf_counter() - t0
-                record = {"step": done, "alpha": alpha, "fm_ratio": run.fm_ratio, "lr": lr,
-                          "grad_norm": float(norm), "bad_steps": bad_total,
-                          "images_per_s": images0 / max(elapsed, 1e-9)}
-                if spread is not None:
-                    record["rank_param_spread"] = spread
-                record.update({k: float(v) / max(window_n, 1) for k, v in sums.items()})
-                if run.conflict_every and done % run.conflict_every == 0:
-                    record.update(gradient_conflict(net, *conflict_batch))
-                append_jsonl(run_dir / "metrics.jsonl", record)
-                tracker.log_metrics({metric_name(k): v for k, v in record.items() if k != "step"}, step=done)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", alpha=f"{alpha:.3f}",
-                                img_s=f"{record['images_per_s']:.0f}")
-                for v in sums.values():
-                    v.zero_()
-                window_n, t0, images0 = 0, time.perf_counter(), 0
-            if run.eval_every and done % run.eval_every == 0 and info.is_main:
-                # In-training FD_clf (metric-vs-step curves); excluded from the images/s window.
-                from alphaflow.evaluate import in_training_metrics
+            with distributed.main_work(f"logging step {done}", when=log_now) as mine:
+                if mine:
+                    elapsed = time.perf_counter() - t0
+                    record = {"step": done, "alpha": alpha, "fm_ratio": run.fm_ratio, "lr": lr,
+                              "grad_norm": float(norm), "bad_steps": bad_total,
+                              "images_per_s": images0 / max(elapsed, 1e-9)}
+                    if spread is not None:
+                        record["rank_param_spread"] = spread
+                    record.update({k: float(v) / max(window_n, 1) for k, v in sums.items()})
+                    if run.conflict_every and done % run.conflict_every == 0:
+                        record.update(gradient_conflict(net, *conflict_batch))
+                    append_jsonl(run_dir / "metrics.jsonl", record)
+                    tracker.log_metrics({metric_name(k): v for k, v in record.items() if k != "step"}, step=done)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", alpha=f"{alpha:.3f}",
+                                    img_s=f"{record['images_per_s']:.0f}")
+                    for v in sums.values():
+                        v.zero_()
+                    window_n, t0, images0 = 0, time.perf_counter(), 0
+            eval_now = bool(run.eval_every) and done % run.eval_every == 0
+            with distributed.main_work(f"the in-training evaluation at step {done}", when=eval_now) as mine:
+                if mine:
+                    # In-training FD_clf (metric-vs-step curves); excluded from the images/s window.
+                    from alphaflow.evaluate import in_training_metrics
 
-                t_eval = time.perf_counter()
-                scores = in_training_metrics(params, {"ema": ema.module, "raw": net}, str(dev))
-                append_jsonl(run_dir / "metrics.jsonl", {"step": done, **scores})
-                tracker.log_metrics(scores, step=done)
-                t0 += time.perf_counter() - t_eval
+                    t_eval = time.perf_counter()
+                    scores = in_training_metrics(params, {"ema": ema.module, "raw": net}, str(dev))
+                    append_jsonl(run_dir / "metrics.jsonl", {"step": done, **scores})
+                    tracker.log_metrics(scores, step=done)
+                    t0 += time.perf_counter() - t_eval
 
             stop = any_rank(signals.received is not None, dev)
             periodic = done % run.checkpoint_every == 0 or done % run.snapshot_every == 0
@@ -384,11 +388,12 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
             if periodic or stop or done == last_step:
                 save(ckpt_dir, step_name(done), net, ema, opt, gen, loader, run, done, bad_total, sums, window_n,
                      info, fp, ema_offset)
-                if info.is_main:
-                    snaps = {s for s in range(run.snapshot_every, run.steps + 1, run.snapshot_every)}
-                    ckpt.prune(ckpt_dir, snaps)
-                    if done % run.snapshot_every == 0:
-                        log_grid(ema.module, params, run_dir / "samples" / f"grid-{done:07d}.png", tracker, loader)
+                with distributed.main_work(f"pruning checkpoints / the sample grid at step {done}") as mine:
+                    if mine:
+                        snaps = {s for s in range(run.snapshot_every, run.steps + 1, run.snapshot_every)}
+                        ckpt.prune(ckpt_dir, snaps)
+                        if done % run.snapshot_every == 0:
+                            log_grid(ema.module, params, run_dir / "samples" / f"grid-{done:07d}.png", tracker, loader)
             if stop:
                 if info.is_main:
                     print(f"[alphaflow] {run_name}: {signals.received} at step {done}; checkpoint written, "
@@ -401,14 +406,15 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
 
     summary = {"run": run_name, "step": last_step, "bad_steps": bad_total}
     if last_step == run.steps:
-        if info.is_main:
-            ckpt.publish_final(ckpt_dir, step_name(run.steps))
-            from alphaflow.report import plot_training_curves
+        with distributed.main_work("the final checkpoint, sample grid and training curves") as mine:
+            if mine:
+                ckpt.publish_final(ckpt_dir, step_name(run.steps))
+                from alphaflow.report import plot_training_curves
 
-            grid = log_grid(ema.module, params, run_dir / "samples" / "grid-final.png", tracker, loader)
-            curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png", title=run_name)
-            tracker.log_artifact(curves, "plots")
-            summary["grid"] = str(grid)
+                grid = log_grid(ema.module, params, run_dir / "samples" / "grid-final.png", tracker, loader)
+                curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png", title=run_name)
+                tracker.log_artifact(curves, "plots")
+                summary["grid"] = str(grid)
     tracker.close()
     distributed.barrier()
     return summary
@@ -420,14 +426,14 @@ def step_name(step):
 
 def save(ckpt_dir, name, net, ema, opt, gen, loader, run, step, bad_total, sums, window_n, info, fp, ema_offset):
     states = gather_states(gen.get_state())
-    if info.is_main:
-        state = {"step": step, "bad_total": bad_total, "loader": loader.state_dict(),
-                 "fingerprint": fp, "run": run.to_dict(), "world_size": info.world_size,
-                 "ema_step_offset": ema_offset,
-                 "window": {**{k: float(v) for k, v in sums.items()}, "n": window_n}}
-        rng = {f"gen.{r}": s for r, s in enumerate(states)}
-        ckpt.save_checkpoint(ckpt_dir, name, net=net, ema=ema, optimizer=opt, rng=rng, state=state)
-    distributed.barrier()
+    with distributed.main_work(f"writing checkpoint {ckpt_dir / name}") as mine:
+        if mine:
+            state = {"step": step, "bad_total": bad_total, "loader": loader.state_dict(),
+                     "fingerprint": fp, "run": run.to_dict(), "world_size": info.world_size,
+                     "ema_step_offset": ema_offset,
+                     "window": {**{k: float(v) for k, v in sums.items()}, "n": window_n}}
+            rng = {f"gen.{r}": s for r, s in enumerate(states)}
+            ckpt.save_checkpoint(ckpt_dir, name, net=net, ema=ema, optimizer=opt, rng=rng, state=state)
 
 
 def log_grid(net, params, path, tracker, loader):

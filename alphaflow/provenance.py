@@ -29,6 +29,10 @@ TRAIN_VOLATILE = frozenset({"log_every", "checkpoint_every", "snapshot_every", "
                             "paper_row", "resources", "steps", "eval_every", "group"})
 
 
+# Top-level keys that say how or where stages run, never what they produce.
+RUN_ONLY_KEYS = frozenset({"resources", "executor", "tracking_uri", "device"})
+
+
 def pick(mapping, keys):
     return {k: mapping.get(k) for k in keys}
 
@@ -55,8 +59,9 @@ def stage_reads(params, stage, *, split=None, run=None, weights=None, sampler=No
         slow = ev.get("slow_metric_weights") or ev["weights"]
         return {"seed": raw["seed"], "slow_metrics": weights in slow,
                 "eval": pick(ev, ("metrics", "n_boot", "fid_samples", "fid_ref_samples", "ref_samples", "inception"))}
-    if stage == "report":
-        return {"paper_results": raw.get("paper_results", {}), "comparisons": raw.get("comparisons")}
+    if stage == "report":  # tables and plots name runs, groups, seeds, samplers: all but how/where it ran
+        runs = {name: {k: v for k, v in run.items() if k != "resources"} for name, run in raw["runs"].items()}
+        return {**{k: v for k, v in raw.items() if k not in RUN_ONLY_KEYS}, "runs": runs}
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -1,7 +1,14 @@
-# Paths and the command line of a stage (shared by every rule file).
+# Paths, the params each rule's output depends on, and the command line of a stage (shared by every rule file).
+#
+# A rule's `params: reads=` is alphaflow.provenance.stage_reads: the params values its output depends on.
+# Snakemake re-runs a job whose `reads` changed (its params trigger) and everything downstream of it; the
+# stage itself compares the same values (its fingerprint) with what produced an existing output. The shell
+# command is built once at parse time (wildcards as placeholders), so where or how a stage runs (executor,
+# resources, --set overrides of other keys) never re-runs anything.
 import shlex
 
 from alphaflow.models import PRESETS
+from alphaflow.provenance import stage_reads
 from alphaflow.stages import classifier_path, reference_marker
 
 GPU_STAGES = {"encode", "train", "classifier", "reference", "sample", "evaluate"}
@@ -40,9 +47,15 @@ def final_state(run):
     return f"{P.run_dir(run)}/checkpoints/final/state.json"
 
 
+def literal(text):
+    """Text that Snakemake's shell formatting must leave alone (braces in --set values)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def stage_cmd(stage, args="", run=None, parts=1):
-    """`alphaflow <stage> ...` in-process, or `alphaflow launch` through submitit for GPU stages."""
-    common = f"--params {shlex.quote(PARAMS_FILE)}" + "".join(f" --set {shlex.quote(o)}" for o in OVERRIDES)
+    """`alphaflow <stage> ...` in-process, or `alphaflow launch` through submitit for GPU stages.
+    `args` and `run` may hold wildcard placeholders ({wildcards.run}); the rest is taken literally."""
+    common = literal(f"--params {shlex.quote(PARAMS_FILE)}" + "".join(f" --set {shlex.quote(o)}" for o in OVERRIDES))
     if EXECUTOR == "none" or stage not in GPU_STAGES:
         if parts > 1:  # sequential parts, same files as the array job would write
             return " && ".join(f"alphaflow {stage} {common} --quiet {args} --part {i} --num-parts {parts}"
@@ -54,3 +67,8 @@ def stage_cmd(stage, args="", run=None, parts=1):
     if parts > 1:
         launch += f" --array-parts {parts}"
     return f"{launch} -- --quiet {args}".strip()
+
+
+def stage_shell(cmd, threads=True):
+    """The rule's shell line: the command with its log (and the rule's thread count for OpenMP)."""
+    return ("OMP_NUM_THREADS={threads} " if threads else "") + cmd + " > {log} 2>&1"

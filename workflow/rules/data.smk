@@ -9,12 +9,11 @@ rule prepare:
     wildcard_constraints:
         split="train|test",
     params:
-        cmd=lambda w: stage_cmd("prepare", f"--split {w.split}"),
-        data=P.raw["data"],
+        reads=lambda w: stage_reads(P, "prepare", split=w.split),
     log:
         f"{RESULTS}/logs/prepare-{{split}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("prepare", "--split {wildcards.split}"))
 
 
 ENCODE_PARTS = P.raw["encoder"].get("parts", 1)
@@ -26,15 +25,14 @@ rule encode:
     output:
         LATENTS,
     params:
-        cmd=(stage_cmd("encode", "", parts=ENCODE_PARTS)
-             + (f" && {stage_cmd('encode', f'--finalize --num-parts {ENCODE_PARTS}')}" if ENCODE_PARTS > 1 else "")),
-        encoder=P.raw["encoder"],
+        reads=stage_reads(P, "encode"),
     threads: 2
     priority: PRIORITY["encode"]
     log:
         f"{RESULTS}/logs/encode.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("encode", "", parts=ENCODE_PARTS)
+                    + (f" && {stage_cmd('encode', f'--finalize --num-parts {ENCODE_PARTS}')}" if ENCODE_PARTS > 1 else ""))
 
 
 rule classifier:
@@ -44,14 +42,13 @@ rule classifier:
     output:
         CLASSIFIER,
     params:
-        cmd=stage_cmd("classifier"),
-        epochs=P.raw["eval"].get("classifier_epochs", 2),
+        reads=stage_reads(P, "classifier"),
     threads: 2
     priority: PRIORITY["classifier"]
     log:
         f"{RESULTS}/logs/classifier.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("classifier"))
 
 
 rule reference:
@@ -61,12 +58,10 @@ rule reference:
     output:
         REFERENCE,
     params:
-        cmd=stage_cmd("reference"),
-        metrics=P.raw["eval"]["metrics"],
-        ref_samples=P.raw["eval"].get("ref_samples"),
+        reads=stage_reads(P, "reference"),
     threads: 2
     priority: PRIORITY["reference"]
     log:
         f"{RESULTS}/logs/reference.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("reference"))

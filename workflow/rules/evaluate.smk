@@ -1,6 +1,7 @@
 # Every run × {ema, raw} × sampler: generate eval.num_samples images (array job over eval.parts),
 # then metrics with bootstrap intervals, logged onto the run's MLflow run.
 SAMPLE_PARTS = P.raw["eval"].get("parts", 1)
+CELL_ARGS = "--run {wildcards.run} --weights {wildcards.weights} --sampler {wildcards.sampler}"
 
 
 def samples_done(run, weights, sampler):
@@ -26,16 +27,12 @@ rule sample:
     wildcard_constraints:
         **EVAL_WILDCARDS,
     params:
-        cmd=lambda w: stage_cmd("sample", f"--run {w.run} --weights {w.weights} --sampler {w.sampler}",
-                                parts=SAMPLE_PARTS),
-        sampler=lambda w: P.samplers[w.sampler],
-        num_samples=P.raw["eval"]["num_samples"],
-        labels=P.raw["eval"].get("labels", "random"),
+        reads=lambda w: stage_reads(P, "sample", weights=w.weights, sampler=w.sampler),
     threads: 1
     log:
         f"{RESULTS}/logs/sample-{{run}}-{{weights}}-{{sampler}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("sample", CELL_ARGS, parts=SAMPLE_PARTS))
 
 
 rule evaluate:
@@ -47,10 +44,9 @@ rule evaluate:
     wildcard_constraints:
         **EVAL_WILDCARDS,
     params:
-        cmd=lambda w: stage_cmd("evaluate", f"--run {w.run} --weights {w.weights} --sampler {w.sampler}"),
-        metrics=P.raw["eval"]["metrics"],
+        reads=lambda w: stage_reads(P, "evaluate", weights=w.weights),
     threads: 1
     log:
         f"{RESULTS}/logs/evaluate-{{run}}-{{weights}}-{{sampler}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("evaluate", CELL_ARGS))

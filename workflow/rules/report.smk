@@ -8,9 +8,8 @@ rule report:
     output:
         REPORT,
     params:
-        cmd=stage_cmd("report"),
-        paper=P.raw.get("paper_results", {}),
+        reads=stage_reads(P, "report"),
     log:
         f"{RESULTS}/logs/report-{P.profile}.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("report"), threads=False)

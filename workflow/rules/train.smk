@@ -1,6 +1,6 @@
 # One training job per run of the profile. A run with init_from (XL-2-plus) waits for its source.
-# The rule re-runs when the run's settings change (params fingerprint) or its step count grows;
-# an interrupted run resumes from its latest checkpoint.
+# The rule re-runs when the run's weight-changing settings or its step count change (`reads`), or its
+# inputs do; `alphaflow train` then retrains (other settings or data), extends (more steps) or resumes.
 
 
 def train_inputs(w):
@@ -21,12 +21,11 @@ rule train:
     wildcard_constraints:
         run="|".join(map(re.escape, RUNS)),
     params:
-        cmd=lambda w: stage_cmd("train", f"--run {w.run}", run=w.run),
-        fingerprint=lambda w: P.run(w.run).fingerprint(),
+        reads=lambda w: stage_reads(P, "train", run=w.run),
         steps=lambda w: P.run(w.run).steps,
     threads: 1   # tiny CPU runs: two 1-thread trainings beat one 2-thread run; GPU jobs ignore this
     priority: train_priority
     log:
         f"{RESULTS}/logs/train-{{run}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        stage_shell(stage_cmd("train", "--run {wildcards.run}", run="{wildcards.run}"))

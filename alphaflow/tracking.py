@@ -356,8 +356,9 @@ class Tracker:
                               f"{type(self.last_error).__name__}: {self.last_error})")
 
     def _warn_unsent(self, what):
-        print(f"[alphaflow] WARNING: {what}. Every metric is in metrics.jsonl; `alphaflow track-replay --params P "
-              f"--run {self.run_name}` logs the missing ones.", file=sys.stderr, flush=True)
+        print(f"[alphaflow] WARNING: {what}. The run's files keep every value: `alphaflow track-replay --params P "
+              f"--run {self.run_name}` logs what MLflow lacks of its metrics.jsonl (for an evaluation's metrics, "
+              f"run `alphaflow evaluate` again).", file=sys.stderr, flush=True)
 
     def _put(self, fn):
         if self.enabled:

@@ -8,6 +8,7 @@
     alphaflow sample    --params P --run R --weights ema|raw --sampler S [--part I --num-parts N]
     alphaflow evaluate  --params P --run R --weights ema|raw --sampler S
     alphaflow report    --params P
+    alphaflow track-replay --params P --run R      (log what MLflow missed of the run's metrics.jsonl)
     alphaflow launch    --params P --stage train [--run R] [--executor slurm|local|debug] -- <stage args>
     alphaflow validate  --params P
 
@@ -88,6 +89,14 @@ def cmd_report(args, params):
     report(params)
 
 
+def cmd_track_replay(args, params):
+    from alphaflow.tracking import replay_run
+
+    run_id, sent, present = replay_run(params.tracking_uri(), params.profile, args.run, params.run_dir(args.run))
+    print(f"[alphaflow] track-replay {args.run}: {sent} metric points logged to MLflow run {run_id} "
+          f"({present} were there)")
+
+
 def cmd_launch(args, params):
     from alphaflow.stages import launch_stage
 
@@ -137,6 +146,9 @@ def build_parser():
             p.add_argument("--num-parts", type=int, default=1)
 
     stage_parser(sub, "report", cmd_report, "tables (MD/CSV/TeX) and plots")
+
+    p = stage_parser(sub, "track-replay", cmd_track_replay, "log what MLflow missed of a run's metrics.jsonl")
+    p.add_argument("--run", required=True)
 
     p = stage_parser(sub, "launch", cmd_launch, "run a stage as a submitit job (SLURM, local, debug)")
     p.add_argument("--stage", required=True, choices=["prepare", "encode", "train", "classifier", "reference",

@@ -24,15 +24,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from alphaflow.tracking import read_jsonl  # noqa: E402  (metrics.jsonl: tolerates a torn last line)
+
 METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "is": "IS", "fd_classifier": "FD_clf", "is_classifier": "IS_clf"}
 NOT_RUN = "not run"
-
-
-def read_jsonl(path):
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def save_figure(fig, out_png):

@@ -1,21 +1,29 @@
 """MLflow tracking that never stops training (design.md §6).
 
 Every record goes to `metrics.jsonl` first (the local, complete copy DVC reads). MLflow calls run on a
-background thread behind a queue: a slow or dead tracking server never blocks the training step. The
-first failure prints one warning; after it the thread drops MLflow records, the local file keeps all.
+background thread behind a queue: a slow or dead tracking server never blocks the training step. What
+fails for a transient reason (a locked SQLite store, a server that is down) is kept and sent again with
+back-off; repeated failures print one warning, and whatever is still unsent at `close` is counted in a
+second one. `alphaflow track-replay` later logs what MLflow lacks of a run's metrics.jsonl.
 """
 
+import collections
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
+
+from alphaflow.data.shards import atomic_write_bytes
+from alphaflow.errors import UserError
 
 
 def git_commit(cwd=None):
@@ -37,22 +45,93 @@ def flatten(d, prefix=""):
     return out
 
 
+#----------------------------------------------------------------------------
+# metrics.jsonl: one JSON record per line, appended with fsync. A kill or a full disk during an append
+# leaves a torn last line; readers drop it (one warning), writers cut it off. A bad line anywhere else is
+# not a torn append but corruption, and stops the reader with the file and line named.
+
+
+class JsonlError(UserError, ValueError):
+    """A JSON-lines file is corrupt before its last line."""
+
+
+_torn_warned = set()  # (path, line number) of torn last lines already warned about in this process
+
+
+def _record(line):
+    """One line's record (a JSON object); ValueError if it is not one."""
+    record = json.loads(line)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def _warn_torn(path, number, size):
+    if (str(path), number) not in _torn_warned:
+        _torn_warned.add((str(path), number))
+        warnings.warn(f"{path}: dropping a torn last line {number} ({size} bytes, left by a kill or a full disk "
+                      f"during an append)", stacklevel=3)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file ([] if it does not exist). A torn last line is dropped with one
+    warning; a bad line before it raises JsonlError naming the file and the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines[:last + 1]):
+        if not line.strip():
+            continue
+        try:
+            records.append(_record(line))
+        except ValueError as err:
+            if i < last:
+                raise JsonlError(f"{path}: line {i + 1} is not a JSON record ({err}). Only a torn last line is "
+                                 f"expected after a crash, so the file is corrupt: repair or delete that line."
+                                 ) from None
+            _warn_torn(path, i + 1, len(line))
+    return records
+
+
+def _repair_tail(path, f):
+    """Ends the file `f` (opened "ab+") with a newline: a complete last record only lacking it gets it, an
+    unparsable (torn) last line is cut off."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return
+    f.seek(0)
+    data = f.read()
+    start = data.rfind(b"\n") + 1
+    try:
+        _record(data[start:])
+        f.write(b"\n")
+    except ValueError:
+        _warn_torn(path, data.count(b"\n") + 1, size - start)
+        f.truncate(start)
+
+
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Appends one record (fsync'ed) on a line of its own, repairing a tail torn earlier first."""
+    with open(path, "ab+") as f:
+        _repair_tail(path, f)
+        f.write((json.dumps(record) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
 
 def truncate_jsonl(path, max_step):
-    """Drops records past `max_step` (a resumed run re-logs them exactly)."""
+    """Drops records past `max_step` (a resumed run re-logs them exactly) and a torn last line; atomic rewrite."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 @contextlib.contextmanager
@@ -72,14 +151,121 @@ def store_lock(uri):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#----------------------------------------------------------------------------
+# Transient failures: a SQLite store locked by another writer for longer than MLflow's busy timeout (20 s),
+# a tracking server that is down, restarting or overloaded. The tracker keeps what it could not send, in
+# order, and sends it again with back-off; re-sending is idempotent (a metric is keyed by key, timestamp,
+# step and value, and the kept items carry their first timestamp).
+
+BACKOFF_S = (0.5, 8.0)       # first retry delay, doubling up to the cap
+WARN_AFTER_FAILURES = 4      # consecutive failures before the one warning (a store-creation race is quieter)
+TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+TRANSIENT_TEXT = re.compile(r"database is locked|failed with exception|error code 50[234]\b", re.IGNORECASE)
+_RETRY = object()            # the worker's queue timed out: time to retry pending items
+
+
+def is_transient(err):
+    """True for errors worth retrying later (locked store, unreachable or overloaded server), False for a
+    request the store will never accept (a bad value, a changed param)."""
+    if isinstance(err, OSError):  # requests' ConnectionError and Timeout are OSErrors too
+        return True
+    return getattr(err, "error_code", None) in TRANSIENT_CODES or bool(TRANSIENT_TEXT.search(str(err)))
+
+
+def backoff(failures):
+    """Seconds to wait after `failures` consecutive failures."""
+    first, cap = BACKOFF_S
+    return min(cap, first * 2 ** max(failures - 1, 0))
+
+
+def metric_key(key):
+    """MLflow-safe metric names: cos(FM',TC) → cos_FMp_TC (the same on a safe name)."""
+    return key.replace("'", "p").replace("(", "_").replace(")", "").replace(",", "_")
+
+
+def read_run_id(path):
+    """The MLflow run id recorded in `path`; None when absent, empty or unreadable (a new run is made)."""
+    try:
+        run_id = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return run_id if re.fullmatch(r"[0-9A-Za-z_-]{1,256}", run_id) else None
+
+
+def open_run(client, experiment, run_name, tags, run_id_file, *, reopen=True):
+    """Run id of `run_id_file`'s MLflow run (marked RUNNING again if `reopen`), or of a new run recorded there."""
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run_id = read_run_id(run_id_file)
+    if run_id is None:
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        atomic_write_bytes(run_id_file, run_id.encode())  # a kill never leaves an empty id file
+    elif reopen:
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def replay_jsonl(client, run_id, path, *, batch=1000):
+    """Logs to MLflow run `run_id` every metric of the JSON-lines file `path` that it lacks (no point at that
+    key and step yet), so running it again adds nothing. Returns (points logged, points already there)."""
+    from mlflow.entities import Metric
+
+    points = {}  # {key: {step: value}}
+    for record in read_jsonl(path):
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                points.setdefault(metric_key(k), {})[int(record.get("step", 0))] = float(v)
+    ts = int(time.time() * 1000)
+    missing, present = [], 0
+    for key, by_step in points.items():
+        logged = {m.step for m in client.get_metric_history(run_id, key)}
+        present += len(logged & by_step.keys())
+        missing += [Metric(key, v, ts, step) for step, v in by_step.items() if step not in logged]
+    for i in range(0, len(missing), batch):  # MLflow takes at most 1000 metrics per log_batch
+        client.log_batch(run_id, metrics=missing[i:i + batch])
+    return len(missing), present
+
+
+def replay_run(uri, experiment, run_name, run_dir):
+    """`alphaflow track-replay`: what MLflow missed of `run_dir`/metrics.jsonl, logged to the run's MLflow run
+    (a new one if the run has none yet). Returns (MLflow run id, points logged, points already there)."""
+    from mlflow.tracking import MlflowClient
+
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        raise UserError(f"{metrics} does not exist: nothing to replay (train run {run_name} first)")
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        run_id = open_run(client, experiment, run_name, {}, Path(run_dir) / "mlflow_run_id", reopen=False)
+    return (run_id, *replay_jsonl(client, run_id, metrics))
+
+
+class _QuietWorker(logging.Filter):
+    """MLflow logs a traceback for every failed SQLite call; the tracker thread retries and warns itself."""
+
+    def filter(self, record):
+        return not record.threadName.startswith("alphaflow-tracker")
+
+
 class Tracker:
-    """One MLflow run per training run; resumes the same MLflow run via `run_id_file`."""
+    """One MLflow run per training run; resumes the same MLflow run via `run_id_file`.
+
+    Calls only enqueue; the worker thread sends. Items that fail transiently stay queued, in order, and
+    are sent again with back-off once the store answers; `close` makes a last bounded attempt and names
+    what is left (every metric is also in metrics.jsonl: `replay_jsonl` / `alphaflow track-replay`)."""
 
     def __init__(self, uri, experiment, run_name, *, run_id_file, tags=None, enabled=True, timeout_s=10):
         self.enabled = enabled
         self.warned = False
         self.run_id = None
+        self.run_name = run_name
         self.queue = queue.Queue()
+        self.pending = collections.deque()  # items not sent yet, oldest first (owned by the worker)
+        self.failures = 0                   # consecutive failed attempts
+        self.dropped = 0                    # items the store refused for good
+        self.last_error = None
+        self._client = None
+        self._retry_s = 10                  # close's last-attempt budget
         self._thread = None
         if not enabled:
             return
@@ -90,11 +276,15 @@ class Tracker:
             self._warn(err)
             self.enabled = False
             return
-        # Bounded HTTP retries/timeouts so a dead server fails fast inside the worker thread.
+        # Bounded HTTP retries/timeouts so a dead server fails fast inside the worker thread (which retries).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+        db_log = logging.getLogger("mlflow.store.db.utils")
+        if not any(isinstance(f, _QuietWorker) for f in db_log.filters):
+            db_log.addFilter(_QuietWorker())
         self.run_id_file = Path(run_id_file)
-        self._thread = threading.Thread(target=self._worker, args=(uri, experiment, run_name, tags or {}), daemon=True)
+        self._thread = threading.Thread(target=self._worker, args=(uri, experiment, run_name, tags or {}),
+                                        name=f"alphaflow-tracker-{run_name}", daemon=True)
         self._thread.start()
 
     def _warn(self, err):
@@ -103,45 +293,72 @@ class Tracker:
             print(f"[alphaflow] WARNING: MLflow tracking failed ({type(err).__name__}: {err}); training goes on, "
                   f"metrics stay in metrics.jsonl", file=sys.stderr, flush=True)
 
-    def _open(self, uri, experiment, run_name, tags):
-        """(client, run id); creates the experiment and the run, or reopens the run of run_id_file."""
-        from mlflow.tracking import MlflowClient
+    def _send(self, uri, experiment, run_name, tags):
+        """Opens the run if needed, then sends pending items in order until one fails transiently.
+        True when nothing is left; a refused item (not transient) is dropped with the warning."""
+        try:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        run_id = self.run_id_file.read_text().strip() if self.run_id_file.exists() else None
-        if run_id is None:
-            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            self.run_id_file.write_text(run_id)
-        else:
-            client.update_run(run_id, status="RUNNING")
-        return client, run_id
-
-    def _worker(self, uri, experiment, run_name, tags, attempts=4):
-        client = None
-        for attempt in range(attempts):
-            # Retried: jobs started together race to create the experiment (or a server is slow to answer).
-            try:
-                with store_lock(uri):
-                    client, self.run_id = self._open(uri, experiment, run_name, tags)
-                break
-            except Exception as err:  # noqa: BLE001 — tracking must never crash training
-                if attempt == attempts - 1:
-                    self._warn(err)
-                else:
-                    time.sleep(1.0 + attempt)
-        while True:
-            item = self.queue.get()
-            if item is None:
-                self.queue.task_done()
-                break
-            if client is not None and not self.warned:
+                with store_lock(uri):  # jobs started together race to create the store and the experiment
+                    client = MlflowClient(uri)
+                    self.run_id = open_run(client, experiment, run_name, tags, self.run_id_file)
+                self._client = client
+            while self.pending:
                 try:
-                    item(client, self.run_id)
-                except Exception as err:  # noqa: BLE001
+                    self.pending[0](self._client, self.run_id)
+                except Exception as err:  # noqa: BLE001 — tracking must never crash training
+                    if is_transient(err):
+                        raise
+                    self.last_error, self.dropped = err, self.dropped + 1
                     self._warn(err)
-            self.queue.task_done()
+                self.pending.popleft()
+        except Exception as err:  # noqa: BLE001
+            self.failures += 1
+            self.last_error = err
+            if self.failures >= WARN_AFTER_FAILURES:
+                self._warn(err)
+            return False
+        self.failures = 0
+        return True
+
+    def _worker(self, uri, experiment, run_name, tags):
+        args = (uri, experiment, run_name, tags)
+        retry_at = 0.0
+        while True:
+            wait = max(0.0, retry_at - time.monotonic()) if self.pending else None
+            try:
+                item = self.queue.get(timeout=wait)
+            except queue.Empty:
+                item = _RETRY
+            if item is None:
+                break
+            if item is not _RETRY:
+                self.pending.append(item)
+            if time.monotonic() >= retry_at and not self._send(*args):
+                retry_at = time.monotonic() + backoff(self.failures)
+        self._last_attempt(args, self._retry_s)
+
+    def _last_attempt(self, args, retry_s):
+        """At close: retries with back-off for up to `retry_s` seconds, then names what was not sent."""
+        deadline = time.monotonic() + retry_s
+        while not self._send(*args):
+            delay = backoff(self.failures)
+            if time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+        self._report_unsent()
+
+    def _report_unsent(self):
+        unsent = len(self.pending) + self.dropped
+        if unsent:
+            self._warn_unsent(f"{unsent} MLflow item(s) of run {self.run_name} were not sent (last error: "
+                              f"{type(self.last_error).__name__}: {self.last_error})")
+
+    def _warn_unsent(self, what):
+        print(f"[alphaflow] WARNING: {what}. The run's files keep every value: `alphaflow track-replay --params P "
+              f"--run {self.run_name}` logs what MLflow lacks of its metrics.jsonl (for an evaluation's metrics, "
+              f"run `alphaflow evaluate` again).", file=sys.stderr, flush=True)
 
     def _put(self, fn):
         if self.enabled:
@@ -160,8 +377,8 @@ class Tracker:
             return
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k.replace("'", "p"), float(v), ts, step) for k, v in metrics.items()]
+        ts = int(time.time() * 1000)  # fixed now: a re-send after a failure is then a duplicate MLflow ignores
+        items = [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items()]
         self._put(lambda c, rid: c.log_batch(rid, metrics=items))
 
     def log_artifact(self, path, artifact_path=None):
@@ -171,9 +388,14 @@ class Tracker:
         """A {column: [values]} table as an MLflow table artifact (`mlflow.load_table` joins them across runs)."""
         self._put(lambda c, rid: c.log_table(rid, data=columns, artifact_file=artifact_file))
 
-    def close(self, status="FINISHED", timeout=30):
+    def close(self, status="FINISHED", timeout=30, retry_s=10):
+        """Ends the MLflow run; waits at most `timeout` s, of which up to `retry_s` s retry unsent items."""
         if not self.enabled or self._thread is None:
             return
+        self._retry_s = retry_s
         self._put(lambda c, rid: c.set_terminated(rid, status=status))
         self.queue.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():  # stuck in a call (a store locked past its busy timeout, a slow server)
+            self._warn_unsent(f"MLflow did not answer within {timeout} s; {len(self.pending)} item(s) of run "
+                              f"{self.run_name} may not be sent")

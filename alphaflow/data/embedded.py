@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alphaflow.errors import UserError
+from alphaflow.errors import MissingInputError
 
 from .shards import atomic_write_bytes, sha256_file
 
@@ -94,10 +94,6 @@ def _has_fashion(directory: Path) -> bool:
     return all(_idx_file(directory, stem) for pair in FASHION_FILES.values() for stem in pair)
 
 
-class DatasetUnavailable(UserError, FileNotFoundError):
-    """An embedded dataset is neither installed nor fetchable; the message says how to get it."""
-
-
 def find_fashion_mnist(cache_dir=None) -> Path:
     """Directory holding the four Fashion-MNIST IDX files; fetches the .deb if needed."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -110,7 +106,7 @@ def find_fashion_mnist(cache_dir=None) -> Path:
         fetch_once(cache, _fetch_deb)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         looked = ", ".join(str(d) for d in candidates)
-        raise DatasetUnavailable(
+        raise MissingInputError(
             f"Fashion-MNIST not found (looked in {looked}) and fetching the Debian package failed: {e}\n"
             f"Install it with `sudo apt-get install {FASHION_PACKAGE}`, or set {FASHION_ENV} to a directory "
             f"holding {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz, or use the pip-only dataset "

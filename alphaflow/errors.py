@@ -14,3 +14,10 @@ class MissingInputError(UserError, FileNotFoundError):
 
     Also a FileNotFoundError, so code that catches that (e.g. to skip a test) keeps working.
     """
+
+
+class InvalidInputError(UserError, ValueError):
+    """An input file or folder has the wrong content (corrupt, wrong layout, wrong checkpoint).
+
+    Also a ValueError, so code that catches that keeps working.
+    """

@@ -20,11 +20,12 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from alphaflow.errors import MissingInputError
+from alphaflow.errors import InvalidInputError, MissingInputError
 
 from .shards import atomic_write_bytes, sha256_file
 
@@ -65,18 +66,25 @@ def load_embedded(name: str, split: str = "train", *, cache_dir=None) -> dict:
 # IDX format (http://yann.lecun.com/exdb/mnist/): 2 zero bytes, dtype code (0x08 = uint8),
 # ndim, then ndim big-endian uint32 sizes, then the data in C order.
 
+_REFETCH = ("Delete it to fetch it again (a file in ~/.cache/alphaflow), or reinstall the package "
+            f"(`sudo apt-get install --reinstall {FASHION_PACKAGE}`).")
+
+
 def read_idx(path) -> np.ndarray:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # truncated or corrupt download
+        raise InvalidInputError(f"{path} is unreadable ({type(e).__name__}: {e}). {_REFETCH}") from e
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (header {data[:4]!r})")
+        raise InvalidInputError(f"{path} is not a uint8 IDX file (header {data[:4]!r}). {_REFETCH}")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {array.size} values")
+        raise InvalidInputError(f"{path}: header says {dims} but holds {array.size} values. {_REFETCH}")
     return array.reshape(dims)
 
 

@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from alphaflow.errors import InvalidInputError, MissingInputError
 
 ARCHITECTURE = "alphaflow-smallcnn-v1"
 
@@ -206,18 +209,24 @@ def save_classifier(model, out_path, meta=None):
     _atomic_write(_meta_path(out_path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
 
+RETRAIN = "delete it and retrain the classifier (`alphaflow classifier --params ...`)"
+
+
 def read_classifier_meta(path):
     meta_path = _meta_path(path)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"classifier weights not found: {path} (train one with "
+        raise MissingInputError(f"classifier weights not found: {path} (train one with "
                                 f"alphaflow.classifier.train_classifier)")
     if not meta_path.is_file():
-        raise FileNotFoundError(f"classifier metadata not found: {meta_path} (written next to the weights "
+        raise MissingInputError(f"classifier metadata not found: {meta_path} (written next to the weights "
                                 f"by train_classifier)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{meta_path} is not valid JSON ({e}); {RETRAIN}") from e
     if meta.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{meta_path}: unknown architecture {meta.get('architecture')!r}, "
-                         f"expected {ARCHITECTURE!r}")
+        raise InvalidInputError(f"{meta_path}: unknown architecture {meta.get('architecture')!r}, "
+                                f"expected {ARCHITECTURE!r}; {RETRAIN}")
     return meta
 
 
@@ -226,5 +235,9 @@ def load_classifier(path, device="cpu"):
     meta = read_classifier_meta(path)
     model = SmallCNN(in_channels=meta["in_channels"], num_classes=meta["num_classes"],
                      image_size=meta["image_size"], width=meta["width"], feature_dim=meta["feature_dim"])
-    model.load_state_dict(load_file(str(path), device="cpu"))
+    try:
+        model.load_state_dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, RuntimeError) as e:  # unparsable file, or tensors that do not fit the metadata
+        raise InvalidInputError(f"classifier weights {path} are unreadable or do not match {_meta_path(path)} "
+                                f"({type(e).__name__}: {str(e)[:200]}); {RETRAIN}") from e
     return model.to(device).eval().requires_grad_(False)

@@ -13,12 +13,22 @@
     alphaflow validate  --params P
 
 Every subcommand takes `--set key.sub=value` overrides (YAML-typed) applied before validation.
+
+A user error (alphaflow.errors.UserError: bad params, corrupt or missing input, a wrong weights file) ends
+as one line `alphaflow: <message>` on stderr and exit code 2; ALPHAFLOW_DEBUG=1 adds its traceback.
+Any other exception is an internal error and keeps Python's traceback.
 """
 
 import argparse
+import os
 import sys
+import traceback
 
-from alphaflow.config import ParamsError, load_params
+from alphaflow.config import load_params
+from alphaflow.errors import UserError
+
+USER_ERROR_EXIT = 2
+DEBUG_ENV = "ALPHAFLOW_DEBUG"
 
 
 def add_common(p):
@@ -168,10 +178,17 @@ def main(argv=None):
         args.stage_args = args.stage_args[1:]
     try:
         params = load_params(args.params, args.overrides)
-    except ParamsError as err:
-        print(f"alphaflow: {err}", file=sys.stderr)
-        return 2
-    return args.fn(args, params) or 0
+        return args.fn(args, params) or 0
+    except UserError as err:
+        return report_user_error(err)
+
+
+def report_user_error(err):
+    """Prints `alphaflow: <message>` (after the traceback when $ALPHAFLOW_DEBUG is set); returns exit code 2."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exc()
+    print(f"alphaflow: {err}", file=sys.stderr)
+    return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

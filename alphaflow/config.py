@@ -16,14 +16,16 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from alphaflow.errors import UserError
 from alphaflow.objectives import alpha_schedule
+from alphaflow.sampling import parse_t_steps
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
 
 
-class ParamsError(ValueError):
-    """A params file that does not validate; the message names the key, value and what is allowed."""
+class ParamsError(UserError, ValueError):
+    """A params file that does not load or validate; the message names the file or key, value and what is allowed."""
 
 
 #----------------------------------------------------------------------------
@@ -135,6 +137,12 @@ def validate(raw, schema=None):
         if source is not None and source not in raw["runs"]:
             raise ParamsError(f"params key 'runs.{name}.init_from' = {source!r}: not a run of this profile "
                               f"(allowed: {sorted(raw['runs'])})")
+    for i, sampler in enumerate(raw["eval"]["samplers"]):
+        try:
+            parse_t_steps(sampler["t_steps"])
+        except ValueError as e:
+            raise ParamsError(f"params key 'eval.samplers.{i}.t_steps' ({sampler['name']}): {e} "
+                              f"(e.g. [1.0, 0.5, 0.0])") from None
 
 
 @dataclass
@@ -197,18 +205,19 @@ class Params:
 def set_by_path(raw, dotted, value):
     node = raw
     parts = dotted.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override key {dotted!r}: {'.'.join(parts[:i + 1])!r} is not a mapping")
     node[parts[-1]] = value
 
 
 def load_params(path, overrides=()):
     """Loads a params YAML, applies `key.sub=value` overrides (YAML-typed), validates."""
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"params file {path} does not exist (profiles live in params/*.yaml)")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} does not exist or is not a file (profiles live in params/*.yaml)")
+    raw = read_yaml(path, f"params file {path}")
     if not isinstance(raw, dict):
         raise ParamsError(f"params file {path} must hold a mapping, got {type(raw).__name__}")
     raw = copy.deepcopy(raw)
@@ -216,6 +225,25 @@ def load_params(path, overrides=()):
         if "=" not in item:
             raise ParamsError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
-        set_by_path(raw, key, yaml.safe_load(value))
-    validate(raw)
+        set_by_path(raw, key, read_yaml(value, f"override {item!r}"))
+    try:
+        validate(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}{' (with --set overrides)' if overrides else ''}: {e}") from None
     return Params(raw=raw, path=str(path))
+
+
+def read_yaml(source, what):
+    """YAML from a file (Path) or a string; a syntax error is a ParamsError naming `what`, line and column."""
+    try:
+        if isinstance(source, Path):
+            with open(source) as f:
+                return yaml.safe_load(f)
+        return yaml.safe_load(source)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = ", ".join(x for x in (e.context, e.problem) if x)
+        raise ParamsError(f"{what} is malformed YAML{where}: {problem}. Fix the YAML there.") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{what} is not readable YAML ({e})") from e

@@ -7,3 +7,17 @@ the traceback only with ALPHAFLOW_DEBUG=1. Anything else is an internal error an
 
 class UserError(Exception):
     """Bad input the user can fix; the message names the file or key and what to do."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A required input file (dataset, weights) is absent; the message says where to get it.
+
+    Also a FileNotFoundError, so code that catches that (e.g. to skip a test) keeps working.
+    """
+
+
+class InvalidInputError(UserError, ValueError):
+    """An input file or folder has the wrong content (corrupt, wrong layout, wrong checkpoint).
+
+    Also a ValueError, so code that catches that keeps working.
+    """

@@ -4,6 +4,9 @@ Each class subclasses `torch_fidelity.FeatureExtractorBase` and is registered un
 `alphaflow.metrics.extract_features(name, images)` and
 `torch_fidelity.calculate_metrics(feature_extractor=name, feature_extractor_weights_path=...)` use it.
 None of them ever downloads: weights come from a local file (explicit path, else an env variable).
+No weights file is ever unpickled as is: inception-v3-compat checks the file's sha256 against torch-fidelity's
+published checkpoint and loads it with `weights_only=True` (torch-fidelity's own loader would run any code
+a swapped pickle holds); the others load TorchScript or safetensors.
 
     name                  network                                         features       logits
     inception-fid-ts      FID Inception-v3 (TF 2015-12-05 graph), TorchScript  2048        -
@@ -15,8 +18,11 @@ None of them ever downloads: weights come from a local file (explicit path, else
 All take uint8 [N, C, H, W] with C = 1 or 3 and any H, W; grey images are repeated to RGB.
 """
 
+import hashlib
 import importlib.util
+import io
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -28,6 +34,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from alphaflow.errors import MissingInputError, UserError
+
 ENV_INCEPTION_TS      = "ALPHAFLOW_INCEPTION_TS"        # FID Inception TorchScript (default_1.pt)
 ENV_INCEPTION_WEIGHTS = "ALPHAFLOW_INCEPTION_WEIGHTS"   # torch-fidelity weights-inception-2015-12-05-*.pth
 ENV_DINOV2_WEIGHTS    = "ALPHAFLOW_DINOV2_WEIGHTS"      # timm / Meta DINOv2 checkpoint (.safetensors/.pth)
@@ -35,6 +43,15 @@ ENV_DINOV2_MODEL      = "ALPHAFLOW_DINOV2_MODEL"        # timm model name, defau
 ENV_CLASSIFIER        = "ALPHAFLOW_CLASSIFIER_WEIGHTS"  # SmallCNN safetensors (stages.classifier_path)
 
 DINOV2_DEFAULT_MODEL = "vit_large_patch14_dinov2.lvd142m"  # FDD of the paper (DINOv2 ViT-L/14)
+
+# torch-fidelity's published Inception checkpoint. By torch hub's convention (torch.hub.check_hash) the hex
+# after the last '-' of the file name is the prefix of the file's sha256: "6726825d".
+INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]            # weights-inception-2015-12-05-6726825d.pth
+INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]
+
+
+class WeightsMismatchError(UserError):
+    """A weights file is not the published one (wrong hash or not a plain state_dict); refused unloaded."""
 
 #----------------------------------------------------------------------------
 # Shared helpers.
@@ -58,7 +75,7 @@ def _resolve_file(weights_path, env, what, how):
     if path and Path(path).is_file():
         return Path(path)
     where = f"{path!r} does not exist" if path else f"no weights path given and ${env} is not set"
-    raise FileNotFoundError(f"{what}: {where}. {how} Then pass weights_path=... or set {env}=/path/to/file.")
+    raise MissingInputError(f"{what}: {where}. {how} Then pass weights_path=... or set {env}=/path/to/file.")
 
 
 def _tf_resize(x, size):
@@ -136,8 +153,13 @@ class InceptionV3Compat(FeatureExtractorInceptionV3):
     """torch-fidelity's InceptionV3 (2048 features, logits_unbiased for IS); local weights only."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        path = self.resolve_weights(feature_extractor_weights_path)
-        super().__init__(name, features_list, feature_extractor_weights_path=str(path), **kwargs)
+        state = load_inception_state(self.resolve_weights(feature_extractor_weights_path))
+        # torch-fidelity runs torch.load(weights_only=False) on what it is given: give it bytes torch.save
+        # wrote here from the plain tensors just loaded safely, never the file itself.
+        trusted = io.BytesIO()
+        torch.save(state, trusted)
+        trusted.seek(0)
+        super().__init__(name, features_list, feature_extractor_weights_path=trusted, **kwargs)
 
     @staticmethod
     def resolve_weights(weights_path=None):
@@ -152,6 +174,35 @@ class InceptionV3Compat(FeatureExtractorInceptionV3):
 
     def forward(self, x):
         return super().forward(to_rgb_uint8(x))
+
+
+def load_inception_state(path, sha256_prefix=None):
+    """The state_dict in `path`, after its sha256 check; never unpickles anything but tensors.
+
+    sha256_prefix: None = INCEPTION_SHA256_PREFIX, read at call time (tests override the constant to
+    check a small random-weights file of their own; the real 100 MB file cannot be fetched here).
+    """
+    data = Path(path).read_bytes()
+    check_sha256_prefix(data, path, INCEPTION_SHA256_PREFIX if sha256_prefix is None else sha256_prefix)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:  # non-tensor objects / not a torch file
+        raise WeightsMismatchError(f"{path} matches the expected sha256 prefix but is not a plain state_dict "
+                                   f"({type(e).__name__}: {str(e)[:200]}). {_GET_INCEPTION}") from e
+
+
+def check_sha256_prefix(data, path, expected_prefix):
+    """Raises WeightsMismatchError unless sha256(data) starts with `expected_prefix` (torch.hub.check_hash)."""
+    found = hashlib.sha256(data).hexdigest()
+    if not found.startswith(expected_prefix):
+        raise WeightsMismatchError(
+            f"{path} is not torch-fidelity's Inception checkpoint {INCEPTION_FILE}: its sha256 is {found}, "
+            f"expected one starting with {expected_prefix}. Refusing to load it (a swapped pickle could run code). "
+            f"{_GET_INCEPTION}")
+
+
+_GET_INCEPTION = (f"Get the right file from {URL_INCEPTION_V3} (on a machine with internet) and point "
+                  f"{ENV_INCEPTION_WEIGHTS} at it, or put it under $TORCH_HOME/hub/checkpoints/.")
 
 
 #----------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from pathlib import Path
 import submitit
 from submitit.core import utils as submitit_utils
 
+from alphaflow.errors import UserError
+
 REQUEUE_EXIT_CODE = os.EX_TEMPFAIL  # 75: "temporary failure, retry"; the stage saved its state and wants a requeue
 EXECUTORS = ("slurm", "local", "debug")
 NO_RESULT_EXIT_CODE = 1  # the job ended without reporting (cancelled, killed, vanished)
@@ -300,7 +302,7 @@ def _make_executor(executor, resources, log_dir, job_name):
     if executor not in EXECUTORS:
         raise ValueError(f"Unknown executor {executor!r}; expected one of {', '.join(EXECUTORS)}")
     if executor == "slurm" and submitit.SlurmExecutor.affinity() < 0:
-        raise RuntimeError("executor 'slurm' requested but `srun` is not on PATH; use --executor local")
+        raise UserError("executor 'slurm' requested but `srun` is not on PATH; use --executor local")
     kwargs = {} if executor == "debug" else {f"{executor}_max_num_timeout": resources.max_requeues}
     ex = submitit.AutoExecutor(folder=Path(log_dir) / "%j", cluster=executor, **kwargs)
     ex.update_parameters(

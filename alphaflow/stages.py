@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from alphaflow.config import PROJECT_ROOT
+from alphaflow.errors import MissingInputError
 
 
 def resolve_device(device):
@@ -28,7 +29,7 @@ def folder_path(params, split):
     path = data.get("ref_path") if split == "test" and data.get("ref_path") else data.get("path")
     path = path or os.environ.get("ALPHAFLOW_IMAGENET")
     if not path:
-        raise FileNotFoundError("params data.path is unset and ALPHAFLOW_IMAGENET is not set: point either at an "
+        raise MissingInputError("params data.path is unset and ALPHAFLOW_IMAGENET is not set: point either at an "
                                 "ImageNet-style folder (one sub-folder per class)")
     return path
 

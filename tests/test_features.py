@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 
 from alphaflow import features as F
 from alphaflow import metrics as M
+from alphaflow.data.shards import sha256_file
+from alphaflow.errors import UserError
 
 
 def random_images(n, c=1, size=28, seed=0):
@@ -149,6 +151,8 @@ def random_inception_weights(tmp_path_factory):
 
 
 def test_inception_v3_compat_loads_local_file(random_inception_weights, monkeypatch):
+    # The random file is not the published checkpoint: expect its own hash (the real file is 100 MB, offline).
+    monkeypatch.setattr(F, "INCEPTION_SHA256_PREFIX", sha256_file(random_inception_weights)[:8])
     monkeypatch.setenv(F.ENV_INCEPTION_WEIGHTS, str(random_inception_weights))
     feats = M.extract_features("inception-v3-compat", random_images(2), progress=False)  # weights from env
     assert feats["features"].shape == (2, 2048) and feats["logits"].shape == (2, 1008)
@@ -157,6 +161,65 @@ def test_inception_v3_compat_loads_local_file(random_inception_weights, monkeypa
     saved = torch.load(random_inception_weights, weights_only=True)
     assert torch.equal(ex.state_dict()["Mixed_7c.branch_pool.conv.weight"], saved["Mixed_7c.branch_pool.conv.weight"])
     assert np.isfinite(M.inception_score(feats["logits"]))
+
+
+class MarkerPayload:
+    """Unpickling it creates `path` (stands for any code a swapped weights file could run)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def evil_weights(tmp_path):
+    """(a torch.save file whose unpickling creates a marker file, the marker's path)."""
+    path, marker = tmp_path / "weights-inception-2015-12-05-6726825d.pth", tmp_path / "pwned"
+    torch.save({"fc.weight": MarkerPayload(marker)}, path)
+    return path, marker
+
+
+def test_evil_payload_is_live(evil_weights):
+    """The fixture's payload does run under torch-fidelity's torch.load(weights_only=False)."""
+    path, marker = evil_weights
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_inception_v3_compat_refuses_a_swapped_file_unloaded(evil_weights, monkeypatch):
+    path, marker = evil_weights
+    monkeypatch.setenv(F.ENV_INCEPTION_WEIGHTS, str(path))
+    for load in (lambda: F.InceptionV3Compat("inception-v3-compat", ["2048"]),
+                 lambda: M.extract_features("inception-v3-compat", random_images(1), progress=False)):
+        with pytest.raises(F.WeightsMismatchError) as e:
+            load()
+        assert isinstance(e.value, UserError)
+        msg = str(e.value)
+        assert str(path) in msg and sha256_file(path) in msg and F.INCEPTION_SHA256_PREFIX in msg
+        assert F.ENV_INCEPTION_WEIGHTS in msg and "torch-fidelity/releases" in msg
+    assert not marker.exists(), "the swapped file was unpickled"
+
+
+def test_inception_hash_prefix_check(tmp_path):
+    """check_sha256_prefix on a small file with its own computed hash (the real checkpoint is 100 MB)."""
+    path = tmp_path / "small.bin"
+    path.write_bytes(b"not the real inception weights")
+    digest = sha256_file(path)
+    F.check_sha256_prefix(path.read_bytes(), path, digest[:8])  # torch hub's 8-hex convention
+    F.check_sha256_prefix(path.read_bytes(), path, digest)      # a full sha256 works the same way
+    with pytest.raises(F.WeightsMismatchError, match=digest):
+        F.check_sha256_prefix(path.read_bytes(), path, F.INCEPTION_SHA256_PREFIX)
+    assert F.INCEPTION_SHA256_PREFIX == "6726825d"               # from torch-fidelity's URL_INCEPTION_V3
+
+
+def test_inception_matching_hash_still_loads_only_tensors(evil_weights):
+    """A forged file whose hash prefix matches (32 bits can be brute-forced) is still never unpickled."""
+    path, marker = evil_weights
+    with pytest.raises(F.WeightsMismatchError, match="not a plain state_dict"):
+        F.load_inception_state(path, sha256_prefix=sha256_file(path)[:8])
+    assert not marker.exists()
 
 
 #----------------------------------------------------------------------------

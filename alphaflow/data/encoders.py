@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from alphaflow.errors import MissingInputError
+
 VAE_ENV = "ALPHAFLOW_VAE_PATH"
 VAE_REPO = "stabilityai/sd-vae-ft-ema"
 ENCODERS = ("identity", "sd-vae-ft-ema")
@@ -111,7 +113,7 @@ def resolve_vae_path(path=None) -> Path:
     directory or a hub cache root holding it."""
     given = path if path is not None else os.environ.get(VAE_ENV)
     if not given:
-        raise FileNotFoundError(_missing_vae_message(None))
+        raise MissingInputError(_missing_vae_message(None))
     root = Path(given).expanduser()
     candidates = [root, root / "vae"]
     for hub in (root, root / ("models--" + VAE_REPO.replace("/", "--"))):
@@ -119,7 +121,7 @@ def resolve_vae_path(path=None) -> Path:
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(_missing_vae_message(root))
+    raise MissingInputError(_missing_vae_message(root))
 
 
 def _hub_snapshots(hub: Path) -> list[Path]:

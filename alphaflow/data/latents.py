@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alphaflow.errors import InvalidInputError
+
 from .prepare import iter_prepared_shards
 from .shards import (FORMAT, MANIFEST, ShardError, atomic_write_json, read_json, read_manifest,
                      read_shard, sha256_file, shard_is_current, write_shard)
@@ -328,8 +330,9 @@ class LatentLoader:
         self.num_samples = self.manifest["count"] // world_size              # per rank
         self.batches_per_epoch = self.num_samples // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.latent_dir}: {self.manifest['count']} latents over {world_size} rank(s) "
-                             f"give {self.num_samples} per rank, fewer than one batch of {batch_size}")
+            raise InvalidInputError(f"{self.latent_dir}: {self.manifest['count']} latents over {world_size} rank(s) "
+                                    f"give {self.num_samples} per rank, fewer than one batch of {batch_size}; "
+                                    f"lower the batch size or use more data")
         self._load_subset()
         self.epoch, self.position, self._perm_epoch, self._perm = 0, 0, None, None
         self.last_index = None                                               # global indices of the last batch
@@ -385,6 +388,6 @@ class LatentLoader:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "batch_size", "world_size"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                 f"{getattr(self, key)}; exact resume needs the same value")
+                raise InvalidInputError(f"loader state was saved with {key}={state[key]}, this loader has "
+                                        f"{getattr(self, key)}; exact resume needs the same value")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from alphaflow.errors import InvalidInputError, MissingInputError
+
 from .embedded import load_embedded
 from .shards import (FORMAT, MANIFEST, ShardError, atomic_write_json, read_json, read_manifest,
                      read_shard, sha256_json, shard_is_current, write_shard)
@@ -68,10 +70,11 @@ def scan_folder(src, limit_per_class: int | None = None) -> tuple[list[str], lis
     """Returns (class_names sorted, [(relative path, label)], number of non-image files ignored)."""
     src = Path(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"image folder {src} does not exist")
+        raise MissingInputError(f"image folder {src} does not exist; point params data.path (or ALPHAFLOW_IMAGENET) "
+                                f"at an ImageNet-style folder (one sub-folder per class)")
     classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise ValueError(f"{src} has no class sub-folders (expected ImageNet layout <src>/<class>/<image>)")
+        raise InvalidInputError(f"{src} has no class sub-folders (expected ImageNet layout <src>/<class>/<image>)")
     files, ignored = [], 0
     for label, name in enumerate(classes):
         entries = sorted(e.name for e in os.scandir(src / name) if e.is_file())
@@ -81,7 +84,7 @@ def scan_folder(src, limit_per_class: int | None = None) -> tuple[list[str], lis
             images = images[:limit_per_class]
         files += [(f"{name}/{e}", label) for e in images]
     if not files:
-        raise ValueError(f"{src} has class folders but no image files ({sorted(IMAGE_EXTENSIONS)})")
+        raise InvalidInputError(f"{src} has class folders but no image files ({sorted(IMAGE_EXTENSIONS)})")
     return classes, files, ignored
 
 

@@ -19,6 +19,8 @@ import numpy as np
 from safetensors.numpy import load as st_load_bytes
 from safetensors.numpy import save as st_save_bytes
 
+from alphaflow.errors import UserError
+
 MANIFEST = "manifest.json"      # the finished dataset's manifest
 FORMAT = 1                      # manifest["format"]; bump on incompatible layout changes
 
@@ -27,7 +29,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)                # read the process umask once (there is no getter)
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or manifest is missing, unreadable or fails its checksum."""
 
 

@@ -7,7 +7,6 @@ the bad value and what is allowed.
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -94,12 +93,6 @@ class RunConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
-
-    def fingerprint(self):
-        """Hash of the settings that change the trained weights (provenance.train_settings)."""
-        from alphaflow.provenance import canonical, train_settings
-
-        return hashlib.sha256(canonical(train_settings(self)).encode()).hexdigest()[:16]
 
 
 #----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
+from alphaflow.config import ParamsError
 from alphaflow.data.shards import ShardError, atomic_write_bytes, atomic_write_json, sha256_file
 from alphaflow.sampling import SeededNoise, sample
 from alphaflow.stages import build_params_encoder, classifier_path, resolve_device
@@ -103,7 +104,7 @@ def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, 
     device = torch.device(resolve_device(device))
     ev = params.raw["eval"]
     if sampler_name not in params.samplers:
-        raise ValueError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")
+        raise ParamsError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")
     sampler = params.samplers[sampler_name]
     out = samples_dir(params, run_name, weights, sampler_name)
     fp = sample_fingerprint(params, run_name, weights, sampler_name, num_parts)

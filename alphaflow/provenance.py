@@ -38,7 +38,13 @@ def pick(mapping, keys):
 
 
 def stage_reads(params, stage, *, split=None, run=None, weights=None, sampler=None):
-    """The params values the output of `stage` (for this split/run/weights/sampler) depends on."""
+    """The params values the output of `stage` (for this split/run/weights/sampler) depends on, with the
+    stage's CODE_VERSION (so Snakemake's params trigger re-runs a stage whose code version was bumped)."""
+    reads = params_read(params, stage, split=split, run=run, weights=weights, sampler=sampler)
+    return {**reads, "code_version": CODE_VERSION[stage]}
+
+
+def params_read(params, stage, *, split=None, run=None, weights=None, sampler=None):
     raw, ev = params.raw, params.raw["eval"]
     if stage == "prepare":
         return {"data": pick(raw["data"], ("name", "source", "path", "ref_path", "resolution", "limit_per_class")),
@@ -54,7 +60,7 @@ def stage_reads(params, stage, *, split=None, run=None, weights=None, sampler=No
     if stage == "sample":
         return {"sampler": pick(params.samplers[sampler], ("t_steps", "mode")), "weights": weights,
                 "eval": pick(ev, ("num_samples", "labels", "batch_size", "parts")),
-                "decoder": stage_reads(params, "encode")["encoder"]}
+                "decoder": params_read(params, "encode")["encoder"]}
     if stage == "evaluate":
         slow = ev.get("slow_metric_weights") or ev["weights"]
         return {"seed": raw["seed"], "slow_metrics": weights in slow,
@@ -75,8 +81,9 @@ def canonical(obj):
 
 
 def fingerprint(stage, reads, upstream=()):
-    """sha256 (16 hex) of the stage, its code version, what it reads and its upstream content hashes."""
-    record = {"stage": stage, "code": CODE_VERSION[stage], "reads": reads, "upstream": list(upstream)}
+    """sha256 (16 hex) of the stage, what it reads (stage_reads: with its code version) and its upstream
+    content hashes."""
+    record = {"stage": stage, "reads": reads, "upstream": list(upstream)}
     return hashlib.sha256(canonical(record).encode()).hexdigest()[:16]
 
 

@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
 from alphaflow import distributed
+from alphaflow.config import ParamsError
 from alphaflow.data import LatentLoader
 from alphaflow.data.shards import atomic_write_bytes
 from alphaflow.ema import EMA
 from alphaflow.models import build_model
 from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
 from alphaflow.provenance import TRAIN_VOLATILE, fingerprint, latents_content_hash, stage_reads
-from alphaflow.tracking import Tracker, append_jsonl, git_commit, truncate_jsonl
+from alphaflow.tracking import Tracker, append_jsonl, git_commit, metric_key, truncate_jsonl
 
 LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
 REQUEUE_EXIT_CODE = os.EX_TEMPFAIL  # = alphaflow.launch.REQUEUE_EXIT_CODE, kept here so training needs no submitit
@@ -47,11 +48,6 @@ def learning_rate(run, step):
     return run.lr * (1e-4 + (1 - 1e-4) * step / run.warmup_steps)
 
 
-def metric_name(key):
-    """MLflow-safe names: cos(FM',TC) → cos_FMp_TC."""
-    return key.replace("'", "p").replace("(", "_").replace(")", "").replace(",", "_")
-
-
 #----------------------------------------------------------------------------
 # Set-up
 
@@ -59,11 +55,13 @@ def metric_name(key):
 def batch_split(run, world_size):
     """(per-device batch, micro-batch, accumulation steps) with clear errors."""
     if run.batch_size % world_size:
-        raise ValueError(f"batch_size {run.batch_size} of run {run.name} is not divisible by {world_size} processes")
+        raise ParamsError(f"params key 'runs.{run.name}.batch_size' = {run.batch_size}: not divisible by the "
+                          f"{world_size} processes of this job (change batch_size or the job's GPUs/nodes)")
     per_rank = run.batch_size // world_size
     micro = run.micro_batch_size or per_rank
     if per_rank % micro:
-        raise ValueError(f"per-device batch {per_rank} of run {run.name} is not divisible by micro_batch_size {micro}")
+        raise ParamsError(f"params key 'runs.{run.name}.micro_batch_size' = {micro}: the per-device batch {per_rank} "
+                          f"is not divisible by micro_batch_size {micro}")
     return per_rank, micro, per_rank // micro
 
 
@@ -363,7 +361,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                     if run.conflict_every and done % run.conflict_every == 0:
                         record.update(gradient_conflict(net, *conflict_batch))
                     append_jsonl(run_dir / "metrics.jsonl", record)
-                    tracker.log_metrics({metric_name(k): v for k, v in record.items() if k != "step"}, step=done)
+                    tracker.log_metrics({metric_key(k): v for k, v in record.items() if k != "step"}, step=done)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", alpha=f"{alpha:.3f}",
                                     img_s=f"{record['images_per_s']:.0f}")
                     for v in sums.values():

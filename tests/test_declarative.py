@@ -124,8 +124,8 @@ def test_a_changed_key_reruns_its_stage_and_downstream_and_equals_a_fresh_run(ba
     d = copy.deepcopy(d0)
     set_key(d, key, value)
     write_params(work, d)
-    out = snakemake(work).stdout
-    assert job_counts(out) == {**jobs, "all": 1}, out[-3000:]
+    out = snakemake(work)
+    assert job_counts(out.stdout + out.stderr) == {**jobs, "all": 1}, out.stderr[-3000:]
     assert outputs(work) == scratch(base, d, stage)
     assert "Nothing to be done" in snakemake(work, "-n").stdout
 

@@ -29,10 +29,6 @@ TRAIN_VOLATILE = frozenset({"log_every", "checkpoint_every", "snapshot_every", "
                             "paper_row", "resources", "steps", "eval_every", "group"})
 
 
-# Top-level keys that say how or where stages run, never what they produce.
-RUN_ONLY_KEYS = frozenset({"resources", "executor", "tracking_uri", "device"})
-
-
 def pick(mapping, keys):
     return {k: mapping.get(k) for k in keys}
 
@@ -55,8 +51,12 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
         return {"seed": raw["seed"], "classifier_epochs": ev.get("classifier_epochs", 2)}
     if stage == "reference":
         return {"eval": pick(ev, ("metrics", "ref_samples", "fid_ref_samples", "inception"))}
-    if stage == "train":
-        return {"run": train_settings(params.run(run))}
+    if stage == "train":  # + what the in-training FD_clf records in metrics.jsonl depend on, when on
+        cfg = params.run(run)
+        reads = {"run": train_settings(cfg)}
+        if cfg.eval_every:
+            reads["in_training_eval"] = pick(ev, ("train_eval_samples", "labels", "samplers", "ref_samples"))
+        return reads
     if stage == "sample":
         return {"sampler": pick(params.samplers[sampler], ("t_steps", "mode")), "weights": weights,
                 "eval": pick(ev, ("num_samples", "labels", "batch_size", "parts")),
@@ -65,9 +65,13 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
         slow = ev.get("slow_metric_weights") or ev["weights"]
         return {"seed": raw["seed"], "slow_metrics": weights in slow,
                 "eval": pick(ev, ("metrics", "n_boot", "fid_samples", "fid_ref_samples", "ref_samples", "inception"))}
-    if stage == "report":  # tables and plots name runs, groups, seeds, samplers: all but how/where it ran
-        runs = {name: {k: v for k, v in run.items() if k != "resources"} for name, run in raw["runs"].items()}
-        return {**{k: v for k, v in raw.items() if k not in RUN_ONLY_KEYS}, "runs": runs}
+    if stage == "report":  # tables and plots name runs, their settings, groups, seeds, samplers, metrics
+        shown = TRAIN_VOLATILE - {"steps", "group", "paper_row"}
+        runs = {name: {k: v for k, v in params.run(name).to_dict().items() if k not in shown}
+                for name in params.run_names}
+        return {"profile": raw["profile"], "paper_results": raw.get("paper_results", {}),
+                "comparisons": raw.get("comparisons"), "runs": runs,
+                "eval": pick(ev, ("samplers", "metrics", "weights"))}
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -30,7 +30,7 @@ from alphaflow.data.shards import atomic_write_bytes
 from alphaflow.ema import EMA
 from alphaflow.models import build_model
 from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
-from alphaflow.provenance import TRAIN_VOLATILE, fingerprint, latents_content_hash, stage_reads
+from alphaflow.provenance import TRAIN_VOLATILE, file_hash, fingerprint, latents_content_hash, stage_reads
 from alphaflow.tracking import Tracker, append_jsonl, git_commit, metric_key, truncate_jsonl
 
 LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
@@ -96,8 +96,14 @@ def changed_keys(saved, current):
 
 
 def train_fingerprint(params, run):
-    """What the weights depend on: the run's settings, the latents' content, the fine-tune source's weights."""
+    """What the run's outputs depend on: its settings, the latents' content, the fine-tune source's weights
+    (and with eval_every, the classifier and reference images of the in-training FD_clf)."""
     upstream = [latents_content_hash(params.latent_dir())]
+    if run.eval_every:  # in-training FD_clf: the classifier and the held-out images it is measured against
+        from alphaflow.stages import classifier_path, reference_split
+
+        upstream += [file_hash(classifier_path(params)),
+                     file_hash(params.data_dir(reference_split(params)) / "manifest.json")]
     if run.init_from is not None:
         source = ckpt.read_state(params.run_dir(run.init_from) / "checkpoints" / "final")
         upstream.append(source["fingerprint"] + f"@{source['step']}")

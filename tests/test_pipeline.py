@@ -79,6 +79,19 @@ def test_slurm_profile_plans_every_paper_run_through_the_launcher():
     assert report and "launch" not in report[0]  # CPU rule runs locally
 
 
+def test_the_workflow_profile_applies_from_the_repository_root():
+    """profiles/default/ (beside the Snakefile) sets rerun-incomplete and the re-run triggers for plain runs
+    and for `--profile slurm` alike; it must not set `cores` or `config`, which would override the slurm
+    profile's (a workflow profile wins key by key)."""
+    plain = run([BIN / "snakemake", "-n", "all"])
+    assert "Using workflow specific profile profiles/default" in plain.stdout + plain.stderr
+    both = run([BIN / "snakemake", "-n", "--profile", "slurm", "all"])
+    assert "Using profiles slurm and workflow specific profile profiles/default" in both.stdout + both.stderr
+    default = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
+    assert default["rerun-incomplete"] is True and "code" not in default["rerun-triggers"]
+    assert not {"cores", "config", "executor"} & set(default)
+
+
 def test_fine_tune_waits_for_its_source_run():
     out = run([BIN / "snakemake", "-n", "--forceall", "results/runs/alphaflow-XL-2-plus-cfg/checkpoints/final/state.json",
                "--config", "params=params/paper.yaml"]).stdout

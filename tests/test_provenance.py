@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from alphaflow import checkpoint as ckpt
 from alphaflow import evaluate as E
@@ -18,20 +17,13 @@ from alphaflow.config import ParamsError, load_params
 from alphaflow.ema import ema_beta
 from alphaflow.train import train
 from conftest import tiny_params_dict
+from test_train import assert_bit_identical, final_tensors
 
 RUN = "alphaflow-tiny"
 
 
 def final_weights(results, run=RUN):
-    d = results / "runs" / run / "checkpoints" / "final"
-    return {name: load_file(str(d / f"{name}.safetensors")) for name in ("model", "ema", "optimizer")}
-
-
-def assert_equal_weights(a, b):
-    for group in a:
-        assert a[group].keys() == b[group].keys()
-        for k in a[group]:
-            assert torch.equal(a[group][k], b[group][k]), f"{group}/{k} differs"
+    return final_tensors(results, run)
 
 
 @pytest.fixture
@@ -64,7 +56,7 @@ def test_changed_params_on_a_finished_run_retrain_it(tiny_project, scratch, caps
     assert "changed keys: ['fm_ratio', 'lr']" in capsys.readouterr().out
     new = final_weights(results)
     assert not torch.equal(old["model"]["final_layer.linear.weight"], new["model"]["final_layer.linear.weight"])
-    assert_equal_weights(new, scratch(steps=4, lr=5e-4, fm_ratio=0.25))
+    assert_bit_identical(new, scratch(steps=4, lr=5e-4, fm_ratio=0.25))
     # The old weights are kept aside, never mixed in; metrics.jsonl holds only the new run's records.
     superseded = list((results / "runs" / RUN / "superseded").iterdir())
     assert len(superseded) == 1 and (superseded[0] / "ema.safetensors").exists()
@@ -106,7 +98,7 @@ def test_more_steps_extend_a_finished_run_exactly(tiny_project, scratch, delete_
     if delete_marker:
         (results / "runs" / RUN / "checkpoints" / "final" / "state.json").unlink()
     train(load_params(write(steps=10, checkpoint_every=4)), RUN, tracking=False, quiet=True)
-    assert_equal_weights(final_weights(results), scratch(steps=10, checkpoint_every=4))
+    assert_bit_identical(final_weights(results), scratch(steps=10, checkpoint_every=4))
     steps = [json.loads(line)["step"] for line in (results / "runs" / RUN / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10]
 
@@ -115,9 +107,9 @@ def test_fewer_steps_equal_a_shorter_run(tiny_project, scratch):
     write, results = tiny_project
     train(load_params(write(steps=10)), RUN, tracking=False, quiet=True)  # keeps step-8 and step-10
     train(load_params(write(steps=8)), RUN, tracking=False, quiet=True)   # from step-8
-    assert_equal_weights(final_weights(results), scratch(steps=8))
+    assert_bit_identical(final_weights(results), scratch(steps=8))
     train(load_params(write(steps=5)), RUN, tracking=False, quiet=True)   # no checkpoint ≤ 5: starts over
-    assert_equal_weights(final_weights(results), scratch(steps=5))
+    assert_bit_identical(final_weights(results), scratch(steps=5))
 
 
 def test_stop_after_writes_a_checkpoint_at_that_step(tiny_project, scratch):
@@ -128,7 +120,7 @@ def test_stop_after_writes_a_checkpoint_at_that_step(tiny_project, scratch):
     assert latest["step"] == 3
     assert not (results / "runs" / RUN / "checkpoints" / "final").exists()
     train(params, RUN, tracking=False, quiet=True)
-    assert_equal_weights(final_weights(results), scratch(steps=8, checkpoint_every=1000))
+    assert_bit_identical(final_weights(results), scratch(steps=8, checkpoint_every=1000))
 
 
 def test_finetune_continues_the_source_ema_with_its_half_life(tiny_project):

@@ -240,6 +240,11 @@ def reference_stats_for(params, extractor, images, manifest, device="cpu", weigh
                            device=device)
 
 
+def reference_cache_stem(params, extractor, images, manifest):
+    """File stem of the cached statistics reference_stats_for reads for these (uncapped) images."""
+    return f"{extractor}-{content_hash(manifest, len(capped(params, extractor, images, 'reference')))}"
+
+
 def evaluate_images(params, images, device, weights=None):
     """{metric: {value, low, high, n}} for uint8 images against the reference statistics.
 

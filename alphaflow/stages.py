@@ -114,16 +114,29 @@ def reference_marker(params):
 def reference(params, device=None):
     """Caches reference statistics for every metric of the profile; writes a summary for the DAG."""
     from alphaflow.data.shards import atomic_write_json
-    from alphaflow.evaluate import metric_plan, reference_stats_for
+    from alphaflow.evaluate import metric_plan, reference_cache_stem, reference_stats_for
+    from alphaflow.features import EXTRACTORS
+    from alphaflow.provenance import file_hash, fingerprint, stage_reads
 
     images, _, manifest = reference_images(params)
-    summary = {"count": len(images), "metrics": {}}
+    upstream = [file_hash(params.data_dir(reference_split(params)) / "manifest.json")]
+    if classifier_path(params).exists():
+        upstream.append(file_hash(classifier_path(params)))
+    summary = {"count": len(images), "fingerprint": fingerprint("reference", stage_reads(params, "reference"), upstream),
+               "metrics": {}}
     for metric, extractor, weights_path in metric_plan(params):
         if metric.startswith("is"):
             continue  # Inception Score needs no reference
         mu, sigma = reference_stats_for(params, extractor, images, manifest, resolve_device(device), weights_path)
         summary["metrics"][metric] = {"extractor": extractor, "dim": int(mu.shape[-1])}
         print(f"[alphaflow] reference {metric}: {extractor} statistics of {len(images)} held-out images cached")
+    # Statistics cached for other settings (another ref_samples, older data) go: the folder then holds what
+    # a from-scratch run with these params writes, and DVC sees the same output.
+    used = {reference_cache_stem(params, e, images, manifest) for m, e, _ in metric_plan(params) if not m.startswith("is")}
+    for f in reference_marker(params).parent.iterdir():
+        stem = f.name.split(".")[0]
+        if stem.rsplit("-", 1)[0] in EXTRACTORS and stem not in used and f.suffix in (".safetensors", ".json"):
+            f.unlink()
     atomic_write_json(reference_marker(params), summary)
     return summary
 

@@ -102,8 +102,8 @@ def train_fingerprint(params, run):
     if run.eval_every:  # in-training FD_clf: the classifier and the held-out images it is measured against
         from alphaflow.stages import classifier_path, reference_split
 
-        upstream += [file_hash(classifier_path(params)),
-                     file_hash(params.data_dir(reference_split(params)) / "manifest.json")]
+        needed = (classifier_path(params), params.data_dir(reference_split(params)) / "manifest.json")
+        upstream += [file_hash(p) if p.exists() else None for p in needed]  # missing: the evaluation says so
     if run.init_from is not None:
         source = ckpt.read_state(params.run_dir(run.init_from) / "checkpoints" / "final")
         upstream.append(source["fingerprint"] + f"@{source['step']}")

@@ -146,6 +146,15 @@ def test_dvc_runs_the_small_profile_after_the_documented_switch(tmp_path):
     stages = dvc_stages(cwd=tmp_path)
     assert {cmd for _, cmd, _ in stages} == smk_cmds
     assert sum(name.startswith("train@") for name, _, _ in stages) == 13  # 3 methods × 3 seeds + 2 × 2 ablation
+    # Every params key dvc.yaml names exists in the profile (`dvc repro` refuses to run otherwise).
+    code = ("import json; from dvc.repo import Repo; r = Repo('.'); print(json.dumps(sorted({k for s in r.index.stages "
+            "for d in s.deps if type(d).__name__ == 'ParamsDependency' for k in d.params})))")
+    profile = yaml.safe_load((tmp_path / "params" / "small.yaml").read_text())
+    for key in json.loads(run([sys.executable, "-c", code], cwd=tmp_path).stdout):
+        node = profile
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"dvc.yaml names params key {key!r}, missing in small.yaml"
+            node = node[part]
 
 
 #----------------------------------------------------------------------------
@@ -157,7 +166,7 @@ def tiny_profile(path, images, results="results", **defaults):
     d["eval"]["weights"] = ["ema", "raw"]
     # Every params key dvc.yaml names must exist (DVC refuses missing params).
     d["eval"].update({"fid_samples": None, "fid_ref_samples": None, "slow_metric_weights": None,
-                      "inception": "inception-fid-ts"})
+                      "inception": "inception-fid-ts", "parts": 1})
     d["paper_results"] = {}
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return d

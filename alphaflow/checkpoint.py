@@ -125,8 +125,8 @@ def latest_checkpoint(ckpt_dir, max_step=None):
         state = read_state(path, missing_ok=True) if path is not None else None
         if state is not None and (max_step is None or state["step"] <= max_step):
             return path
-    steps = [s for s in complete_checkpoints(ckpt_dir) if max_step is None or s <= max_step]
-    return complete_checkpoints(ckpt_dir)[max(steps)] if steps else None
+    found = {s: p for s, p in complete_checkpoints(ckpt_dir).items() if max_step is None or s <= max_step}
+    return found[max(found)] if found else None
 
 
 def read_state(path, missing_ok=False):

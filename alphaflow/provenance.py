@@ -15,9 +15,10 @@ The declarative promise (a changed input never yields a stale result) rests on t
    (Hashing the source instead would retrain a 2,000 GPU-hour profile for a comment.)
 """
 
-import hashlib
 import json
 from pathlib import Path
+
+from alphaflow.data.shards import sha256_file, sha256_json
 
 # Bump when a change of the code changes the stage's output for the same params and inputs.
 CODE_VERSION = {"prepare": 1, "encode": 1, "classifier": 1, "reference": 1, "train": 2, "sample": 2,
@@ -80,20 +81,16 @@ def train_settings(run):
     return {k: v for k, v in run.to_dict().items() if k not in TRAIN_VOLATILE}
 
 
-def canonical(obj):
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
-
-
 def fingerprint(stage, reads, upstream=()):
     """sha256 (16 hex) of the stage, what it reads (stage_reads: with its code version) and its upstream
     content hashes."""
     record = {"stage": stage, "reads": reads, "upstream": list(upstream)}
-    return hashlib.sha256(canonical(record).encode()).hexdigest()[:16]
+    return sha256_json(record)[:16]
 
 
 def file_hash(path):
     """Content hash of a small marker/manifest file (manifests carry their shards' checksums)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def latents_content_hash(latent_dir):
@@ -103,4 +100,4 @@ def latents_content_hash(latent_dir):
     keep = {k: manifest.get(k) for k in ("count", "latent_shape", "num_classes", "encoder_fingerprint", "dtype")}
     keep["shards"] = [s["sha256"] for s in manifest["shards"]]
     keep["stats"] = manifest["stats"]["sha256"]
-    return hashlib.sha256(canonical(keep).encode()).hexdigest()[:16]
+    return sha256_json(keep)[:16]

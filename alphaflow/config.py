@@ -63,7 +63,8 @@ class RunConfig:
     label_dropout: float = 0.0           # only inside the CFG interval
     clamp_target: float | None = 4.0     # α > 0 target clip
     weight_eps: float = 1e-3             # c of the adaptive weight
-    jvp_mode: str = "split"              # split | fused
+    jvp_mode: str = "tangent"            # tangent | split | fused (objectives.alpha_flow_loss)
+    compile: bool = False                # torch.compile the network for the training step
     stats_samples: int = 2048            # latents for the per-element statistics
     init_from: str | None = None         # fine-tune from this run's final checkpoint
     log_every: int = 100                 # metrics.jsonl / MLflow cadence

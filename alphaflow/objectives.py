@@ -169,6 +169,17 @@ def shortcut_shift_velocity(net, z_t, r, t, y):
 #----------------------------------------------------------------------------
 # The loss
 
+JVP_MODES = ("tangent", "split", "fused")
+
+
+def contiguous(index):
+    """A sorted index tensor → the equal slice when it is one run (views instead of copies), else itself.
+    sample_times puts the r ≠ t samples last, so the MeanFlow rows are a slice."""
+    n = index.numel()
+    if n and int(index[-1]) - int(index[0]) == n - 1:
+        return slice(int(index[0]), int(index[0]) + n)
+    return index
+
 
 @dataclass
 class LossTerms:
@@ -194,17 +205,21 @@ def alpha_flow_loss(
     clamp_target=4.0,        # elementwise clip of α > 0 targets; None = no clip
     weight_eps=1e-3,         # c in the adaptive weight a / (Δ² + c)
     shift="velocity",        # ṽ: "velocity" (v_t, CFG-guided) or "shortcut" (sg u(z_t, s, t))
-    jvp_mode="split",        # MeanFlow: "split" = no-grad JVP on r ≠ t, then one grad forward;
-                             #           "fused" = one JVP on the whole batch whose primal carries grad
+    jvp_mode="tangent",      # MeanFlow's du/dt: "tangent" = the DiT's own forward-mode pass on r ≠ t, in the
+                             #   same call as the grad forward (nets without `supports_tangent` use "split");
+                             # "split" = torch.func.jvp under no_grad on r ≠ t, then one grad forward;
+                             # "fused" = one torch.func.jvp on the whole batch whose primal carries grad
     teacher=None,            # module for the no-grad passes (teachers, JVP, u(z_s)); None = net.
                              # Under DDP pass the DDP wrapper as net and its .module here.
 ):
     """All of paper §1–§4 for one micro-batch; returns LossTerms. See module docstring."""
     if shift not in ("velocity", "shortcut"):
         raise ValueError(f"shift must be 'velocity' or 'shortcut', got {shift!r}")
-    if jvp_mode not in ("split", "fused"):
-        raise ValueError(f"jvp_mode must be 'split' or 'fused', got {jvp_mode!r}")
+    if jvp_mode not in JVP_MODES:
+        raise ValueError(f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}")
     teacher = net if teacher is None else teacher
+    if jvp_mode == "tangent" and not getattr(teacher, "supports_tangent", False):
+        jvp_mode = "split"
     if jvp_mode == "fused" and teacher is not net:
         raise ValueError("jvp_mode='fused' differentiates the gradient forward itself; it cannot run through DDP")
     z_t = bcast(1 - t, x) * x + bcast(t, x) * noise  # (B, C, H, W)
@@ -213,12 +228,13 @@ def alpha_flow_loss(
         teacher, z_t, t, y, v, omega=omega, kappa=kappa, cfg_interval=cfg_interval, null_label=null_label
     )
     is_fm = t == r
-    mf = (~is_fm).nonzero(as_tuple=True)[0]  # the r ≠ t subset
+    mf_index = (~is_fm).nonzero(as_tuple=True)[0]  # the r ≠ t subset
     target = v_tilde.clone()  # r == t: flow matching
     a = torch.ones_like(t)    # weight numerator
     u = None
 
-    if mf.numel() > 0:
+    if mf_index.numel() > 0:
+        mf = contiguous(mf_index)
         z_m, r_m, t_m, y_m = z_t[mf], r[mf], t[mf], y[mf]
         if shift == "shortcut":
             v_m = shortcut_shift_velocity(teacher, z_m, r_m, t_m, y_m).to(v.dtype)
@@ -231,6 +247,10 @@ def alpha_flow_loss(
                     lambda z, tt: net(z, r, tt, y), (z_t, t), (v_tilde, torch.ones_like(t))
                 )
             target = v_tilde - bcast(t - r, v_tilde) * dudt.detach().to(v_tilde.dtype)
+        elif alpha == 0.0 and jvp_mode == "tangent":
+            # One pass: u with its gradient on the whole batch, du/dt along (ṽ, 0, 1) on r ≠ t (no grad).
+            u, dudt = net(z_t, r, t, y, tangent=(mf, v_m, torch.ones_like(t_m)))
+            target[mf] = v_m - bcast(t_m - r_m, v_m) * dudt.to(v_m.dtype)
         elif alpha == 0.0:
             target[mf] = meanflow_target(teacher, z_m, r_m, t_m, y_m, v_m)
         else:

@@ -25,9 +25,10 @@ CODE_VERSION = {"prepare": 1, "encode": 1, "classifier": 1, "reference": 1, "tra
                 "evaluate": 2, "report": 1}
 
 # Training settings that do not change the trained weights: cadence of logs/checkpoints/evaluation,
-# bookkeeping, resources. `steps` is handled apart: a larger count extends a finished run.
+# bookkeeping, resources, and how the same arithmetic is carried out (jvp_mode, compile: they change float
+# rounding only, like the number of GPUs). `steps` is handled apart: a larger count extends a finished run.
 TRAIN_VOLATILE = frozenset({"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
-                            "paper_row", "resources", "steps", "eval_every", "group"})
+                            "paper_row", "resources", "steps", "eval_every", "group", "jvp_mode", "compile"})
 
 
 def pick(mapping, keys):

@@ -271,6 +271,8 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
 
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if fused else None) \
         if info.world_size > 1 else net
+    # torch.compile (params `compile`): the gradient forward (with its tangent pass) and the no-grad teachers.
+    forward, teacher = (torch.compile(ddp), torch.compile(net)) if run.compile else (ddp, net)
 
     tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_dir / "mlflow_run_id",
                       tags={"method": run.method, "scale": run.model, "profile": params.profile,
@@ -320,9 +322,9 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                 sync = contextlib.nullcontext() if (i == accum - 1 or info.world_size == 1) else ddp.no_sync()
                 with sync, autocast():
                     terms = alpha_flow_loss(
-                        ddp, x, y, t, r, noise, alpha, omega=run.cfg_omega, kappa=run.cfg_kappa,
+                        forward, x, y, t, r, noise, alpha, omega=run.cfg_omega, kappa=run.cfg_kappa,
                         cfg_interval=run.cfg_interval, null_label=net.null_label, clamp_target=run.clamp_target,
-                        weight_eps=run.weight_eps, shift=run.shift, jvp_mode=run.jvp_mode, teacher=net)
+                        weight_eps=run.weight_eps, shift=run.shift, jvp_mode=run.jvp_mode, teacher=teacher)
                     (terms.loss.mean() / accum).backward()
                 with torch.no_grad():
                     sums["loss"] += terms.loss.detach().mean() / accum

@@ -1,17 +1,27 @@
-"""Cost of one training step per objective, side by side (issue: α-Flow engine, GPU performance).
+"""Cost of one training step per objective, side by side (issue 17: fast JVP).
 
     python benchmarks/step_cost.py --model T/4 --input-size 28 --channels 1 --batch 64      # CPU demo scale
     python benchmarks/step_cost.py --model B/2 --batch 256 --bf16                          # one GPU
 
-Prints ms/step, images/s, the ratio to the flow-matching step, peak memory and (CUDA) MFU against
-the device's dense bf16 peak. MFU counts the useful work of a step as 3× the forward FLOPs (measured
-with torch.utils.flop_counter on one forward), the convention of the GPU-performance issue.
+Every row is timed in each of `--repeats` rounds (rows interleaved, so a machine that slows down mid-run
+slows every row alike); the table gives the median ms/step and the median and range of the per-round
+ratio to that round's FM step. MFU counts the useful work of a step as 3× the forward FLOPs (measured
+with torch.utils.flop_counter on one forward) against the device's dense bf16 peak.
+
+The table is also written as Markdown and JSON to `--out` (default benchmarks/results/), one file pair
+per device, model, batch and dtype; `alphaflow plan` reads the JSON's measured step costs.
 """
 
 import argparse
 import contextlib
+import datetime
+import json
+import os
+import platform
 import resource
+import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,13 +31,39 @@ from alphaflow.objectives import alpha_flow_loss, sample_times
 from official_meanflow import official_meanflow_loss  # benchmarks/ is on sys.path when run as a script
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+TARGETS = {"alphaflow": 1.20, "meanflow": 1.25, "official_speedup": 1.4}  # issue 17
+FM_RATIO = 0.5  # r = t share of the α-Flow and MeanFlow rows (the paper's α-Flow ratio is 0.25–0.5)
+
+# (label, objective, jvp_mode, cfg): objective ∈ forward | fm | alphaflow | meanflow | official
+ROWS = [
+    ("forward (no grad)", "forward", None, False),
+    ("FM step", "fm", None, False),
+    ("α-Flow step (α=½, 50% r≠t)", "alphaflow", None, False),
+    ("MeanFlow step, tangent pass (default)", "meanflow", "tangent", False),
+    ("MeanFlow step, torch.func.jvp split", "meanflow", "split", False),
+    ("MeanFlow step, torch.func.jvp fused", "meanflow", "fused", False),
+    ("MeanFlow, official formulation (autograd.functional.jvp)", "official", None, False),
+]
+CFG_ROWS = [
+    ("FM step + CFG teachers", "fm", None, True),
+    ("α-Flow step + CFG teachers", "alphaflow", None, True),
+    ("MeanFlow step + CFG teachers", "meanflow", "tangent", True),
+]
+COMPILED_ROWS = [  # torch.compile(net): the params option train.compile
+    ("FM step, compiled", "fm", None, False),
+    ("α-Flow step, compiled", "alphaflow", None, False),
+    ("MeanFlow step, tangent pass, compiled", "meanflow", "tangent", False),
+]
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
 
 
 def device_peak_tflops(device):
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
 
 def forward_flops(net, z, y):
@@ -37,29 +73,25 @@ def forward_flops(net, z, y):
     return counter.get_total_flops() / z.shape[0]
 
 
-def make_step(kind, net, opt, x, y, noise, autocast, jvp_mode="split", cfg=False):
+def make_step(objective, net, opt, x, y, noise, autocast, jvp_mode=None, cfg=False):
     """Returns a closure running one optimiser step of the given objective."""
-    settings = {
-        "forward": None,
-        "fm": dict(alpha=1.0, fm_ratio=1.0),
-        "alphaflow": dict(alpha=0.5, fm_ratio=0.5),
-        "meanflow": dict(alpha=0.0, fm_ratio=0.5),
-        "official": dict(alpha=0.0, fm_ratio=0.5),
-    }[kind]
-    guidance = dict(omega=0.2, kappa=0.92, cfg_interval=(0.0, 0.75), null_label=net.null_label) if cfg else {}
+    alpha = {"fm": 1.0, "alphaflow": 0.5, "meanflow": 0.0, "official": 0.0}.get(objective)
+    fm_ratio = 1.0 if objective == "fm" else FM_RATIO
+    null_label = getattr(net, "null_label", None) or net._orig_mod.null_label
+    guidance = dict(omega=0.2, kappa=0.92, cfg_interval=(0.0, 0.75), null_label=null_label) if cfg else {}
     gen = torch.Generator(x.device).manual_seed(0)
 
     def step():
         with autocast():
-            if settings is None:
+            if objective == "forward":
                 with torch.no_grad():
                     t = torch.rand(x.shape[0], device=x.device, generator=gen)
                     return net(noise, t, t, y)
-            t, r = sample_times(x.shape[0], settings["fm_ratio"], generator=gen)
-            if kind == "official":
+            t, r = sample_times(x.shape[0], fm_ratio, generator=gen)
+            if objective == "official":
                 loss = official_meanflow_loss(net, x, y, t, r, noise)
             else:
-                loss = alpha_flow_loss(net, x, y, t, r, noise, settings["alpha"], jvp_mode=jvp_mode, **guidance).loss
+                loss = alpha_flow_loss(net, x, y, t, r, noise, alpha, jvp_mode=jvp_mode or "tangent", **guidance).loss
         loss.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -67,9 +99,7 @@ def make_step(kind, net, opt, x, y, noise, autocast, jvp_mode="split", cfg=False
     return step
 
 
-def timed(step, device, warmup, iters):
-    for _ in range(warmup):
-        step()
+def timed(step, device, iters):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -83,6 +113,85 @@ def timed(step, device, warmup, iters):
     return seconds, peak
 
 
+def failure(err):
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+
+
+def measure(rows, steps, device, args):
+    """Times every row in each round; a row that fails (OOM, an op's dtype) is recorded and skipped after."""
+    results = {label: {"seconds": [], "peak_gib": None, "error": None} for label, *_ in rows}
+    for round_ in range(args.repeats):
+        for label, *_ in rows:
+            res = results[label]
+            if res["error"]:
+                continue
+            try:
+                if round_ == 0:
+                    for _ in range(args.warmup):
+                        steps[label]()
+                sec, peak = timed(steps[label], device, args.iters)
+            except (RuntimeError, torch.OutOfMemoryError, NotImplementedError) as err:
+                res["error"] = failure(err)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            res["seconds"].append(sec)
+            res["peak_gib"] = peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return results
+
+
+def summarise(rows, results, batch, flops_img, peak_tflops):
+    """One dict per row: median ms, ratio to the FM step of the same round (median, range), MFU."""
+    fm = results["FM step"]["seconds"]
+    out = []
+    for label, objective, jvp_mode, cfg in rows:
+        res = results[label]
+        row = {"label": label, "objective": objective, "jvp_mode": jvp_mode, "cfg": cfg,
+               "compiled": "compiled" in label, "error": res["error"]}
+        secs = res["seconds"]
+        if secs:
+            med = statistics.median(secs)
+            ratios = [s / f for s, f in zip(secs, fm)] if fm else []
+            work = (1 if objective == "forward" else 3) * flops_img * batch
+            row.update(ms=1e3 * med, ms_all=[1e3 * s for s in secs], images_per_s=batch / med,
+                       ratio_fm=statistics.median(ratios) if ratios else None,
+                       ratio_fm_range=[min(ratios), max(ratios)] if ratios else None,
+                       peak_gib=res["peak_gib"],
+                       mfu=work / med / (peak_tflops * 1e12) if peak_tflops else None)
+        out.append(row)
+    return out
+
+
+def markdown(header, table, targets):
+    lines = [header, "", "| step | ms/step | images/s | × FM step (median, range) | peak GiB | MFU |", "|---|---|---|---|---|---|"]
+    for row in table:
+        if "ms" not in row:
+            lines.append(f"| {row['label']} | failed: {row['error']} | | | | |")
+            continue
+        ratio = (f"{row['ratio_fm']:.2f} ({row['ratio_fm_range'][0]:.2f}–{row['ratio_fm_range'][1]:.2f})"
+                 if row["ratio_fm"] is not None else "—")
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+        lines.append(f"| {row['label']} | {row['ms']:.1f} | {row['images_per_s']:.1f} | {ratio} | {row['peak_gib']:.2f} | {mfu} |")
+    lines += ["", *targets]
+    return "\n".join(lines)
+
+
+def target_lines(table):
+    by = {(r["objective"], r["jvp_mode"], r["cfg"], r["compiled"]): r for r in table}
+    nan = float("nan")
+    get = lambda key, field="ratio_fm": (by.get(key) or {}).get(field) or nan  # noqa: E731
+    mf, af = get(("meanflow", "tangent", False, False)), get(("alphaflow", None, False, False))
+    official = get(("official", None, False, False), "ms") / get(("meanflow", "tangent", False, False), "ms")
+    split = get(("meanflow", "split", False, False), "ms") / get(("meanflow", "tangent", False, False), "ms")
+    verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
+    return [
+        f"- α-Flow / FM step: {af:.2f} (target ≤ {TARGETS['alphaflow']:.2f}: {verdict(af <= TARGETS['alphaflow'])})",
+        f"- MeanFlow (tangent pass) / FM step: {mf:.2f} (target ≤ {TARGETS['meanflow']:.2f}: {verdict(mf <= TARGETS['meanflow'])})",
+        f"- speed-up over the official formulation: {official:.2f}× (target ≥ {TARGETS['official_speedup']:.1f}×: "
+        f"{verdict(official >= TARGETS['official_speedup'])}); over torch.func.jvp split: {split:.2f}×",
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="T/4", choices=sorted(PRESETS))
@@ -91,10 +200,15 @@ def main(argv=None):
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="steps per row and round")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; medians over rounds")
     ap.add_argument("--no-cfg", action="store_true", help="skip the CFG-teacher rows")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd rows (train.compile)")
+    ap.add_argument("--only", nargs="*", default=None, help="objectives to time (default: all rows)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                    help="folder for the .md/.json tables ('' = do not write)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -111,54 +225,43 @@ def main(argv=None):
     shape = (args.batch, args.channels, args.input_size, args.input_size)
     x, noise = torch.randn(shape, device=device), torch.randn(shape, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    dtype = "bf16" if args.bf16 else "fp32"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     flops_img = forward_flops(net, x[:1], y[:1])
-    peak_tflops = device_peak_tflops(device)
 
-    rows = [("forward (no grad)", "forward", "split", False), ("FM step", "fm", "split", False),
-            ("α-Flow step (α=½, 50% r≠t)", "alphaflow", "split", False),
-            ("MeanFlow JVP step, split", "meanflow", "split", False),
-            ("MeanFlow JVP step, fused", "meanflow", "fused", False),
-            ("MeanFlow, official formulation (autograd.functional.jvp)", "official", "split", False)]
-    if not args.no_cfg:
-        rows += [("FM step + CFG teachers", "fm", "split", True),
-                 ("α-Flow step + CFG teachers", "alphaflow", "split", True),
-                 ("MeanFlow step + CFG teachers", "meanflow", "split", True)]
+    rows = ROWS + ([] if args.no_cfg else CFG_ROWS)
+    if args.only:
+        rows = [row for row in rows if row[1] in args.only or row[1] == "fm"]
+    steps = {label: make_step(obj, net, opt, x, y, noise, autocast, mode, cfg) for label, obj, mode, cfg in rows}
+    if args.compile:
+        compiled = torch.compile(net)
+        rows = rows + COMPILED_ROWS
+        steps.update({label: make_step(obj, compiled, opt, x, y, noise, autocast, mode, cfg)
+                      for label, obj, mode, cfg in COMPILED_ROWS})
 
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"# {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, input {shape[1:]}, "
-          f"device {device} {'bf16' if args.bf16 else 'fp32'}, torch {torch.__version__}, "
-          f"{flops_img / 1e9:.3f} GFLOP/img forward, threads {torch.get_num_threads()}")
-    print(f"| step | ms/step | images/s | × FM step | peak GiB | MFU |")
-    print(f"|---|---|---|---|---|---|")
-    fm_ms, ms_of = None, {}
-    for label, kind, jvp_mode, cfg in rows:
-        step = make_step(kind, net, opt, x, y, noise, autocast, jvp_mode=jvp_mode, cfg=cfg)
-        try:
-            sec, peak = timed(step, device, args.warmup, args.iters)
-        except (RuntimeError, torch.OutOfMemoryError) as err:  # one row failing (OOM, an op's dtype) keeps the rest
-            print(f"| {label} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | | |", flush=True)
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        ms = 1e3 * sec
-        if kind == "fm" and not cfg:
-            fm_ms = ms
-        ms_of[(kind, jvp_mode, cfg)] = ms
-        ratio = f"{ms / fm_ms:.2f}" if fm_ms else "—"
-        work = (1 if kind == "forward" else 3) * flops_img * args.batch
-        mfu = f"{100 * work / sec / (peak_tflops * 1e12):.1f}%" if peak_tflops else "n/a"
-        mem = f"{peak:.2f}" if peak is not None else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} (RSS)"
-        print(f"| {label} | {ms:.1f} | {args.batch / sec:.1f} | {ratio} | {mem} | {mfu} |", flush=True)
-
-    # The GPU-performance targets, as ratios measured in this one run.
-    nan = float("nan")
-    best_mf = min([ms_of[("meanflow", m, False)] for m in ("split", "fused") if ("meanflow", m, False) in ms_of] or [nan])
-    print(f"\nα-Flow / FM step: {ms_of.get(('alphaflow', 'split', False), nan) / fm_ms:.2f} (target ≤ 1.20)")
-    print(f"MeanFlow / FM step: {best_mf / fm_ms:.2f} (target ≤ 1.35)")
-    print(f"speed-up over the official formulation: {ms_of.get(('official', 'split', False), nan) / best_mf:.2f}× "
-          f"(target ≥ 1.5×)")
+    header = (f"DiT {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, input {list(shape[1:])}, "
+              f"{device_name(device)} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{flops_img / 1e9:.3f} GFLOP/img forward, {args.repeats} rounds × {args.iters} steps, "
+              f"{datetime.date.today().isoformat()}")
+    print(header, flush=True)
+    results = measure(rows, steps, device, args)
+    table = summarise(rows, results, args.batch, flops_img, device_peak_tflops(device))
+    text = markdown(header, table, target_lines(table))
+    print(text.split("\n", 1)[1])
+    if str(args.out):
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"{device.type}-{args.model.replace('/', '')}-b{args.batch}-{dtype}"
+        record = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+                  "date": datetime.date.today().isoformat(), "model": args.model, "params": n_params,
+                  "batch": args.batch, "input": list(shape[1:]), "dtype": dtype, "threads": torch.get_num_threads(),
+                  "fm_ratio": FM_RATIO, "forward_flops_per_image": flops_img, "repeats": args.repeats,
+                  "iters": args.iters, "rows": table}
+        for suffix, content in ((".md", text + "\n"), (".json", json.dumps(record, indent=1) + "\n")):
+            tmp = args.out / f".{stem}{suffix}.tmp"
+            tmp.write_text(content)
+            os.replace(tmp, args.out / f"{stem}{suffix}")
+        print(f"\nwrote {args.out / stem}.md and .json")
 
 
 if __name__ == "__main__":

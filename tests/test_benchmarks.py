@@ -1,6 +1,7 @@
 """The benchmark harness's baseline computes the same loss as the engine, and the harness runs."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name):
+    if str(ROOT / "benchmarks") not in sys.path:  # the scripts import their siblings, as when run as scripts
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,12 +45,35 @@ def test_official_formulation_matches_engine_in_float64(tiny_net64):
     assert float(g_ours.abs().max()) > 0
 
 
-def test_step_cost_prints_every_row_and_the_official_ratio():
+def test_step_cost_prints_every_row_and_writes_json(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--model", "T/4", "--batch", "8",
-         "--warmup", "1", "--iters", "1", "--no-cfg"],
+        [sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--model", "N/4", "--batch", "8",
+         "--warmup", "1", "--iters", "1", "--repeats", "2", "--no-cfg", "--out", str(tmp_path)],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout
-    for row in ("FM step", "α-Flow step", "MeanFlow JVP step, split", "official formulation"):
+    for row in ("FM step", "α-Flow step", "MeanFlow step, tangent pass", "torch.func.jvp split", "official formulation"):
         assert row in out, out
-    assert "speed-up over the official formulation" in out
+    assert "speed-up over the official formulation" in out and "target ≤ 1.25" in out
+    record = json.loads((tmp_path / "cpu-N4-b8-fp32.json").read_text())
+    assert (tmp_path / "cpu-N4-b8-fp32.md").read_text().startswith("DiT N/4")
+    rows = {(r["objective"], r["jvp_mode"]): r for r in record["rows"]}
+    assert record["model"] == "N/4" and record["batch"] == 8 and record["forward_flops_per_image"] > 0
+    assert rows[("fm", None)]["ratio_fm"] == 1.0 and len(rows[("fm", None)]["ms_all"]) == 2
+    assert rows[("meanflow", "tangent")]["ms"] > 0
+
+
+def test_a_failing_row_is_recorded_and_the_table_goes_on():
+    bench = load_benchmark("step_cost")
+    rows = [("FM step", "fm", None, False), ("broken", "official", None, False), ("after", "meanflow", "tangent", False)]
+
+    def broken():
+        raise RuntimeError("expected input and grad types to match\nmore")
+
+    steps = {"FM step": lambda: None, "broken": broken, "after": lambda: None}
+    args = type("Args", (), {"repeats": 2, "warmup": 1, "iters": 1})
+    results = bench.measure(rows, steps, torch.device("cpu"), args)
+    table = bench.summarise(rows, results, 8, 1e9, None)
+    assert results["broken"]["error"] == "RuntimeError: expected input and grad types to match"
+    assert len(results["after"]["seconds"]) == 2
+    text = bench.markdown("header", table, bench.target_lines(table))
+    assert "| broken | failed: RuntimeError: expected input and grad types to match |" in text

@@ -1,4 +1,5 @@
-"""Under DDP the JVP and teacher passes go through `.module`; gradients must still synchronise."""
+"""Under DDP the tangent pass runs inside the DDP forward (no torch.func.jvp through the wrapper), the
+teacher passes through `.module`; gradients must synchronise and equal the torch.func.jvp path."""
 
 import os
 import socket
@@ -62,7 +63,7 @@ def reference_grads(alpha):
     net = make_net()
     x, y, t, r, noise = global_batch()
     # Per-sample losses are independent, so the mean over the global batch is the DDP average of halves.
-    per_sample_loss(net, x, y, t, r, noise, alpha).mean().backward()
+    per_sample_loss(net, x, y, t, r, noise, alpha, jvp_mode="split").mean().backward()  # torch.func.jvp
     return flat_grads(net)
 
 

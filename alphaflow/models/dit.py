@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, Mlp, PatchEmbed
 
+from alphaflow.models import jvp
+
 #----------------------------------------------------------------------------
 # Embedding layers
 
@@ -31,17 +33,30 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
 
+    def frequency_args(self, t):
+        # Arguments t·f_k of the sinusoidal features, in fp32 at least (fp64 kept): (N, frequency_size / 2).
+        half = self.frequency_size // 2
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+        return t[:, None].to(dtype) * freqs[None], freqs
+
     def frequency_embedding(self, t):
         # Sinusoidal features, cos first then sin (paper.md §5.1).
-        half = self.frequency_size // 2
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # fp32 at least, fp64 kept
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-        args = t[:, None].to(dtype) * freqs[None]  # (N, half)
+        args, _ = self.frequency_args(t)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, frequency_size)
 
     def forward(self, t):
         emb = self.frequency_embedding(t)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+    @torch.no_grad()
+    def tangent(self, t, dt):
+        """The tangent of forward(t) along ṫ = dt (rules in jvp.py)."""
+        args, freqs = self.frequency_args(t)
+        demb = jvp.sinusoid(args, dt[:, None].to(args.dtype) * freqs[None])
+        dtype = self.mlp[0].weight.dtype
+        h = self.mlp[0](self.frequency_embedding(t).to(dtype))
+        return jvp.linear(self.mlp[2], jvp.silu(h, jvp.linear(self.mlp[0], demb.to(dtype))))
 
 
 class LabelEmbedder(nn.Module):
@@ -84,8 +99,17 @@ def layer_norm_fp32(x):
     return F.layer_norm(xf, x.shape[-1:], eps=1e-6).to(x.dtype)
 
 
+def rows_of(a, rows):
+    """The tangent's rows of a primal activation, detached (a view when rows is a slice)."""
+    return a.detach()[rows]
+
+
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning."""
+    """Transformer block with adaLN-Zero conditioning.
+
+    forward(x, c, tan) also carries a tangent tan = (rows, ẋ, ċ) through the block when one is given: each
+    primal line below has its forward-mode twin in the no_grad section (rules in jvp.py).
+    """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
@@ -93,28 +117,66 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c):
+    def heads(self, qkv):
+        # (N, T, 3·D) → q, k, v each (N, heads, T, D / heads), timm's layout.
+        n, tokens, _ = qkv.shape
+        return qkv.reshape(n, tokens, 3, self.attn.num_heads, self.attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x, c, tan=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(layer_norm_fp32(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(layer_norm_fp32(x), shift_mlp, scale_mlp))
-        return x
+        xn = layer_norm_fp32(x)
+        q, k, v = self.heads(self.attn.qkv(modulate(xn, shift_msa, scale_msa)))
+        o = F.scaled_dot_product_attention(q, k, v)  # the fused kernels (timm's Attention, step by step)
+        a = self.attn.proj(o.transpose(1, 2).flatten(2))
+        x1 = x + gate_msa.unsqueeze(1) * a
+        xn1 = layer_norm_fp32(x1)
+        f = self.mlp.fc1(modulate(xn1, shift_mlp, scale_mlp))
+        m = self.mlp.fc2(self.mlp.act(f))
+        x2 = x1 + gate_mlp.unsqueeze(1) * m
+        if tan is None:
+            return x2, None
+        with torch.no_grad():
+            rows, dx, dc = tan
+            at = lambda a: rows_of(a, rows)  # noqa: E731
+            dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = jvp.linear(
+                self.adaLN_modulation[1], jvp.silu(at(c), dc)).chunk(6, dim=1)
+            dh = jvp.modulate(at(xn), jvp.layer_norm(at(x), dx), at(scale_msa), dshift_msa, dscale_msa)
+            dq, dk, dv = self.heads(jvp.linear(self.attn.qkv, dh))
+            do = jvp.attention(at(q), at(k), at(v), dq, dk, dv)
+            dx1 = dx + jvp.gated(at(gate_msa), dgate_msa, at(a), jvp.linear(self.attn.proj, do.transpose(1, 2).flatten(2)))
+            dh1 = jvp.modulate(at(xn1), jvp.layer_norm(at(x1), dx1), at(scale_mlp), dshift_mlp, dscale_mlp)
+            dm = jvp.linear(self.mlp.fc2, jvp.gelu_tanh(at(f), jvp.linear(self.mlp.fc1, dh1)))
+            dx2 = dx1 + jvp.gated(at(gate_mlp), dgate_mlp, at(m), dm)
+        return x2, (rows, dx2, dc)
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm + adaLN (shift, scale) + Linear to patch pixels."""
+    """LayerNorm + adaLN (shift, scale) + Linear to patch pixels (carries a tangent like DiTBlock)."""
 
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c, tan=None):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(layer_norm_fp32(x), shift, scale))
+        xn = layer_norm_fp32(x)
+        out = self.linear(modulate(xn, shift, scale))
+        if tan is None:
+            return out, None
+        with torch.no_grad():
+            rows, dx, dc = tan
+            dshift, dscale = jvp.linear(self.adaLN_modulation[1], jvp.silu(rows_of(c, rows), dc)).chunk(2, dim=1)
+            dh = jvp.modulate(rows_of(xn, rows), jvp.layer_norm(rows_of(x, rows), dx), rows_of(scale, rows),
+                              dshift, dscale)
+            dout = jvp.linear(self.linear, dh)
+        return out, (rows, dout, dc)
 
 
 class DiT(nn.Module):
     """u_θ(z, r, t | y): DiT over latent patches, conditioned on t, t − r and the class label."""
+
+    supports_tangent = True  # forward(..., tangent=...) exists: alpha_flow_loss's jvp_mode="tangent"
 
     def __init__(
         self,
@@ -191,15 +253,29 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
-    def forward(self, z, r, t, y):
-        """z: (N, C, H, W); r, t: (N,) with r ≤ t; y: (N,) int labels (null_label = unconditional)."""
+    def forward(self, z, r, t, y, tangent=None):
+        """z: (N, C, H, W); r, t: (N,) with r ≤ t; y: (N,) int labels (null_label = unconditional).
+
+        tangent: None, or (rows, ż, ṫ) — a JVP direction (ż, ṙ = 0, ṫ) for the samples `rows` (index tensor
+        or slice), ż (n, C, H, W), ṫ (n,). Then returns (u, u̇): u with its gradient as usual, and
+        u̇ = ∂_z u · ż + ∂_t u · ṫ on those rows, computed under no_grad from the primal's activations in the
+        same pass. MeanFlow's du/dt is ż = ṽ, ṫ = 1 (paper Eq. 5). Without tangent, returns u.
+        """
         x = self.x_embedder(z) + self.pos_embed.to(z.dtype)  # (N, T, D)
         c = self.t_embedder(t) + self.dt_embedder(t - r) + self.y_embedder(y)  # (N, D)
         c = c.to(x.dtype)
+        tan = None
+        if tangent is not None:
+            rows, dz, dt = tangent
+            with torch.no_grad():  # ṙ = 0: d(t − r) = ṫ; the labels and positions have no tangent
+                t_rows = rows_of(t, rows)
+                dc = self.t_embedder.tangent(t_rows, dt) + self.dt_embedder.tangent(t_rows - rows_of(r, rows), dt)
+                tan = (rows, jvp.patch_embed(self.x_embedder, dz).to(x.dtype), dc.to(x.dtype))
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p²·C)
-        return self.unpatchify(x)  # (N, C, H, W)
+            x, tan = block(x, c, tan)  # (N, T, D)
+        x, tan = self.final_layer(x, c, tan)  # (N, T, p²·C)
+        u = self.unpatchify(x)  # (N, C, H, W)
+        return u if tangent is None else (u, self.unpatchify(tan[1]))
 
 
 #----------------------------------------------------------------------------

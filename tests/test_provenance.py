@@ -70,8 +70,8 @@ def test_unchanged_params_reuse_the_finished_run(tiny_project):
     train(params, RUN, tracking=False, quiet=True)
     state = results / "runs" / RUN / "checkpoints" / "final" / "state.json"
     mtime = state.stat().st_mtime_ns
-    # Cadence and resources do not change the weights: nothing is retrained.
-    train(load_params(write(steps=4, log_every=2)), RUN, tracking=False, quiet=True)
+    # Cadence, resources and how du/dt is computed do not change the weights: nothing is retrained.
+    train(load_params(write(steps=4, log_every=2, jvp_mode="split", compile=True)), RUN, tracking=False, quiet=True)
     assert state.stat().st_mtime_ns == mtime
 
 
@@ -253,3 +253,14 @@ def test_retrained_weights_resample_and_stale_samples_are_refused(sampled, tmp_p
         E.load_samples(out, fingerprint=E.sample_fingerprint(retrained, RUN, "ema", "1nfe"))
     sample_images(retrained)  # … and replaced by a new set
     assert [p.name for p in out.glob("chunks-*")] == [f"chunks-{E.sample_fingerprint(retrained, RUN, 'ema', '1nfe')}"]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(scratch):
+    """`compile: true` (torch.compile of the gradient forward with its tangent pass and of the teachers)
+    trains the weights eager training does, up to float rounding, through FM, α-Flow and MeanFlow steps."""
+    eager = scratch(steps=10)
+    compiled = scratch(steps=10, compile=True)
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -71,9 +71,12 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
         shown = TRAIN_VOLATILE - {"steps", "group", "paper_row"}
         runs = {name: {k: v for k, v in params.run(name).to_dict().items() if k not in shown}
                 for name in params.run_names}
-        return {"profile": raw["profile"], "paper_results": raw.get("paper_results", {}),
-                "comparisons": raw.get("comparisons"), "runs": runs,
-                "eval": pick(ev, ("samplers", "metrics", "weights"))}
+        reads = {"profile": raw["profile"], "paper_results": raw.get("paper_results", {}),
+                 "comparisons": raw.get("comparisons"), "runs": runs,
+                 "eval": pick(ev, ("samplers", "metrics", "weights"))}
+        if "preregistered" in raw:  # only profiles that declare a test (the others' reads stay as they were)
+            reads["preregistered"] = raw["preregistered"]
+        return reads
     raise ValueError(f"unknown stage {stage!r}")
 
 

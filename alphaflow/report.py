@@ -427,6 +427,95 @@ def verdicts(params, grouped):
     return pd.DataFrame(lines)
 
 
+def detectable_difference(sd, n, level=0.95, power=0.8):
+    """Smallest true paired difference a two-sided paired t-test at `level` detects with probability
+    `power` over n seeds with per-seed difference SD sd: (t_{(1+level)/2, n−1} + t_{power, n−1}) · sd / √n."""
+    from scipy import stats as st
+
+    if n < 2 or pd.isna(sd):
+        return float("nan")
+    return float((st.t.ppf(0.5 + level / 2, n - 1) + st.t.ppf(power, n - 1)) * sd / n ** 0.5)
+
+
+def endpoint(grouped, spec, level=0.95, power=0.8):
+    """One pre-registered contrast (params `preregistered`): the per-seed differences A − B over the seeds
+    both groups ran, their mean with a t-interval, SD, the difference detectable with `power`, the verdict."""
+    a, b = spec["contrast"]
+    sub = grouped[(grouped.weights == spec["weights"]) & (grouped.sampler == spec["sampler"])
+                  & (grouped.metric == spec["metric"])]
+    va, vb = (sub[sub.group == g].set_index("seed").value for g in (a, b))
+    common = va.index.intersection(vb.index).sort_values()
+    d = va[common] - vb[common]
+    mean, half = t_interval(d, level)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    return {"contrast": f"{a} − {b}", "weights": spec["weights"], "sampler": spec["sampler"],
+            "metric": spec["metric"], "seeds": len(d), "difference": mean, "low": mean - half, "high": mean + half,
+            "sd": sd, "detectable": detectable_difference(sd, len(d), level, power), "mean_b": float(vb[common].mean())
+            if len(d) else float("nan"), "verdict": verdict_of(mean, half, a, b, not spec["metric"].startswith("is")),
+            "per_seed": d}
+
+
+def plot_primary_endpoint(grouped, spec, out_png):
+    """Per seed, the two arms' values joined by a line (paired by seed), and the differences."""
+    a, b = spec["contrast"]
+    sub = grouped[(grouped.weights == spec["weights"]) & (grouped.sampler == spec["sampler"])
+                  & (grouped.metric == spec["metric"])]
+    va, vb = (sub[sub.group == g].set_index("seed").value for g in (a, b))
+    common = va.index.intersection(vb.index).sort_values()
+    if not len(common):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    for seed in common:
+        ax1.plot([0, 1], [va[seed], vb[seed]], "o-", color="0.5", lw=1)
+    ax1.set(xticks=[0, 1], xticklabels=[a, b], xlim=(-0.4, 1.4), ylabel=spec["metric"],
+            title=f"{spec['weights']}, {spec['sampler']}: one line per seed")
+    d = va[common] - vb[common]
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.plot(range(len(d)), d.values, "o")
+    ax2.set(xticks=range(len(d)), xticklabels=[str(s) for s in common], xlabel="seed", ylabel=f"{a} − {b}",
+            title="paired differences (below 0: A better)")
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def preregistered_report(params, grouped, tables, plots):
+    """The pre-registered test (params `preregistered`): primary endpoint, secondary contrasts, post-hoc
+    checks of the primary contrast at the other weights × samplers, and the power statement."""
+    spec = params.raw.get("preregistered")
+    if not spec or grouped.empty:
+        return {}
+    level, power = spec.get("level", 0.95), spec.get("power", 0.8)
+    primary = spec["primary"]
+    rows = [("primary", primary)] + [("secondary", s) for s in spec.get("secondary", [])]
+    rows += [("post hoc", {**primary, "weights": w, "sampler": smp})
+             for w in params.raw["eval"]["weights"] for smp in params.samplers
+             if (w, smp) != (primary["weights"], primary["sampler"])]
+    results = [{"role": role, **endpoint(grouped, s, level, power)} for role, s in rows]
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "per_seed"} for r in results])
+    first = results[0]
+    per_seed = first["per_seed"].rename("difference").rename_axis("seed").reset_index()
+    out = {"preregistered_csv": write_text(tables / "preregistered.csv", table.to_csv(index=False)),
+           "primary_per_seed_csv": write_text(tables / "primary_per_seed.csv", per_seed.to_csv(index=False))}
+    shown = table.assign(**{
+        f"A − B [{level:.0%} t-interval]": interval_strings(table, ""),
+        "paired SD": [fmt(x) for x in table.sd],
+        f"detectable with {power:.0%} power": [fmt(x) for x in table.detectable]})
+    shown = shown[["role", "contrast", "weights", "sampler", "metric", "seeds", f"A − B [{level:.0%} t-interval]",
+                   "paired SD", f"detectable with {power:.0%} power", "verdict"]]
+    rel = first["detectable"] / first["mean_b"] if first["mean_b"] else float("nan")
+    statement = (f"With {first['seeds']} seeds and the measured paired SD of {fmt(first['sd'])}, this design detects a "
+                 f"true {first['contrast']} difference of {fmt(first['detectable'])} {first['metric']} "
+                 f"({rel:.1%} of the second arm's mean) with {power:.0%} power at the {1 - level:.0%} level "
+                 f"(two-sided paired t-test). Only the primary row is the test; the others are labelled.")
+    text = (f"# Pre-registered test — {params.profile}\n\n{spec.get('statement', '').strip()}\n\n"
+            f"**Primary endpoint**: {first['contrast']}, {first['metric']}, {first['weights']} weights, "
+            f"{first['sampler']}, paired over seeds: {interval_strings(table.iloc[:1], '')[0]} → "
+            f"**{first['verdict']}**.\n\n**Power**: {statement}\n\n{markdown(shown)}")
+    out["preregistered"] = write_text(tables / "preregistered.md", text)
+    out["primary_endpoint"] = plot_primary_endpoint(grouped, primary, plots / "primary_endpoint.png")
+    return out
+
+
 def plot_metric_vs_step_by_group(params, metric_key, out_png):
     """In-training `metric_key` per group: mean over seeds (line) and min–max band over seeds."""
     curves = curves_by_group(params, metric_key)
@@ -477,6 +566,7 @@ def seeds_report(params, results, tables, plots):
         out["verdicts_csv"] = write_text(tables / "verdicts.csv", verdict.to_csv(index=False))
     out["seeds"] = write_text(tables / "seeds.md", text)
     write_text(tables / "seeds.csv", table.to_csv(index=False))
+    out.update(preregistered_report(params, grouped, tables, plots))
     for sampler in params.samplers:
         for weights in params.raw["eval"]["weights"]:
             key = f"fd_classifier_{sampler}_{weights}"

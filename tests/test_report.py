@@ -112,3 +112,49 @@ def test_paired_interval_uses_the_seeds_both_groups_ran():
     assert line.paired_seeds == 3
     assert line.paired_difference == pytest.approx(-31.0 / 3)  # −10, −9, −12 on seeds 1–3; seeds 4, 5 unpaired
     assert line.difference == pytest.approx(11.0 - 52.4)        # Welch keeps every seed
+
+
+def test_detectable_difference_matches_the_power_of_a_paired_t_test():
+    """At the returned difference, a noncentral-t computation gives the requested power."""
+    from scipy import stats as st
+
+    from alphaflow.report import detectable_difference
+
+    sd, n = 5.0, 8
+    delta = detectable_difference(sd, n, level=0.95, power=0.8)
+    crit = st.t.ppf(0.975, n - 1)
+    power = 1 - st.nct.cdf(crit, n - 1, delta / (sd / n ** 0.5)) + st.nct.cdf(-crit, n - 1, delta / (sd / n ** 0.5))
+    assert power == pytest.approx(0.8, abs=0.02)  # the usual (t + t) approximation of the exact power
+    assert detectable_difference(sd, 1) != detectable_difference(sd, 1)  # NaN for one seed
+
+
+def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
+    d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
+    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in range(1, 5)}
+    d["preregistered"] = {"statement": "Declared before the run.",
+                          "primary": {"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier",
+                                      "weights": "ema", "sampler": "1nfe"},
+                          "secondary": [{"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier",
+                                         "weights": "ema", "sampler": "2nfe-cons-0.5"}]}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(d))
+    params = load_params(path)
+    diffs = [-2.0, -4.0, -3.0, -5.0]  # α-Flow better on every seed: mean −3.5, SD √(5/3)
+    for seed, dd in zip(range(1, 5), diffs):
+        for weights in ("ema", "raw"):
+            for sampler in ("1nfe", "2nfe-cons-0.5"):
+                write_eval(params, f"meanflow-s{seed}", weights, sampler, 50.0 + seed)
+                write_eval(params, f"alphaflow-s{seed}", weights, sampler, 50.0 + seed + (dd if sampler == "1nfe" else 1.0))
+    out = report(params, mlflow=False)
+    table = pd.read_csv(out["preregistered_csv"])
+    assert list(table.role) == ["primary", "secondary", "post hoc", "post hoc", "post hoc"]
+    primary = table.iloc[0]
+    sd = pd.Series(diffs).std()
+    assert primary.difference == pytest.approx(-3.5) and primary.sd == pytest.approx(sd)
+    assert primary.high < 0 and primary.verdict == "alphaflow better"
+    assert primary.detectable == pytest.approx((3.182446 + 0.978472) * sd / 2, rel=1e-4)  # t(.975,3) + t(.8,3)
+    assert table.iloc[1].verdict == "meanflow better"  # +1 on every seed at 2-NFE
+    text = out["preregistered"].read_text()
+    assert "Declared before the run." in text and "**Primary endpoint**" in text and "80% power" in text
+    assert pd.read_csv(out["primary_per_seed_csv"]).difference.tolist() == diffs
+    assert out["primary_endpoint"].exists()

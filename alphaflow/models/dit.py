@@ -295,6 +295,7 @@ PRESETS = {
     "T/4": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4),
     "T/2": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
     "N/4": dict(depth=3, hidden_size=96, num_heads=3, patch_size=4),
+    "N/7": dict(depth=3, hidden_size=96, num_heads=3, patch_size=7),   # 16 tokens: the CPU decisive test
 }
 
 

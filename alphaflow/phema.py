@@ -1,0 +1,96 @@
+"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
+§3 and App. C; issue 19): choose the EMA length after training.
+
+A power-function EMA averages the weights seen up to time t with density ∝ τ^γ on [0, t]; its relative
+width σ_rel (standard deviation / t) depends on γ only:
+
+    σ_rel = √((γ + 1) / ((γ + 2)² (γ + 3)))
+
+It is tracked with β_t = (1 − Δ/t)^(γ + 1), t the images seen so far and Δ the images of this step, so
+unlike a fixed half-life it keeps its shape however long the run is. Training tracks two such profiles
+and saves them as snapshots every N steps; `posthoc_coefficients` then expresses any other (σ_rel, t) profile
+as the least-squares combination of the snapshots' profiles (their inner products are closed-form) and
+`reconstruct` applies the same combination to the snapshots' weights.
+"""
+
+import numpy as np
+import torch
+
+
+def gamma_of(sigma_rel):
+    """γ of the power-function profile with relative width σ_rel (the largest real root of
+    γ³ + 7γ² + (16 − σ⁻²)γ + (12 − σ⁻²) = 0, from the σ_rel formula above)."""
+    s = float(sigma_rel) ** -2
+    return float(np.roots([1.0, 7.0, 16.0 - s, 12.0 - s]).real.max())
+
+
+def sigma_rel_of(gamma):
+    return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
+
+
+def power_beta(gamma, t, dt):
+    """The EMA decay of one update that ends at time t (images seen) after dt new images."""
+    return (1.0 - dt / t) ** (gamma + 1.0)
+
+
+class PowerEMA:
+    """Power-function EMAs of a module's parameters (and buffers copied as is), one per σ_rel."""
+
+    def __init__(self, net, sigma_rels=(0.05, 0.10)):
+        self.sigma_rels = tuple(float(s) for s in sigma_rels)
+        self.gammas = tuple(gamma_of(s) for s in self.sigma_rels)
+        self.averages = [{k: v.detach().clone().float() for k, v in net.state_dict().items()} for _ in self.sigma_rels]
+
+    @torch.no_grad()
+    def update(self, net, t, dt):
+        """After a step that brought the images seen to t (dt of them in this step)."""
+        state = net.state_dict()
+        for gamma, avg in zip(self.gammas, self.averages):
+            beta = power_beta(gamma, t, dt)
+            for k, v in state.items():
+                if v.is_floating_point():
+                    avg[k].lerp_(v.float(), 1.0 - beta)
+                else:
+                    avg[k].copy_(v)
+
+    def state_dict(self):
+        return {f"{s:g}/{k}": v for s, avg in zip(self.sigma_rels, self.averages) for k, v in avg.items()}
+
+    def load_state_dict(self, flat):
+        for s, avg in zip(self.sigma_rels, self.averages):
+            for k in avg:
+                avg[k].copy_(flat[f"{s:g}/{k}"])
+
+
+def profile_inner(t_a, gamma_a, t_b, gamma_b):
+    """∫ p_a p_b for the power-function densities p(τ) = (γ + 1) τ^γ / t^(γ + 1) on [0, t] (numpy broadcast)."""
+    t_a, gamma_a, t_b, gamma_b = (np.asarray(x, dtype=np.float64) for x in (t_a, gamma_a, t_b, gamma_b))
+    ratio_exp = np.where(t_a < t_b, gamma_b, -gamma_a)  # (min/max)^... written with t_a / t_b
+    return (gamma_a + 1) * (gamma_b + 1) * (t_a / t_b) ** ratio_exp / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
+
+
+def posthoc_coefficients(snap_t, snap_gamma, target_t, target_gamma):
+    """x minimising ‖Σ_i x_i p_i − p_target‖² over the snapshot profiles p_i: solves A x = b with
+    A_ij = <p_i, p_j>, b_i = <p_i, p_target> (least squares; A is ill-conditioned for many snapshots)."""
+    col = lambda x: np.asarray(x, dtype=np.float64).reshape(-1, 1)  # noqa: E731
+    row = lambda x: np.asarray(x, dtype=np.float64).reshape(1, -1)  # noqa: E731
+    a = profile_inner(col(snap_t), col(snap_gamma), row(snap_t), row(snap_gamma))
+    b = profile_inner(col(snap_t), col(snap_gamma), np.float64(target_t), np.float64(target_gamma))
+    return np.linalg.lstsq(a, b.reshape(-1), rcond=None)[0]
+
+
+def reconstruct(snapshots, sigma_rel, t=None):
+    """Weights of the power-function EMA with `sigma_rel` at time t (default: the last snapshot's) from
+    snapshots [(t_i, sigma_rel_i, state_dict_i)]; non-float entries come from the last snapshot."""
+    snap_t = [s[0] for s in snapshots]
+    snap_gamma = [gamma_of(s[1]) for s in snapshots]
+    t = max(snap_t) if t is None else t
+    x = posthoc_coefficients(snap_t, snap_gamma, t, gamma_of(sigma_rel))
+    last = snapshots[int(np.argmax(snap_t))][2]
+    out = {}
+    for k, v in last.items():
+        if v.is_floating_point():
+            out[k] = sum(float(c) * s[2][k].double() for c, s in zip(x, snapshots)).to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out

@@ -15,9 +15,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from alphaflow.curriculum import alpha_schedule
 from alphaflow.errors import UserError
-from alphaflow.objectives import alpha_schedule
-from alphaflow.sampling import parse_t_steps
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
@@ -98,6 +97,15 @@ class RunConfig:
 
 #----------------------------------------------------------------------------
 # Loading and validation
+
+
+def parse_t_steps(t_steps):
+    t_steps = [float(t) for t in t_steps]
+    if len(t_steps) < 2 or t_steps[0] != 1.0 or t_steps[-1] != 0.0:
+        raise ValueError(f"t_steps must run from 1.0 to 0.0, got {t_steps}")
+    if any(a <= b for a, b in zip(t_steps[:-1], t_steps[1:])):
+        raise ValueError(f"t_steps must be strictly descending, got {t_steps}")
+    return t_steps
 
 
 def load_schema(path=SCHEMA_PATH):

@@ -12,11 +12,12 @@ Samples with r = t are always plain flow matching (target ṽ). Every sample use
 sg(a / (Δ² + c)), Δ² the per-element MEAN squared error, a = α on the α > 0 branch and 1 elsewhere.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from alphaflow.curriculum import alpha_schedule  # noqa: F401  (the α curriculum, paper Alg. 2; torch-free)
 
 #----------------------------------------------------------------------------
 # Time sampling (paper.md §1.2 step 1)
@@ -44,32 +45,6 @@ def sample_times(n, fm_ratio, loc=-0.4, scale=1.0, generator=None):
     t[:n_fm] = t1[:n_fm]
     r[:n_fm] = t1[:n_fm]
     return t, r
-
-
-#----------------------------------------------------------------------------
-# The α curriculum (paper Alg. 2, paper.md §2.4)
-
-
-def alpha_schedule(step, start, end, gamma=25.0, clamp=5e-3, *, discrete_only=False):
-    """α(k) = 1 − sigmoid(γ (k − k_mid) / (k_e − k_s)); 1 before k_s, 0 after k_e.
-
-    Clamp: α < η → 0, α > 1 − η → 1. With discrete_only, α is clamped at η instead of 0, so the
-    JVP (MeanFlow) branch is never used (the config's `discrete_training` flag).
-    """
-    if step < start:
-        alpha = 1.0
-    elif step > end:
-        alpha = 0.0
-    elif end == start:  # a step schedule (Table 2a "200K→200K")
-        alpha = 0.0
-    else:
-        mid = 0.5 * (start + end)
-        alpha = 1.0 - 1.0 / (1.0 + math.exp(-gamma * (step - mid) / (end - start)))
-    if alpha < clamp:
-        alpha = clamp if discrete_only else 0.0
-    elif alpha > 1.0 - clamp:
-        alpha = 1.0
-    return alpha
 
 
 #----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ reproducible from its seed alone, whatever the batch it lands in.
 
 import torch
 
+from alphaflow.config import parse_t_steps
+
 
 class SeededNoise:
     """One torch.Generator per sample seed (like edm2's StackedRandomGenerator)."""
@@ -33,15 +35,6 @@ def randn_like(z, generator):
 def uniform_t_steps(num_steps):
     """[1, (N−1)/N, …, 1/N, 0]."""
     return [1.0 - i / num_steps for i in range(num_steps)] + [0.0]
-
-
-def parse_t_steps(t_steps):
-    t_steps = [float(t) for t in t_steps]
-    if len(t_steps) < 2 or t_steps[0] != 1.0 or t_steps[-1] != 0.0:
-        raise ValueError(f"t_steps must run from 1.0 to 0.0, got {t_steps}")
-    if any(a <= b for a, b in zip(t_steps[:-1], t_steps[1:])):
-        raise ValueError(f"t_steps must be strictly descending, got {t_steps}")
-    return t_steps
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ An internal error (any other exception) keeps Python's traceback and exit code 1
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -164,3 +165,25 @@ def test_corrupt_or_missing_library_inputs_are_user_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(errors.InvalidInputError, match="class sub-folders"):
         scan_folder(tmp_path / "flat")
+
+
+def test_params_snakefile_and_launcher_paths_do_not_import_torch():
+    """A login node runs Snakemake and one blocked `alphaflow launch` per queued job: the modules they import
+    (the Snakefile's and rules' `alphaflow` imports, the CLI, the launcher) must not load torch."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
+    modules = sorted({m for f in sources for m in re.findall(r"^\s*from (alphaflow[\w.]*) import", f.read_text(), re.M)})
+    assert "alphaflow.config" in modules and "alphaflow.provenance" in modules
+    # Peak RSS from /proc (ru_maxrss would count the forking pytest process's peak too).
+    code = (f"import re, sys\nimport {', '.join(modules + ['alphaflow.cli', 'alphaflow.launch'])}\n"
+            "from alphaflow.config import load_params\nload_params('params/paper.yaml')\n"
+            "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) // 1024\n"
+            "print('torch' in sys.modules, peak)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    loaded, rss_mb = out.split()
+    assert loaded == "False", modules
+    assert int(rss_mb) < 100, rss_mb

@@ -7,6 +7,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,10 @@ def test_train_preempted_on_slurm_resumes_to_the_uninterrupted_weights(slurm, ti
         time.sleep(0.1)
     ids = job_ids(f"af-train-{run}")
     assert len(ids) == 1
+    # The launcher, blocked on its SLURM job (one per queued job on a login node), stays torch-free and small.
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    assert peak_mb < 100 and "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text(), peak_mb
     subprocess.run(["scancel", "--signal=USR2", ids[0]], check=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]

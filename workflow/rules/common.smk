@@ -7,7 +7,7 @@
 # resources, --set overrides of other keys) never re-runs anything.
 import shlex
 
-from alphaflow.models import PRESETS
+from alphaflow.presets import PRESETS
 from alphaflow.provenance import stage_reads
 from alphaflow.stages import classifier_path, reference_marker
 

@@ -107,6 +107,15 @@ def cmd_track_replay(args, params):
           f"({present} were there)")
 
 
+def cmd_plan(args, params):
+    from alphaflow.plan import BENCH_DIR, format_plan, plan
+
+    device = args.device if args.device in ("cpu", "cuda") else ("cuda" if args.gpu else "cpu")
+    rows, notes = plan(params, device_type=device, gpu=args.gpu, gpus=args.gpus, threads=args.threads,
+                       bench_dir=args.bench or BENCH_DIR)
+    print(format_plan(rows, notes, f"{device} {args.gpu or ''}".strip()))
+
+
 def cmd_launch(args, params):
     from alphaflow.stages import launch_stage
 
@@ -159,6 +168,12 @@ def build_parser():
 
     p = stage_parser(sub, "track-replay", cmd_track_replay, "log what MLflow missed of a run's metrics.jsonl")
     p.add_argument("--run", required=True)
+
+    p = stage_parser(sub, "plan", cmd_plan, "estimated device-hours and wall time of every run (measured step costs)")
+    p.add_argument("--gpu", default=None, help="GPU name as measured, e.g. H200")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per run (default: the run's SLURM resources)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: the measured thread count to use")
+    p.add_argument("--bench", default=None, help="folder of step_cost.py JSON tables (default benchmarks/results)")
 
     p = stage_parser(sub, "launch", cmd_launch, "run a stage as a submitit job (SLURM, local, debug)")
     p.add_argument("--stage", required=True, choices=["prepare", "encode", "train", "classifier", "reference",

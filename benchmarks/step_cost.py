@@ -201,6 +201,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5, help="steps per row and round")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; medians over rounds")
@@ -212,6 +213,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -251,7 +254,8 @@ def main(argv=None):
     print(text.split("\n", 1)[1])
     if str(args.out):
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"{device.type}-{args.model.replace('/', '')}-b{args.batch}-{dtype}"
+        threads = f"-t{torch.get_num_threads()}" if device.type == "cpu" else ""
+        stem = f"{device.type}-{args.model.replace('/', '')}-b{args.batch}-{dtype}{threads}"
         record = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
                   "date": datetime.date.today().isoformat(), "model": args.model, "params": n_params,
                   "batch": args.batch, "input": list(shape[1:]), "dtype": dtype, "threads": torch.get_num_threads(),

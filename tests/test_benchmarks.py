@@ -48,14 +48,15 @@ def test_official_formulation_matches_engine_in_float64(tiny_net64):
 def test_step_cost_prints_every_row_and_writes_json(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--model", "N/4", "--batch", "8",
-         "--warmup", "1", "--iters", "1", "--repeats", "2", "--no-cfg", "--out", str(tmp_path)],
+         "--warmup", "1", "--iters", "1", "--repeats", "2", "--no-cfg", "--threads", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout
     for row in ("FM step", "α-Flow step", "MeanFlow step, tangent pass", "torch.func.jvp split", "official formulation"):
         assert row in out, out
     assert "speed-up over the official formulation" in out and "target ≤ 1.25" in out
-    record = json.loads((tmp_path / "cpu-N4-b8-fp32.json").read_text())
-    assert (tmp_path / "cpu-N4-b8-fp32.md").read_text().startswith("DiT N/4")
+    record = json.loads((tmp_path / "cpu-N4-b8-fp32-t1.json").read_text())
+    assert (tmp_path / "cpu-N4-b8-fp32-t1.md").read_text().startswith("DiT N/4")
+    assert record["threads"] == 1
     rows = {(r["objective"], r["jvp_mode"]): r for r in record["rows"]}
     assert record["model"] == "N/4" and record["batch"] == 8 and record["forward_flops_per_image"] > 0
     assert rows[("fm", None)]["ratio_fm"] == 1.0 and len(rows[("fm", None)]["ms_all"]) == 2

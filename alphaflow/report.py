@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from alphaflow.tracking import read_jsonl  # noqa: E402  (metrics.jsonl: tolerates a torn last line)
@@ -455,6 +456,48 @@ def endpoint(grouped, spec, level=0.95, power=0.8):
             "per_seed": d}
 
 
+def training_seconds(records, batch_size):
+    """{step: training seconds up to that step} from metrics.jsonl: each log record's images/s covers the
+    steps since the previous record (in-training evaluation excluded, as training measures it)."""
+    seconds, total, prev = {}, 0.0, 0
+    for r in records:
+        if "images_per_s" in r:
+            total += (r["step"] - prev) * batch_size / r["images_per_s"]
+            prev = r["step"]
+            seconds[r["step"]] = total
+    return seconds
+
+
+def curve_in_time(params, run_name, key):
+    """[(training seconds, value)] of an in-training metric (eval_every), at its evaluation steps."""
+    records = read_jsonl(params.run_dir(run_name) / "metrics.jsonl")
+    seconds = training_seconds(records, params.run(run_name).batch_size)
+    return sorted((seconds[r["step"]], r[key]) for r in records if r.get(key) is not None and r["step"] in seconds)
+
+
+def matched_time_endpoint(params, grouped, spec, level=0.95, power=0.8):
+    """The equal-compute contrast: per seed, A's in-training metric at its last evaluation against B's at the
+    same training wall time (linear interpolation between B's evaluations; NaN if B never got that far)."""
+    a, b = spec["contrast"]
+    key = f"{spec['metric']}_{spec['sampler']}_{spec['weights']}"
+    runs = grouped.drop_duplicates("run").set_index(["group", "seed"]).run
+    diffs = {}
+    for seed in sorted(set(runs[a].index) & set(runs[b].index)):
+        ca, cb = curve_in_time(params, runs[a][seed], key), curve_in_time(params, runs[b][seed], key)
+        if not ca or not cb:
+            continue
+        t_a, v_a = ca[-1]
+        times, values = zip(*cb)
+        diffs[seed] = v_a - float(np.interp(t_a, times, values, right=np.nan)) if t_a >= times[0] else np.nan
+    d = pd.Series(diffs, dtype=float).dropna()
+    mean, half = t_interval(d, level)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    return {"contrast": f"{a} − {b} (matched training time, in-training {spec['metric']})", "weights": spec["weights"],
+            "sampler": spec["sampler"], "metric": spec["metric"], "seeds": len(d), "difference": mean,
+            "low": mean - half, "high": mean + half, "sd": sd, "detectable": detectable_difference(sd, len(d), level, power),
+            "mean_b": float("nan"), "verdict": verdict_of(mean, half, a, b, True), "per_seed": d}
+
+
 def plot_primary_endpoint(grouped, spec, out_png):
     """Per seed, the two arms' values joined by a line (paired by seed), and the differences."""
     a, b = spec["contrast"]
@@ -490,7 +533,8 @@ def preregistered_report(params, grouped, tables, plots):
     rows += [("post hoc", {**primary, "weights": w, "sampler": smp})
              for w in params.raw["eval"]["weights"] for smp in params.samplers
              if (w, smp) != (primary["weights"], primary["sampler"])]
-    results = [{"role": role, **endpoint(grouped, s, level, power)} for role, s in rows]
+    results = [{"role": role, **(matched_time_endpoint(params, grouped, s, level, power) if s.get("at") == "matched_time"
+                                 else endpoint(grouped, s, level, power))} for role, s in rows]
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "per_seed"} for r in results])
     first = results[0]
     per_seed = first["per_seed"].rename("difference").rename_axis("seed").reset_index()

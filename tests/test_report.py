@@ -158,3 +158,42 @@ def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
     assert "Declared before the run." in text and "**Primary endpoint**" in text and "80% power" in text
     assert pd.read_csv(out["primary_per_seed_csv"]).difference.tolist() == diffs
     assert out["primary_endpoint"].exists()
+
+
+def test_matched_time_contrast_interpolates_the_slower_arm(tmp_path):
+    """A (cheap steps) is compared at its last in-training evaluation with B at the same training seconds."""
+    from alphaflow.report import matched_time_endpoint, training_seconds, with_groups
+
+    d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
+    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in (1, 2, 3)}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(d))
+    params = load_params(path)
+    batch = params.run("alphaflow-s1").batch_size
+    key = "fd_classifier_1nfe_ema"
+    for seed in (1, 2, 3):
+        for method, img_s, offset in (("alphaflow", 2 * batch, 0.0), ("meanflow", batch, 1.0 * seed)):
+            # Steps 0–10 logged every 5 steps at img_s images/s; metric falls linearly with step.
+            lines = []
+            for step in (5, 10):
+                lines.append({"step": step, "images_per_s": img_s, "loss": 1.0})
+                lines.append({"step": step, key: 100.0 - step + offset})
+            run_dir = params.run_dir(f"{method}-s{seed}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+            write_eval(params, f"{method}-s{seed}", "ema", "1nfe", 1.0)
+    assert training_seconds([{"step": 5, "images_per_s": 2 * batch}, {"step": 10, "images_per_s": batch}], batch) == \
+        {5: 2.5, 10: 7.5}
+    grouped = with_groups(params, report_results(params))
+    spec = {"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier", "weights": "ema", "sampler": "1nfe",
+            "at": "matched_time"}
+    line = matched_time_endpoint(params, grouped, spec)
+    # α-Flow: 10 steps in 5 s, value 90. MeanFlow reaches 5 s at step 5: value 95 + seed. Differences −6, −7, −8.
+    assert line["per_seed"].tolist() == pytest.approx([-6.0, -7.0, -8.0])
+    assert line["difference"] == pytest.approx(-7.0) and line["verdict"] == "alphaflow better"
+
+
+def report_results(params):
+    from alphaflow.report import collect
+
+    return collect(params)

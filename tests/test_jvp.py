@@ -7,17 +7,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from alphaflow.models import PRESETS, build_model
 from alphaflow.models import jvp
 from alphaflow.objectives import alpha_flow_loss, contiguous, drop_labels, sample_times
+from conftest import randomized  # non-zero adaLN-Zero and output layers: every tangent rule contributes
 
 f64 = torch.float64
-
-
-def randomized(net, scale=0.05, seed=0):
-    """Non-zero adaLN-Zero and output layers, so every tangent rule contributes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return net
 
 
 def reference_dudt(net, z, r, t, y, dz, dt):
@@ -149,7 +141,7 @@ def test_nets_without_a_tangent_pass_fall_back_to_torch_func_jvp():
 def test_bf16_autocast_tangent_is_close_to_fp32():
     """Under bf16 autocast the tangent pass runs (torch.func.jvp's fused path did not) and stays within
     bf16 accuracy of the fp32 JVP."""
-    net = randomized(build_model("T/4", num_classes=10, input_size=28, in_channels=1), scale=0.02)
+    net = randomized(build_model("T/4", num_classes=10, input_size=28, in_channels=1), std=0.02)
     g = torch.Generator().manual_seed(4)
     z, dz = (torch.randn(4, 1, 28, 28, generator=g) for _ in range(2))
     t = torch.rand(4, generator=g)

@@ -11,8 +11,6 @@ Notation: `d<name>` is the tangent of `<name>`. Every rule is exact (tests check
 torch.func.jvp in float64); under autocast the tangent runs in the same dtypes as the primal.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 

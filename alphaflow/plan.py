@@ -64,7 +64,8 @@ def row_ms(record, objective, cfg=False, jvp_mode=None):
 
 def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None):
     """(record, how): the measured table of this device kind (and GPU name / CPU threads when given) and
-    dtype, for `model` if measured, else the one whose model is closest in FLOPs (how says 'scaled')."""
+    dtype, for `model` if measured (the largest batch of them), else the largest-batch table of any model
+    (how says 'scaled from' it; branch_ms_per_image scales it by FLOPs)."""
     pool = [r for r in records if r["device_type"] == device_type and r["dtype"] == dtype
             and (gpu is None or gpu.lower() in r["device"].lower())
             and (threads is None or r.get("threads") == threads)]
@@ -127,8 +128,7 @@ def run_plan(params, name, ms, how, gpus=None):
     sample_s = len(ev["weights"]) * nfe * ev["num_samples"] * (ms["forward"] or 0.0) / 1e3
     wall_h = train_s / n_gpus / 3600
     timeout_h = res.get("timeout_min", 0) / 60
-    ckpt_h = run.checkpoint_every * sum(mix[k] * per_img[k] for k in mix) / max(run.steps, 1) * run.batch_size / 1e3 \
-        / n_gpus / 3600
+    ckpt_h = wall_h * run.checkpoint_every / max(run.steps, 1)  # one checkpoint interval, at the mean step cost
     return {"run": name, "model": run.model, "steps": run.steps, "fm_steps": mix["fm"],
             "alphaflow_steps": mix["alphaflow"], "meanflow_steps": mix["meanflow"], "cfg": guided,
             "step_cost": how, "gpus": n_gpus, "train_device_h": train_s / 3600, "train_wall_h": wall_h,
@@ -155,9 +155,9 @@ def plan(params, *, device_type, gpu=None, gpus=None, threads=None, dtype=None, 
         if row_ms(record, "meanflow", jvp_mode="tangent") is None:
             notes.add("MeanFlow steps use the torch.func.jvp split row, measured before the tangent pass (an overestimate)")
         ms = branch_ms_per_image(record, flops)
-        if (run.cfg_omega != 1.0 or run.cfg_kappa != 0.0) and ms["cfg"] is None:
-            notes.add("training-time CFG teachers are not measured on this device: their cost is not counted")
         rows.append(run_plan(params, name, ms, how, gpus))
+        if rows[-1]["cfg"] and ms["cfg"] is None:
+            notes.add("training-time CFG teachers are not measured on this device: their cost is not counted")
     return rows, sorted(notes)
 
 

@@ -438,22 +438,33 @@ def detectable_difference(sd, n, level=0.95, power=0.8):
     return float((st.t.ppf(0.5 + level / 2, n - 1) + st.t.ppf(power, n - 1)) * sd / n ** 0.5)
 
 
-def endpoint(grouped, spec, level=0.95, power=0.8):
-    """One pre-registered contrast (params `preregistered`): the per-seed differences A − B over the seeds
-    both groups ran, their mean with a t-interval, SD, the difference detectable with `power`, the verdict."""
+def paired_values(grouped, spec):
+    """(A, B): the two groups' values of spec's metric at its weights × sampler, indexed by the seeds both ran."""
     a, b = spec["contrast"]
     sub = grouped[(grouped.weights == spec["weights"]) & (grouped.sampler == spec["sampler"])
                   & (grouped.metric == spec["metric"])]
     va, vb = (sub[sub.group == g].set_index("seed").value for g in (a, b))
     common = va.index.intersection(vb.index).sort_values()
-    d = va[common] - vb[common]
+    return va[common], vb[common]
+
+
+def summarise_differences(d, spec, label, mean_b, level, power):
+    """The contrast line of per-seed differences d = A − B: mean, t-interval, SD, detectable difference, verdict."""
+    a, b = spec["contrast"]
     mean, half = t_interval(d, level)
     sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-    return {"contrast": f"{a} − {b}", "weights": spec["weights"], "sampler": spec["sampler"],
-            "metric": spec["metric"], "seeds": len(d), "difference": mean, "low": mean - half, "high": mean + half,
-            "sd": sd, "detectable": detectable_difference(sd, len(d), level, power), "mean_b": float(vb[common].mean())
-            if len(d) else float("nan"), "verdict": verdict_of(mean, half, a, b, not spec["metric"].startswith("is")),
-            "per_seed": d}
+    return {"contrast": label, "weights": spec["weights"], "sampler": spec["sampler"], "metric": spec["metric"],
+            "seeds": len(d), "difference": mean, "low": mean - half, "high": mean + half, "sd": sd,
+            "detectable": detectable_difference(sd, len(d), level, power), "mean_b": mean_b,
+            "verdict": verdict_of(mean, half, a, b, not spec["metric"].startswith("is")), "per_seed": d}
+
+
+def endpoint(grouped, spec, level=0.95, power=0.8):
+    """One pre-registered contrast (params `preregistered`): the per-seed differences A − B over the seeds
+    both groups ran, their mean with a t-interval, SD, the difference detectable with `power`, the verdict."""
+    va, vb = paired_values(grouped, spec)
+    mean_b = float(vb.mean()) if len(vb) else float("nan")
+    return summarise_differences(va - vb, spec, " − ".join(spec["contrast"]), mean_b, level, power)
 
 
 def training_seconds(records, batch_size):
@@ -489,33 +500,25 @@ def matched_time_endpoint(params, grouped, spec, level=0.95, power=0.8):
         t_a, v_a = ca[-1]
         times, values = zip(*cb)
         diffs[seed] = v_a - float(np.interp(t_a, times, values, right=np.nan)) if t_a >= times[0] else np.nan
-    d = pd.Series(diffs, dtype=float).dropna()
-    mean, half = t_interval(d, level)
-    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-    return {"contrast": f"{a} − {b} (matched training time, in-training {spec['metric']})", "weights": spec["weights"],
-            "sampler": spec["sampler"], "metric": spec["metric"], "seeds": len(d), "difference": mean,
-            "low": mean - half, "high": mean + half, "sd": sd, "detectable": detectable_difference(sd, len(d), level, power),
-            "mean_b": float("nan"), "verdict": verdict_of(mean, half, a, b, True), "per_seed": d}
+    label = f"{a} − {b} (matched training time, in-training {spec['metric']})"
+    return summarise_differences(pd.Series(diffs, dtype=float).dropna(), spec, label, float("nan"), level, power)
 
 
 def plot_primary_endpoint(grouped, spec, out_png):
     """Per seed, the two arms' values joined by a line (paired by seed), and the differences."""
     a, b = spec["contrast"]
-    sub = grouped[(grouped.weights == spec["weights"]) & (grouped.sampler == spec["sampler"])
-                  & (grouped.metric == spec["metric"])]
-    va, vb = (sub[sub.group == g].set_index("seed").value for g in (a, b))
-    common = va.index.intersection(vb.index).sort_values()
-    if not len(common):
+    va, vb = paired_values(grouped, spec)
+    if not len(va):
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
-    for seed in common:
+    for seed in va.index:
         ax1.plot([0, 1], [va[seed], vb[seed]], "o-", color="0.5", lw=1)
     ax1.set(xticks=[0, 1], xticklabels=[a, b], xlim=(-0.4, 1.4), ylabel=spec["metric"],
             title=f"{spec['weights']}, {spec['sampler']}: one line per seed")
-    d = va[common] - vb[common]
+    d = va - vb
     ax2.axhline(0, color="k", lw=0.8)
     ax2.plot(range(len(d)), d.values, "o")
-    ax2.set(xticks=range(len(d)), xticklabels=[str(s) for s in common], xlabel="seed", ylabel=f"{a} − {b}",
+    ax2.set(xticks=range(len(d)), xticklabels=[str(s) for s in d.index], xlabel="seed", ylabel=f"{a} − {b}",
             title="paired differences (below 0: A better)")
     fig.tight_layout()
     return save_figure(fig, out_png)

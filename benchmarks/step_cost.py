@@ -77,8 +77,7 @@ def make_step(objective, net, opt, x, y, noise, autocast, jvp_mode=None, cfg=Fal
     """Returns a closure running one optimiser step of the given objective."""
     alpha = {"fm": 1.0, "alphaflow": 0.5, "meanflow": 0.0, "official": 0.0}.get(objective)
     fm_ratio = 1.0 if objective == "fm" else FM_RATIO
-    null_label = getattr(net, "null_label", None) or net._orig_mod.null_label
-    guidance = dict(omega=0.2, kappa=0.92, cfg_interval=(0.0, 0.75), null_label=null_label) if cfg else {}
+    guidance = dict(omega=0.2, kappa=0.92, cfg_interval=(0.0, 0.75), null_label=net.null_label) if cfg else {}
     gen = torch.Generator(x.device).manual_seed(0)
 
     def step():

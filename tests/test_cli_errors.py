@@ -8,7 +8,6 @@ An internal error (any other exception) keeps Python's traceback and exit code 1
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -171,11 +170,8 @@ def test_params_snakefile_and_launcher_paths_do_not_import_torch():
     """A login node runs Snakemake and one blocked `alphaflow launch` per queued job: the modules they import
     (the Snakefile's and rules' `alphaflow` imports, the CLI, the launcher) must not load torch."""
     import re
-    import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[1]
-    sources = [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
+    sources = [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
     modules = sorted({m for f in sources for m in re.findall(r"^\s*from (alphaflow[\w.]*) import", f.read_text(), re.M)})
     assert "alphaflow.config" in modules and "alphaflow.provenance" in modules
     # Peak RSS from /proc (ru_maxrss would count the forking pytest process's peak too).
@@ -183,7 +179,7 @@ def test_params_snakefile_and_launcher_paths_do_not_import_torch():
             "from alphaflow.config import load_params\nload_params('params/paper.yaml')\n"
             "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) // 1024\n"
             "print('torch' in sys.modules, peak)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     loaded, rss_mb = out.split()
     assert loaded == "False", modules
     assert int(rss_mb) < 100, rss_mb

@@ -9,7 +9,8 @@ whichever part or batch it is generated in. Samples go to uint8 safetensors chun
 in a folder named by the samples' fingerprint (the weights' sha256, the sampler, labels, counts, decoder:
 `sample_fingerprint`): finished chunks of the same fingerprint are skipped on restart, chunks of any other
 (a retrained run, a changed sampler) are never read and are removed when the new set is done. Metrics come with bootstrap intervals over samples, go to
-eval/<weights>/<sampler>.json, and are logged onto the run's MLflow run (`fid_1nfe_ema`, …).
+eval/<weights>/<sampler>.json; the report stage logs them onto the run's MLflow run (`fid_1nfe_ema`, …:
+one MLflow connection per run, not one per evaluation job).
 """
 
 import hashlib
@@ -318,8 +319,6 @@ def mlflow_metric_name(metric, sampler, weights):
 
 def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=False):
     from alphaflow.images import save_grid
-    from alphaflow.tracking import Tracker
-
     from alphaflow.provenance import file_hash, fingerprint, stage_reads
     from alphaflow.stages import reference_marker
 
@@ -342,15 +341,6 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
     per_class = [order[labels[order] == c][:8] for c in range(min(10, int(labels.max()) + 1))]
     save_grid(images[torch.cat(per_class)], out.parent / f"{sampler_name}.png", nrow=8,
               scale=2 if images.shape[-1] < 64 else 1)
-    run_dir = params.run_dir(run_name)
-    tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_dir / "mlflow_run_id")
-    logged = {}
-    for m, v in metrics.items():
-        name = mlflow_metric_name(m, sampler_name, weights)
-        logged.update({name: v["value"], f"{name}_ci_low": v["low"], f"{name}_ci_high": v["high"]})
-    tracker.log_metrics(logged, step=params.run(run_name).steps)
-    tracker.log_artifact(out.parent / f"{sampler_name}.png", "samples")
-    tracker.close()
     if not quiet:
         shown = ", ".join(f"{m} {v['value']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for m, v in metrics.items())
         print(f"[alphaflow] evaluate {run_name}/{weights}/{sampler_name}: {shown}")

@@ -625,15 +625,35 @@ def seeds_report(params, results, tables, plots):
 # The report stage
 
 
+def mlflow_metrics(rows):
+    """{name: value} of one run's evaluation rows: `<metric>_<sampler>_<weights>` and its `_ci_low`/`_ci_high`."""
+    from alphaflow.evaluate import mlflow_metric_name
+
+    out = {}
+    for r in rows.itertuples():
+        name = mlflow_metric_name(r.metric, r.sampler, r.weights)
+        out.update({name: r.value, f"{name}_ci_low": r.low, f"{name}_ci_high": r.high})
+    return out
+
+
 def log_to_mlflow(params, results):
-    """Each run's rows as an MLflow table on its own run (metrics were logged by `evaluate`)."""
+    """Each run's evaluation metrics (at its last step), sample grids and rows as an MLflow table, on its own run.
+
+    One connection per run. Metrics carry the time of their evaluation file, so logging an unchanged
+    evaluation again (a re-run report) adds nothing to the run's history."""
     from alphaflow.tracking import Tracker
 
     for run_name, rows in results.groupby("run"):
-        run_id_file = params.run_dir(run_name) / "mlflow_run_id"
-        if not run_id_file.exists():
+        run_dir = params.run_dir(run_name)
+        if not (run_dir / "mlflow_run_id").exists():
             continue
-        tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_id_file)
+        tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_dir / "mlflow_run_id")
+        for (weights, sampler), cell in rows.groupby(["weights", "sampler"]):
+            evaluated = (run_dir / "eval" / weights / f"{sampler}.json").stat().st_mtime
+            tracker.log_metrics(mlflow_metrics(cell), step=params.run(run_name).steps, timestamp=evaluated)
+            grid = run_dir / "samples" / weights / f"{sampler}.png"
+            if grid.exists():
+                tracker.log_artifact(grid, f"samples/{weights}")
         tracker.log_table({c: rows[c].tolist() for c in rows.columns}, "fid_table.json")
         tracker.close()
 

@@ -372,12 +372,14 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         self._put(lambda c, rid: c.log_batch(rid, params=items))
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, timestamp=None):
+        """timestamp: seconds since the epoch (default now), fixed here: a re-send after a failure, or the same
+        values logged again with the same timestamp, is a duplicate MLflow ignores."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)  # fixed now: a re-send after a failure is then a duplicate MLflow ignores
+        ts = int((time.time() if timestamp is None else timestamp) * 1000)
         items = [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items()]
         self._put(lambda c, rid: c.log_batch(rid, metrics=items))
 

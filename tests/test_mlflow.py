@@ -78,6 +78,8 @@ def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, t
     for stage in ("sample", "evaluate"):
         cli(stage, "--params", params, "--run", "alphaflow-tiny", "--weights", "ema", "--sampler", "1nfe", "--quiet",
             env=env)
+    for _ in range(2):  # the report logs the evaluations; a second report adds nothing to their history
+        cli("report", "--params", params, env=env)
     exp = get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=test")["experiment"]
     runs = get(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert [r["info"]["run_name"] for r in runs] == ["alphaflow-tiny"]
@@ -92,6 +94,10 @@ def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, t
     local = [json.loads(line) for line in (results / "runs/alphaflow-tiny/metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [r["step"] for r in local]
     assert [h["value"] for h in history] == pytest.approx([r["loss"] for r in local])
+    evaluated = get(f"{url}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=fd_classifier_1nfe_ema")
+    assert [m["step"] for m in evaluated["metrics"]] == [local[-1]["step"]]  # logged once, at the last step
+    artifacts = get(f"{url}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=samples/ema")
+    assert [f["path"] for f in artifacts["files"]] == ["samples/ema/1nfe.png"]
 
 
 def test_training_survives_the_tracking_server_dying(mlflow_server, tiny_project):

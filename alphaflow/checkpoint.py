@@ -25,6 +25,7 @@ from alphaflow.errors import UserError
 
 LATEST = "latest.json"
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
+PHEMA_FILE = "phema.safetensors"
 
 
 def step_dir_name(step):
@@ -57,10 +58,11 @@ def load_optimizer(optimizer, tensors, param_groups):
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state):
+def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state, phema=None):
     """Writes checkpoint `name` (e.g. step-0001000 or final) atomically and points latest.json at it.
 
-    rng: dict of named uint8 generator states; state: JSON-able dict (step, loader, fingerprint, …).
+    rng: dict of named uint8 generator states; state: JSON-able dict (step, loader, fingerprint, …);
+    phema: the tracked post-hoc EMA profiles (alphaflow.phema.PowerEMA), kept in fp32 for exact resume.
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,8 @@ def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state):
     opt_tensors, param_groups = optimizer_tensors(optimizer)
     _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     _save_tensors(rng, tmp / "rng.safetensors")
+    if phema is not None:
+        _save_tensors(phema.state_dict(), tmp / PHEMA_FILE)
     atomic_write_json(tmp / "state.json", {**state, "sha256": files, "param_groups": param_groups})
     final = ckpt_dir / name
     if final.exists():
@@ -141,11 +145,16 @@ def read_state(path, missing_ok=False):
                               "complete checkpoint)") from None
 
 
-def load_checkpoint(path, *, net, ema, optimizer, device="cpu"):
-    """Restores net, EMA and optimizer in place; returns (state dict, rng tensors)."""
+def load_checkpoint(path, *, net, ema, optimizer, device="cpu", phema=None):
+    """Restores net, EMA, optimizer (and the post-hoc EMA profiles) in place; returns (state dict, rng tensors)."""
     path = Path(path)
     net.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
     ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(device)))
+    if phema is not None:
+        if not (path / PHEMA_FILE).exists():
+            raise CheckpointError(f"{path / PHEMA_FILE} is missing: this checkpoint was written without post-hoc "
+                                  "EMA tracking, so the run cannot resume with it")
+        phema.load_state_dict(load_file(str(path / PHEMA_FILE), device=str(device)))
     state = read_state(path)
     if optimizer is not None:
         load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)),

@@ -8,6 +8,7 @@
     alphaflow sample    --params P --run R --weights ema|raw --sampler S [--part I --num-parts N]
     alphaflow evaluate  --params P --run R --weights ema|raw --sampler S
     alphaflow report    --params P
+    alphaflow phema     --params P --run R --sigma-rel S [--sigma-rel S2 ...] [--step K]   (post-hoc EMA)
     alphaflow track-replay --params P --run R      (log what MLflow missed of the run's metrics.jsonl)
     alphaflow launch    --params P --stage train [--run R] [--executor slurm|local|debug] -- <stage args>
     alphaflow validate  --params P
@@ -99,6 +100,15 @@ def cmd_report(args, params):
     report(params)
 
 
+def cmd_phema(args, params):
+    from alphaflow.phema import write_posthoc
+
+    for sigma_rel in args.sigma_rel:
+        out, record = write_posthoc(params, args.run, sigma_rel, step=args.step)
+        print(f"[alphaflow] phema {args.run}: σ_rel {sigma_rel:g} at step {record['step']} from "
+              f"{len(record['snapshots'])} snapshot profiles → {out}")
+
+
 def cmd_track_replay(args, params):
     from alphaflow.tracking import replay_run
 
@@ -165,6 +175,11 @@ def build_parser():
             p.add_argument("--num-parts", type=int, default=1)
 
     stage_parser(sub, "report", cmd_report, "tables (MD/CSV/TeX) and plots")
+
+    p = stage_parser(sub, "phema", cmd_phema, "post-hoc EMA: reconstruct the weights of any σ_rel from a run's snapshots")
+    p.add_argument("--run", required=True)
+    p.add_argument("--sigma-rel", type=float, action="append", required=True, help="relative EMA width, e.g. 0.07")
+    p.add_argument("--step", type=int, default=None, help="reconstruct at this earlier step (default: the last)")
 
     p = stage_parser(sub, "track-replay", cmd_track_replay, "log what MLflow missed of a run's metrics.jsonl")
     p.add_argument("--run", required=True)

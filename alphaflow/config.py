@@ -72,6 +72,9 @@ class RunConfig:
     conflict_every: int | None = None    # gradient-conflict cosines cadence; None = off
     conflict_batch: int = 128            # held-out batch for the cosines (paper App. E)
     eval_every: int | None = None        # in-training FD_clf (EMA and raw, every sampler); None = off
+    phema_every: int | None = None       # post-hoc EMA snapshots every N steps (alphaflow.phema); None = off
+    phema_sigma_rels: tuple = (0.05, 0.10)  # the power-function EMA profiles tracked for them
+    phema_dtype: str = "float32"         # snapshot precision: float32 | bfloat16
     group: str | None = None             # runs differing only by seed share a group (report: mean over seeds)
     paper_row: str | None = None         # row of the paper's tables this run reproduces
     resources: dict = field(default_factory=dict)
@@ -182,7 +185,7 @@ class Params:
         if name not in self.raw["runs"]:
             raise ParamsError(f"unknown run {name!r}; this profile has: {self.run_names}")
         merged = {**self.raw["defaults"], **self.raw["runs"][name]}
-        for key in ("betas", "cfg_interval"):
+        for key in ("betas", "cfg_interval", "phema_sigma_rels"):
             if key in merged:
                 merged[key] = tuple(merged[key])
         return RunConfig(name=name, **merged)

@@ -11,10 +11,23 @@ unlike a fixed half-life it keeps its shape however long the run is. Training tr
 and saves them as snapshots every N steps; `posthoc_coefficients` then expresses any other (σ_rel, t) profile
 as the least-squares combination of the snapshots' profiles (their inner products are closed-form) and
 `reconstruct` applies the same combination to the snapshots' weights.
+
+On disk (params `phema_every`, `phema_sigma_rels`, `phema_dtype`): checkpoints/phema/phema-<step>.safetensors,
+one file per snapshot holding every tracked profile (keys `<σ_rel>/<parameter>`, metadata: step, images,
+σ_rels), written atomically. `alphaflow phema --run R --sigma-rel S` writes the reconstructed weights
+(`reconstruct_snapshots`, streaming: one snapshot in memory at a time).
 """
+
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from alphaflow.errors import MissingInputError
 
 
 def gamma_of(sigma_rel):
@@ -82,10 +95,10 @@ def posthoc_coefficients(snap_t, snap_gamma, target_t, target_gamma):
 def reconstruct(snapshots, sigma_rel, t=None):
     """Weights of the power-function EMA with `sigma_rel` at time t (default: the last snapshot's) from
     snapshots [(t_i, sigma_rel_i, state_dict_i)]; non-float entries come from the last snapshot."""
+    t = max(s[0] for s in snapshots) if t is None else t
+    snapshots = [s for s in snapshots if s[0] <= t]  # the target at time t averages nothing after t
     snap_t = [s[0] for s in snapshots]
-    snap_gamma = [gamma_of(s[1]) for s in snapshots]
-    t = max(snap_t) if t is None else t
-    x = posthoc_coefficients(snap_t, snap_gamma, t, gamma_of(sigma_rel))
+    x = posthoc_coefficients(snap_t, [gamma_of(s[1]) for s in snapshots], t, gamma_of(sigma_rel))
     last = snapshots[int(np.argmax(snap_t))][2]
     out = {}
     for k, v in last.items():
@@ -94,3 +107,100 @@ def reconstruct(snapshots, sigma_rel, t=None):
         else:
             out[k] = v.clone()
     return out
+
+
+#----------------------------------------------------------------------------
+# Snapshots on disk
+
+
+def snapshot_path(folder, step):
+    return Path(folder) / f"phema-{step:07d}.safetensors"
+
+
+def save_snapshot(folder, phema, step, images, dtype=torch.float32):
+    """Every tracked profile at `step` (`images` seen) as one safetensors file, written atomically."""
+    path = snapshot_path(folder, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in phema.state_dict().items()}
+    save_file(tensors, str(tmp), metadata={"step": str(step), "images": str(images),
+                                           "sigma_rels": json.dumps(list(phema.sigma_rels))})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def list_snapshots(folder, max_step=None):
+    """[(images, σ_rel, path)] of the snapshot files in `folder` (at most `max_step`), oldest first."""
+    out = []
+    for path in sorted(Path(folder).glob("phema-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        if max_step is not None and int(meta["step"]) > max_step:
+            continue
+        out += [(int(meta["images"]), float(s), path) for s in json.loads(meta["sigma_rels"])]
+    return out
+
+
+def reconstruct_snapshots(folder, sigma_rel, images=None, max_step=None):
+    """(weights, record): the power-function EMA with `sigma_rel` at `images` seen (default: the last
+    snapshot's), from the snapshot files in `folder`, read one at a time. Floats come back as float32."""
+    snaps = list_snapshots(folder, max_step)
+    if not snaps:
+        raise MissingInputError(f"no post-hoc EMA snapshots in {folder}: train the run with params phema_every set")
+    images = max(s[0] for s in snaps) if images is None else images
+    snaps = [s for s in snaps if s[0] <= images]
+    x = posthoc_coefficients([s[0] for s in snaps], [gamma_of(s[1]) for s in snaps], images, gamma_of(sigma_rel))
+    out = {}
+    for (t, s, path), c in zip(snaps, x):
+        prefix = f"{s:g}/"
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if not key.startswith(prefix):
+                    continue
+                name, v = key[len(prefix):], f.get_tensor(key)
+                if v.is_floating_point():
+                    out[name] = out.get(name, 0.0) + float(c) * v.double()
+                else:
+                    out[name] = v
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+    record = {"sigma_rel": float(sigma_rel), "images": int(images),
+              "snapshots": [{"images": t, "sigma_rel": s, "file": p.name, "coefficient": float(c)}
+                            for (t, s, p), c in zip(snaps, x)]}
+    return weights, record
+
+
+#----------------------------------------------------------------------------
+# The stage: `alphaflow phema --params P --run R --sigma-rel S [--step K]`
+
+
+def posthoc_path(params, run_name, sigma_rel, step=None):
+    """Where the reconstructed weights of `run_name` for σ_rel (at `step`, default the last) go."""
+    suffix = "" if step is None else f"-step{step:07d}"
+    return params.run_dir(run_name) / "phema" / f"phema-{float(sigma_rel):g}{suffix}.safetensors"
+
+
+def write_posthoc(params, run_name, sigma_rel, step=None):
+    """Reconstructs the run's power-function EMA with σ_rel at `step` from its snapshots and writes it
+    (safetensors, the coefficients in its metadata) atomically; returns (path, record)."""
+    from alphaflow.config import ParamsError
+
+    run = params.run(run_name)
+    if not run.phema_every:
+        raise ParamsError(f"params key 'runs.{run_name}.phema_every' is null: the run keeps no post-hoc EMA "
+                          "snapshots; set it (e.g. to 1/40 of the steps) and re-run training")
+    if not 0 < float(sigma_rel) <= 0.28:
+        raise ParamsError(f"--sigma-rel {sigma_rel}: σ_rel must lie in (0, 0.28] (0.28 is the widest power profile, γ = 0)")
+    folder = params.run_dir(run_name) / "checkpoints" / "phema"
+    images = None if step is None else step * run.batch_size
+    weights, record = reconstruct_snapshots(folder, sigma_rel, images=images, max_step=run.steps)
+    record["step"] = record["images"] // run.batch_size
+    out = posthoc_path(params, run_name, sigma_rel, step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"phema": json.dumps(record)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return out, record

@@ -80,9 +80,14 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
     raise ValueError(f"unknown stage {stage!r}")
 
 
+PHEMA_KEYS = ("phema_every", "phema_sigma_rels", "phema_dtype")
+
+
 def train_settings(run):
-    """A run's settings that change its weights (everything but TRAIN_VOLATILE)."""
-    return {k: v for k, v in run.to_dict().items() if k not in TRAIN_VOLATILE}
+    """A run's settings that change its outputs (everything but TRAIN_VOLATILE; the post-hoc EMA keys only
+    when its snapshots are on, so runs without them keep their fingerprint)."""
+    skip = TRAIN_VOLATILE if run.phema_every else TRAIN_VOLATILE | set(PHEMA_KEYS)
+    return {k: v for k, v in run.to_dict().items() if k not in skip}
 
 
 def fingerprint(stage, reads, upstream=()):

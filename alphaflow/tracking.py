@@ -192,10 +192,18 @@ def read_run_id(path):
     return run_id if re.fullmatch(r"[0-9A-Za-z_-]{1,256}", run_id) else None
 
 
+# MLflow 3's UI opens an experiment on the GenAI traces page unless it is marked as model training; with this
+# tag `mlflow ui` shows the runs table (and its metric columns) first.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def open_run(client, experiment, run_name, tags, run_id_file, *, reopen=True):
     """Run id of `run_id_file`'s MLflow run (marked RUNNING again if `reopen`), or of a new run recorded there."""
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, tags=EXPERIMENT_TAGS)
+    if exp is not None and any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+        for k, v in EXPERIMENT_TAGS.items():  # an experiment made before the tag (or by hand)
+            client.set_experiment_tag(exp_id, k, v)
     run_id = read_run_id(run_id_file)
     if run_id is None:
         run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id

@@ -28,6 +28,7 @@ from alphaflow.config import ParamsError
 from alphaflow.data import LatentLoader
 from alphaflow.data.shards import atomic_write_bytes
 from alphaflow.ema import EMA
+from alphaflow.phema import PowerEMA, save_snapshot
 from alphaflow.models import build_model
 from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
 from alphaflow.provenance import TRAIN_VOLATILE, file_hash, fingerprint, latents_content_hash, stage_reads
@@ -236,6 +237,8 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
     net.latent_mean.copy_(mean)
     net.latent_std.copy_(std)
     ema = EMA(net, run.ema_halflife, run.ema_rampup)
+    # Post-hoc EMA (issue 19): power-function EMAs of the raw weights, snapshotted every phema_every steps.
+    phema = PowerEMA(net, run.phema_sigma_rels) if run.phema_every else None
     fused = dev.type == "cuda"
     opt = torch.optim.Adam(net.parameters(), lr=run.lr, betas=tuple(run.betas), eps=run.adam_eps, weight_decay=0.0,
                            fused=fused or None)
@@ -249,7 +252,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
     # from another run, or start fresh.
     start_step, bad_total, window, ema_offset = 0, 0, {}, 0
     if latest is not None:
-        state, rng = ckpt.load_checkpoint(latest, net=net, ema=ema, optimizer=opt, device=dev)
+        state, rng = ckpt.load_checkpoint(latest, net=net, ema=ema, optimizer=opt, device=dev, phema=phema)
         loader.load_state_dict(state["loader"])
         gen.set_state(rng[f"gen.{info.rank}"].to(torch.uint8))
         start_step, bad_total, window = state["step"], state["bad_total"], state.get("window", {})
@@ -350,9 +353,16 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update(net, ema_offset + step)
+            done = step + 1
+            if phema is not None:  # t counts this run's images (a fine-tune's profiles start at its first step)
+                phema.update(net, t=done * run.batch_size, dt=run.batch_size)
+                if done % run.phema_every == 0 or done == run.steps:
+                    with distributed.main_work(f"the post-hoc EMA snapshot at step {done}") as mine:
+                        if mine:
+                            save_snapshot(ckpt_dir / "phema", phema, done, done * run.batch_size,
+                                          getattr(torch, run.phema_dtype))
             window_n += 1
             images0 += run.batch_size
-            done = step + 1
             bar.update(1)
 
             log_now = done % run.log_every == 0 or done == last_step
@@ -393,7 +403,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
             # --stop-after N (no work since the last periodic checkpoint is lost).
             if periodic or stop or done == last_step:
                 save(ckpt_dir, step_name(done), net, ema, opt, gen, loader, run, done, bad_total, sums, window_n,
-                     info, fp, ema_offset)
+                     info, fp, ema_offset, phema)
                 with distributed.main_work(f"pruning checkpoints / the sample grid at step {done}") as mine:
                     if mine:
                         snaps = {s for s in range(run.snapshot_every, run.steps + 1, run.snapshot_every)}
@@ -430,7 +440,8 @@ def step_name(step):
     return ckpt.step_dir_name(step)
 
 
-def save(ckpt_dir, name, net, ema, opt, gen, loader, run, step, bad_total, sums, window_n, info, fp, ema_offset):
+def save(ckpt_dir, name, net, ema, opt, gen, loader, run, step, bad_total, sums, window_n, info, fp, ema_offset,
+         phema=None):
     states = gather_states(gen.get_state())
     with distributed.main_work(f"writing checkpoint {ckpt_dir / name}") as mine:
         if mine:
@@ -439,7 +450,7 @@ def save(ckpt_dir, name, net, ema, opt, gen, loader, run, step, bad_total, sums,
                      "ema_step_offset": ema_offset,
                      "window": {**{k: float(v) for k, v in sums.items()}, "n": window_n}}
             rng = {f"gen.{r}": s for r, s in enumerate(states)}
-            ckpt.save_checkpoint(ckpt_dir, name, net=net, ema=ema, optimizer=opt, rng=rng, state=state)
+            ckpt.save_checkpoint(ckpt_dir, name, net=net, ema=ema, optimizer=opt, rng=rng, state=state, phema=phema)
 
 
 def log_grid(net, params, path, tracker, loader):

@@ -81,6 +81,7 @@ def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, t
     for _ in range(2):  # the report logs the evaluations; a second report adds nothing to their history
         cli("report", "--params", params, env=env)
     exp = get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=test")["experiment"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]  # opens on runs
     runs = get(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert [r["info"]["run_name"] for r in runs] == ["alphaflow-tiny"]
     run = runs[0]

@@ -26,6 +26,14 @@ def final_tensors(results, run):
     return {name: load_file(str(d / f"{name}.safetensors")) for name in ("model", "ema", "optimizer")}
 
 
+def phema_snapshots(results, run):
+    """The final checkpoint's tracked post-hoc EMA profiles and every snapshot file, by name."""
+    d = results / "runs" / run / "checkpoints"
+    out = {"phema": load_file(str(d / "final" / "phema.safetensors"))}
+    out.update({f.name.split(".")[0]: load_file(str(f)) for f in (d / "phema").glob("phema-*.safetensors")})
+    return out
+
+
 def assert_bit_identical(a, b):
     for group in a:
         assert a[group].keys() == b[group].keys()
@@ -62,10 +70,10 @@ def test_demo_run_trains_and_logs(tiny_project):
 
 def test_exact_resume_after_sigkill(tiny_project, tmp_path):
     write, results = tiny_project
-    params_path = write(steps=16)
+    params_path = write(steps=16, phema_every=3)  # post-hoc EMA snapshots must resume exactly too
     params = load_params(params_path)
     train(params, "meanflow-tiny", tracking=False, quiet=True)  # uninterrupted reference
-    reference = final_tensors(results, "meanflow-tiny")
+    reference = {**final_tensors(results, "meanflow-tiny"), **phema_snapshots(results, "meanflow-tiny")}
     # Same params, other results folder, killed with SIGKILL at a random step, restarted.
     other = tmp_path / "other"
     import shutil
@@ -85,7 +93,11 @@ def test_exact_resume_after_sigkill(tiny_project, tmp_path):
     proc.wait()
     assert not (other / "runs" / "meanflow-tiny" / "checkpoints" / "final").exists(), "killed too late"
     run_cli("train", "--params", params_path, "--run", "meanflow-tiny", "--quiet", "--no-tracking")
-    assert_bit_identical(reference, final_tensors(other, "meanflow-tiny"))
+    resumed = {**final_tensors(other, "meanflow-tiny"), **phema_snapshots(other, "meanflow-tiny")}
+    assert sorted(resumed) == sorted(reference) == ["ema", "model", "optimizer", "phema", "phema-0000003",
+                                                    "phema-0000006", "phema-0000009", "phema-0000012",
+                                                    "phema-0000015", "phema-0000016"]
+    assert_bit_identical(reference, resumed)
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated log lines after the resume
 

@@ -112,7 +112,8 @@ def test_a_training_runs_snapshots_reconstruct_its_brute_force_ema(tiny_project)
     """A real (tiny DiT) training run with snapshots every 2 steps, every step's raw weights kept
     (snapshot_every 1): `alphaflow phema` rebuilds σ_rel 0.07 (tracked: 0.05, 0.10) within 2 % of the gap
     between the two tracked EMAs from the average of the raw weights by definition, at the end and at an
-    earlier step. Fewer, coarser snapshots than the MLP test above (20 per profile), hence 2 % not 1 %."""
+    earlier step. Fewer, coarser snapshots than the MLP test above (20 per profile), hence 2 % not 1 %
+    (measured: 0.31 % at step 40, 1.0 % at step 30)."""
     write, results = tiny_project
     steps, batch = 40, 8
     params_path = write(steps=steps, snapshot_every=1, checkpoint_every=1, phema_every=2)
@@ -133,6 +134,7 @@ def test_a_training_runs_snapshots_reconstruct_its_brute_force_ema(tiny_project)
         target = brute_force(raw, batch, 0.07, upto)
         gap = brute_force(raw, batch, 0.05, upto) - brute_force(raw, batch, 0.10, upto)
         error = float((rebuilt - target).norm() / gap.norm())
+        print(f"phema reconstruction error at step {upto}: {error:.4%} of the gap")
         assert error < 0.02, (upto, error)
         assert float((raw[upto - 1] - target).norm() / gap.norm()) > 10 * error
         with safe_open(str(path), framework="pt") as f:

@@ -17,10 +17,8 @@ WEIGHTS = P.raw["eval"]["weights"]
 SAMPLERS = list(P.samplers)
 RUNS = P.run_names
 # Scheduling order when cores are scarce: the critical path (data → latents → training) first, so the
-# long training jobs start at once and sampling/evaluation of finished runs fill the idle cores. The short
-# metric-network jobs (classifier → reference) go beside the first training: left for last, they ran alone
-# on one core while the other waited for them (46 s of the demo's 630 s).
-PRIORITY = {"encode": 40, "classifier": 35, "reference": 35, "train": 30}
+# long training jobs start at once and sampling/evaluation of finished runs fill the idle cores.
+PRIORITY = {"encode": 40, "train": 30, "classifier": 20, "reference": 20}
 
 
 def train_priority(w):

@@ -95,6 +95,9 @@ def table_metrics(params):
     return metrics
 
 
+SAME_PROTOCOL = "as the paper"  # paper_results.<run>.protocol: how a row's paper numbers were obtained otherwise
+
+
 def paper_table(params, results, table="1"):
     """Wide table: a row per (run, weights) of this table; ours / paper / Δ for each NFE × metric."""
     paper_results = params.raw.get("paper_results", {})
@@ -107,7 +110,8 @@ def paper_table(params, results, table="1"):
         paper = paper_results.get(run_name, {})
         samplers = nfe_samplers(params, run_name)
         for weights in params.raw["eval"]["weights"]:
-            row = {"run": run_name, "paper row": paper.get("row", "–"), "weights": weights}
+            row = {"run": run_name, "paper row": paper.get("row", "–"), "weights": weights,
+                   "protocol": paper.get("protocol", SAME_PROTOCOL)}
             for nfe in (1, 2):
                 for metric in metrics:
                     col = f"NFE{nfe} {METRIC_LABELS.get(metric, metric)}"
@@ -132,6 +136,8 @@ def fmt(x, digits=2):
 def display_table(wide):
     """The wide table with 'ours' as 'value [low, high]' (or 'not run'), ready for Markdown/LaTeX."""
     out = pd.DataFrame({"run": wide["run"], "paper row": wide["paper row"], "weights": wide["weights"]})
+    if "protocol" in wide and (wide["protocol"] != SAME_PROTOCOL).any():  # rows not comparable like for like
+        out["paper numbers' protocol"] = wide["protocol"]
     for col in [c[: -len(" ours")] for c in wide.columns if c.endswith(" ours")]:
         ours = [NOT_RUN if pd.isna(v) else f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
                 for v, lo, hi in zip(wide[f"{col} ours"], wide[f"{col} low"], wide[f"{col} high"])]

@@ -116,4 +116,8 @@ def test_paper_report_lists_every_paper_row_with_its_numbers_and_not_run(tmp_pat
                 assert f"{entry[key]:.2f}" in table
     ema_rows = [line for line in table.splitlines() if "| ema |" in line]
     assert len(ema_rows) == 12 and all("not run" in line for line in ema_rows)
+    # The M/2 and L/2 MeanFlow numbers come from another paper's protocol: marked, the others not.
+    marked = {line.split("|")[1].strip() for line in ema_rows if "different protocol" in line}
+    assert marked == {"meanflow-M-2-cfg", "meanflow-L-2-cfg"}
+    assert sum("as the paper" in line for line in ema_rows) == 10
     assert (tmp_path / "tables" / "paper" / "table1.tex").read_text().startswith("\\begin{tabular}")

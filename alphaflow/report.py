@@ -462,7 +462,8 @@ def summarise_differences(d, spec, label, mean_b, level, power):
     return {"contrast": label, "weights": spec["weights"], "sampler": spec["sampler"], "metric": spec["metric"],
             "seeds": len(d), "difference": mean, "low": mean - half, "high": mean + half, "sd": sd,
             "detectable": detectable_difference(sd, len(d), level, power), "mean_b": mean_b,
-            "verdict": verdict_of(mean, half, a, b, not spec["metric"].startswith("is")), "per_seed": d}
+            "verdict": (verdict_of(mean, half, a, b, not spec["metric"].startswith("is")) if len(d) > 1
+                        else "not run yet" if len(d) == 0 else "one seed: no interval"), "per_seed": d}
 
 
 def endpoint(grouped, spec, level=0.95, power=0.8):
@@ -642,12 +643,13 @@ def mlflow_metrics(rows):
     return out
 
 
-def log_to_mlflow(params, results):
-    """Each run's evaluation metrics (at its last step), sample grids and rows as an MLflow table, on its own run.
+def log_to_mlflow(params, results, tables):
+    """Each run's evaluation metrics (at its last step), sample grids and rows as an MLflow table, on its own run;
+    writes tables/mlflow.md with the UI links to the runs table and to the compare view of every run.
 
     One connection per run. Metrics carry the time of their evaluation file, so logging an unchanged
     evaluation again (a re-run report) adds nothing to the run's history."""
-    from alphaflow.tracking import Tracker
+    from alphaflow.tracking import Tracker, read_run_id, ui_links
 
     for run_name, rows in results.groupby("run"):
         run_dir = params.run_dir(run_name)
@@ -662,6 +664,14 @@ def log_to_mlflow(params, results):
                 tracker.log_artifact(grid, f"samples/{weights}")
         tracker.log_table({c: rows[c].tolist() for c in rows.columns}, "fid_table.json")
         tracker.close()
+    run_ids = [i for i in (read_run_id(params.run_dir(r) / "mlflow_run_id") for r in params.run_names) if i]
+    links = ui_links(params.tracking_uri(), params.profile, run_ids) if run_ids else None
+    if links is None:
+        return None
+    local = "" if params.tracking_uri().startswith("http") else "Start `mlflow ui` in the project root, then open\n"
+    return write_text(tables / "mlflow.md", f"# MLflow — {params.profile}\n\n{local}"
+                      f"- the runs table (model-training view): {links['runs']}\n"
+                      f"- every run compared, FD/FID with their intervals among the metrics: {links['compare']}\n")
 
 
 def report(params, *, mlflow=True):
@@ -694,6 +704,6 @@ def report(params, *, mlflow=True):
         if curves.exists():
             shutil.copyfile(curves, plots / f"training_{run_name}.png")
     if mlflow and not results.empty:
-        log_to_mlflow(params, results)
+        out["mlflow"] = log_to_mlflow(params, results, tables)
     print(f"[alphaflow] report → {tables}, {plots}\n\n{markdown(shown)}")
     return {k: v for k, v in out.items() if v is not None}

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -195,6 +196,25 @@ def read_run_id(path):
 # MLflow 3's UI opens an experiment on the GenAI traces page unless it is marked as model training; with this
 # tag `mlflow ui` shows the runs table (and its metric columns) first.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # where a bare `mlflow ui` serves a local store
+
+
+def ui_links(uri, experiment, run_ids):
+    """{"runs": URL, "compare": URL} of the experiment's runs table (opened as model training, not on the
+    GenAI page) and of the compare view of `run_ids` (every logged metric side by side), in the MLflow UI
+    serving `uri`: the server itself for http(s), a bare `mlflow ui` for a local store. None without it."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
+    quoted = lambda x: urllib.parse.quote(json.dumps(x))  # noqa: E731
+    return {"runs": f"{base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning",
+            "compare": f"{base}/#/compare-runs?runs={quoted(list(run_ids))}&experiments={quoted([exp.experiment_id])}"}
 
 
 def open_run(client, experiment, run_name, tags, run_id_file, *, reopen=True):

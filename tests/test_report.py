@@ -131,11 +131,14 @@ def test_detectable_difference_matches_the_power_of_a_paired_t_test():
 def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
     d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in range(1, 5)}
+    d["runs"]["fm-s1"] = {"method": "fm", "seed": 1, "group": "fm"}  # an arm not evaluated yet
     d["preregistered"] = {"statement": "Declared before the run.",
                           "primary": {"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier",
                                       "weights": "ema", "sampler": "1nfe"},
                           "secondary": [{"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier",
-                                         "weights": "ema", "sampler": "2nfe-cons-0.5"}]}
+                                         "weights": "ema", "sampler": "2nfe-cons-0.5"},
+                                        {"contrast": ["meanflow", "fm"], "metric": "fd_classifier",
+                                         "weights": "ema", "sampler": "1nfe"}]}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(d))
     params = load_params(path)
@@ -147,13 +150,14 @@ def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
                 write_eval(params, f"alphaflow-s{seed}", weights, sampler, 50.0 + seed + (dd if sampler == "1nfe" else 1.0))
     out = report(params, mlflow=False)
     table = pd.read_csv(out["preregistered_csv"])
-    assert list(table.role) == ["primary", "secondary", "post hoc", "post hoc", "post hoc"]
+    assert list(table.role) == ["primary", "secondary", "secondary", "post hoc", "post hoc", "post hoc"]
     primary = table.iloc[0]
     sd = pd.Series(diffs).std()
     assert primary.difference == pytest.approx(-3.5) and primary.sd == pytest.approx(sd)
     assert primary.high < 0 and primary.verdict == "alphaflow better"
     assert primary.detectable == pytest.approx((3.182446 + 0.978472) * sd / 2, rel=1e-4)  # t(.975,3) + t(.8,3)
     assert table.iloc[1].verdict == "meanflow better"  # +1 on every seed at 2-NFE
+    assert table.iloc[2].seeds == 0 and table.iloc[2].verdict == "not run yet"  # never "not separable" without data
     text = out["preregistered"].read_text()
     assert "Declared before the run." in text and "**Primary endpoint**" in text and "80% power" in text
     assert pd.read_csv(out["primary_per_seed_csv"]).difference.tolist() == diffs

@@ -19,14 +19,14 @@ one file per snapshot holding every tracked profile (keys `<σ_rel>/<parameter>`
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 
+from alphaflow.data.shards import atomic_write_bytes
 from alphaflow.errors import MissingInputError
 
 
@@ -92,14 +92,20 @@ def posthoc_coefficients(snap_t, snap_gamma, target_t, target_gamma):
     return np.linalg.lstsq(a, b.reshape(-1), rcond=None)[0]
 
 
+def fit_snapshots(snapshots, sigma_rel, t=None):
+    """(t, the snapshots up to t, their coefficients) for the σ_rel profile at time t (default: the last
+    snapshot's); snapshots are tuples starting (t_i, sigma_rel_i, ...)."""
+    t = max(s[0] for s in snapshots) if t is None else t
+    snapshots = [s for s in snapshots if s[0] <= t]  # the target at time t averages nothing after t
+    x = posthoc_coefficients([s[0] for s in snapshots], [gamma_of(s[1]) for s in snapshots], t, gamma_of(sigma_rel))
+    return t, snapshots, x
+
+
 def reconstruct(snapshots, sigma_rel, t=None):
     """Weights of the power-function EMA with `sigma_rel` at time t (default: the last snapshot's) from
     snapshots [(t_i, sigma_rel_i, state_dict_i)]; non-float entries come from the last snapshot."""
-    t = max(s[0] for s in snapshots) if t is None else t
-    snapshots = [s for s in snapshots if s[0] <= t]  # the target at time t averages nothing after t
-    snap_t = [s[0] for s in snapshots]
-    x = posthoc_coefficients(snap_t, [gamma_of(s[1]) for s in snapshots], t, gamma_of(sigma_rel))
-    last = snapshots[int(np.argmax(snap_t))][2]
+    t, snapshots, x = fit_snapshots(snapshots, sigma_rel, t)
+    last = snapshots[int(np.argmax([s[0] for s in snapshots]))][2]
     out = {}
     for k, v in last.items():
         if v.is_floating_point():
@@ -120,14 +126,9 @@ def snapshot_path(folder, step):
 def save_snapshot(folder, phema, step, images, dtype=torch.float32):
     """Every tracked profile at `step` (`images` seen) as one safetensors file, written atomically."""
     path = snapshot_path(folder, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in phema.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"step": str(step), "images": str(images),
-                                           "sigma_rels": json.dumps(list(phema.sigma_rels))})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, st_save(tensors, metadata={"step": str(step), "images": str(images),
+                                                        "sigma_rels": json.dumps(list(phema.sigma_rels))}))
     return path
 
 
@@ -149,9 +150,7 @@ def reconstruct_snapshots(folder, sigma_rel, images=None, max_step=None):
     snaps = list_snapshots(folder, max_step)
     if not snaps:
         raise MissingInputError(f"no post-hoc EMA snapshots in {folder}: train the run with params phema_every set")
-    images = max(s[0] for s in snaps) if images is None else images
-    snaps = [s for s in snaps if s[0] <= images]
-    x = posthoc_coefficients([s[0] for s in snaps], [gamma_of(s[1]) for s in snaps], images, gamma_of(sigma_rel))
+    images, snaps, x = fit_snapshots(snaps, sigma_rel, images)
     out = {}
     for (t, s, path), c in zip(snaps, x):
         prefix = f"{s:g}/"
@@ -197,10 +196,5 @@ def write_posthoc(params, run_name, sigma_rel, step=None):
     weights, record = reconstruct_snapshots(folder, sigma_rel, images=images, max_step=run.steps)
     record["step"] = record["images"] // run.batch_size
     out = posthoc_path(params, run_name, sigma_rel, step)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"phema": json.dumps(record)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    atomic_write_bytes(out, st_save({k: v.contiguous() for k, v in weights.items()}, metadata={"phema": json.dumps(record)}))
     return out, record

@@ -193,10 +193,9 @@ def read_run_id(path):
     return run_id if re.fullmatch(r"[0-9A-Za-z_-]{1,256}", run_id) else None
 
 
-# MLflow 3's UI opens an experiment on the GenAI traces page unless it is marked as model training; with this
-# tag `mlflow ui` shows the runs table (and its metric columns) first.
+# Marks the experiments as model training. MLflow 3.17's UI still opens them on its GenAI page while its
+# "Model training" switch is off, so the report also writes links with workflowType=machine_learning (ui_links).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-
 
 MLFLOW_UI = "http://127.0.0.1:5000"  # where a bare `mlflow ui` serves a local store
 

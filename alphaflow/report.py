@@ -9,11 +9,14 @@ reads every `results/runs/<run>/eval/<weights>/<sampler>.json` of the profile an
                        ours [95 % CI] | paper | Δ; paper rows without a result say "not run"
   table2.{md,csv,tex}  the same for Table 2 ablation runs (paper_results.<run>.table: 2a / 2b), if any
   samplers.md          every sampler of every run (not only the 1-/2-NFE pair of Table 1)
+  complete.json        the evaluations the tables were built from (sha256 each); written only when every
+                       run × weights × sampler of the profile has been evaluated
 and under `results/plots/<profile>/`: training curves (losses, α(k)), gradient-conflict cosines,
 metric bars (EMA vs raw, per sampler, with CIs) and one sample sheet per run. Each run's rows also go
 to its MLflow run with `log_table` (artifact `fid_table.json`), so the MLflow UI compares runs.
 """
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -674,14 +677,41 @@ def log_to_mlflow(params, results, tables):
                       f"- every run compared, FD/FID with their intervals among the metrics: {links['compare']}\n")
 
 
+def evaluation_files(params):
+    """Every evaluation the profile asks for: runs × eval.weights × samplers, as eval JSON paths."""
+    return [params.run_dir(r) / "eval" / w / f"{s}.json"
+            for r in params.run_names for w in params.raw["eval"]["weights"] for s in params.samplers]
+
+
+def write_complete_marker(params, tables):
+    """complete.json: the evaluations the tables were built from, with their sha256. Only a report over every
+    evaluation writes it, as its last file; the Snakemake report rule declares it, so a report run by hand on
+    partial results leaves it missing and `snakemake all` still schedules the missing evaluations and this report."""
+    digests = {str(p.relative_to(params.results)): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in evaluation_files(params)}
+    return write_text(tables / "complete.json", json.dumps({"profile": params.profile, "evaluations": digests},
+                                                           indent=1) + "\n")
+
+
+def partial_banner(params, missing):
+    cells = [str(p.relative_to(params.results)) for p in missing]
+    more = f", … ({len(cells) - 3} more)" if len(cells) > 3 else ""
+    return (f"**Partial: {len(cells)} of {len(evaluation_files(params))} evaluations are missing** "
+            f"({', '.join(cells[:3])}{more}). `snakemake all` runs them and rewrites this report.")
+
+
 def report(params, *, mlflow=True):
-    """Writes tables and plots; returns {name: path}."""
+    """Writes tables and plots; returns {name: path}. Missing evaluations are allowed (interim tables), but the
+    tables then say so and complete.json is absent."""
     tables = params.results / "tables" / params.profile
     plots = params.results / "plots" / params.profile
+    (tables / "complete.json").unlink(missing_ok=True)
+    missing = [p for p in evaluation_files(params) if not p.exists()]
     results = collect(params)
     out = {"results": write_text(tables / "results.csv", results.to_csv(index=False))}
+    title = f"Table 1 — {params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)"
     shown = write_table(paper_table(params, results, "1"), tables / "table1",
-                        f"Table 1 — {params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)")
+                        title + ("\n\n" + partial_banner(params, missing) if missing else ""))
     out["table1"] = tables / "table1.md"
     for table in ("2a", "2b"):
         wide = paper_table(params, results, table)
@@ -705,5 +735,9 @@ def report(params, *, mlflow=True):
             shutil.copyfile(curves, plots / f"training_{run_name}.png")
     if mlflow and not results.empty:
         out["mlflow"] = log_to_mlflow(params, results, tables)
+    if missing:
+        print(f"[alphaflow] warning: {partial_banner(params, missing)}")
+    else:
+        out["complete"] = write_complete_marker(params, tables)
     print(f"[alphaflow] report → {tables}, {plots}\n\n{markdown(shown)}")
     return {k: v for k, v in out.items() if v is not None}

@@ -150,6 +150,25 @@ def test_keys_no_stage_reads_rerun_nothing(baseline):
     assert "Nothing to be done" in snakemake(work, "-n", config=["set=[resources.train.timeout_min=7]"]).stdout
 
 
+def test_a_report_run_by_hand_on_partial_results_does_not_hide_the_missing_work(baseline):
+    """Snakemake does not re-run a job whose outputs exist just because one of its inputs is missing. A report
+    written by hand (`alphaflow report`) while evaluations are missing must therefore not produce the report
+    rule's outputs: its complete.json marker is absent and `snakemake all` runs the missing cell and the report."""
+    work0, d0, base = baseline
+    work = base / "partial-report"
+    shutil.copytree(work0, work, symlinks=True)
+    cell = work / "results" / "runs" / RUNS[0]
+    (cell / "eval" / "ema" / "2nfe-ode-0.5.json").unlink()
+    shutil.rmtree(cell / "samples" / "ema" / "2nfe-ode-0.5")
+    out = run([BIN / "alphaflow", "report", "--params", work / "params.yaml", "--quiet"], cwd=work)
+    assert "1 of 2 evaluations are missing" in out.stdout + out.stderr
+    again = snakemake(work)
+    ran = job_counts(again.stdout + again.stderr)
+    ran.pop("total", None)
+    assert ran == {"sample": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert outputs(work) == outputs(work0)
+
+
 def test_kill_9_of_the_whole_dag_then_the_documented_rerun_equals_an_uninterrupted_run(baseline):
     """kill -9 Snakemake and every job at a random moment; `snakemake --unlock` (Snakemake asks for it after
     a kill) and the same command again must finish with outputs equal to the uninterrupted run's."""

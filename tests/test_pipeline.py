@@ -132,7 +132,7 @@ def test_dvc_and_snakemake_declare_the_same_stages_and_outputs():
         path, rule = cols[0], cols[2]
         assert any(path == o or path.startswith(o.rstrip("/") + "/") for o in outs[rule]), (rule, path)
         checked += 1
-    assert checked == 2 + 1 + 1 + 1 + 4 + 16 + 16 + 2  # prepare×2, encode, classifier, reference, train, …, report
+    assert checked == 2 + 1 + 1 + 1 + 4 + 16 + 16 + 3  # prepare×2, encode, classifier, reference, train, …, report
 
 
 def test_dvc_runs_the_small_profile_after_the_documented_switch(tmp_path):

@@ -201,3 +201,29 @@ def report_results(params):
     from alphaflow.report import collect
 
     return collect(params)
+
+
+def test_a_report_on_partial_results_says_so_and_leaves_no_complete_marker(seeded):
+    """A report run by hand before every evaluation exists must not look finished: the table says which
+    evaluations are missing and complete.json (the Snakemake report rule's marker output) is absent, so
+    `snakemake all` still schedules the missing evaluations (tests/test_declarative.py runs that for real)."""
+    weights, samplers = seeded.raw["eval"]["weights"], list(seeded.samplers)
+    cells = [(r, w, s) for r in seeded.run_names for w in weights for s in samplers]
+    for i, cell in enumerate(cells[:-1]):
+        write_eval(seeded, *cell, 80.0 + i)
+    tables = seeded.results / "tables" / seeded.profile
+    report(seeded, mlflow=False)
+    table = (tables / "table1.md").read_text()
+    assert f"Partial: 1 of {len(cells)} evaluations are missing" in table
+    assert "/".join(cells[-1][:2]) in table.replace("/eval/", "/")
+    assert not (tables / "complete.json").exists()
+
+    write_eval(seeded, *cells[-1], 99.0)
+    report(seeded, mlflow=False)
+    assert "Partial" not in (tables / "table1.md").read_text()
+    marker = json.loads((tables / "complete.json").read_text())
+    assert len(marker["evaluations"]) == len(cells)
+
+    (seeded.run_dir(cells[0][0]) / "eval" / cells[0][1] / f"{cells[0][2]}.json").unlink()
+    report(seeded, mlflow=False)   # a later partial report removes the marker of the earlier complete one
+    assert not (tables / "complete.json").exists()

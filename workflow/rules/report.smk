@@ -1,5 +1,5 @@
 # Tables (paper Table 1/2 shape, paper numbers beside ours; MD/CSV/TeX) and plots. Runs locally.
-REPORT = [f"{RESULTS}/tables/{P.profile}/table1.md", f"{RESULTS}/tables/{P.profile}/results.csv"]
+REPORT = [f"{RESULTS}/tables/{P.profile}/{name}" for name in ("table1.md", "results.csv", "complete.json")]
 
 
 rule report:

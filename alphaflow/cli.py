@@ -5,8 +5,8 @@
     alphaflow train     --params P --run R
     alphaflow classifier --params P
     alphaflow reference --params P
-    alphaflow sample    --params P --run R --weights ema|raw --sampler S [--part I --num-parts N]
-    alphaflow evaluate  --params P --run R --weights ema|raw --sampler S
+    alphaflow sample    --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S [--part I --num-parts N]
+    alphaflow evaluate  --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S
     alphaflow report    --params P
     alphaflow phema     --params P --run R --sigma-rel S [--sigma-rel S2 ...] [--step K]   (post-hoc EMA)
     alphaflow track-replay --params P --run R      (log what MLflow missed of the run's metrics.jsonl)
@@ -140,6 +140,17 @@ def stage_parser(sub, name, fn, help_):
     return p
 
 
+
+def weight_set(name):
+    """--weights: ema, raw or phema-<σ_rel> (as params eval.weights writes them)."""
+    from alphaflow.config import weight_set_problem
+
+    problem = weight_set_problem(name)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{name!r}: {problem}")
+    return name
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="alphaflow", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,7 +179,7 @@ def build_parser():
                             ("evaluate", cmd_evaluate, "metrics of generated images")):
         p = stage_parser(sub, name, fn, help_)
         p.add_argument("--run", required=True)
-        p.add_argument("--weights", choices=["ema", "raw"], required=True)
+        p.add_argument("--weights", type=weight_set, required=True, help="ema, raw or phema-<σ_rel> (post-hoc EMA)")
         p.add_argument("--sampler", required=True, help="a sampler name from params eval.samplers")
         if name == "sample":
             p.add_argument("--part", type=int, default=0)

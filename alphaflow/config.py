@@ -142,12 +142,55 @@ def validate(raw, schema=None):
         if source is not None and source not in raw["runs"]:
             raise ParamsError(f"params key 'runs.{name}.init_from' = {source!r}: not a run of this profile "
                               f"(allowed: {sorted(raw['runs'])})")
+    validate_weight_sets(raw)
     for i, sampler in enumerate(raw["eval"]["samplers"]):
         try:
             parse_t_steps(sampler["t_steps"])
         except ValueError as e:
             raise ParamsError(f"params key 'eval.samplers.{i}.t_steps' ({sampler['name']}): {e} "
                               f"(e.g. [1.0, 0.5, 0.0])") from None
+
+
+PHEMA_PREFIX = "phema-"
+
+
+def phema_sigma_rel(weights):
+    """σ_rel of a post-hoc EMA weight set name (`phema-0.05` → 0.05); None for `ema` and `raw`."""
+    return float(weights[len(PHEMA_PREFIX):]) if weights.startswith(PHEMA_PREFIX) else None
+
+
+def weight_set_problem(name):
+    """Why `name` is not a weight set (None when it is one): ema, raw or phema-<σ_rel> with σ_rel in (0, 0.28],
+    written canonically (one name per σ_rel: it names the samples and eval folders)."""
+    if name in ("ema", "raw"):
+        return None
+    try:
+        sigma = phema_sigma_rel(name)
+    except ValueError:
+        sigma = None
+    if sigma is None:
+        return "expected ema, raw or phema-<σ_rel> (e.g. phema-0.05)"
+    if not 0 < sigma <= 0.28:
+        return "σ_rel must lie in (0, 0.28] (0.28 is the widest power-function profile, γ = 0)"
+    if name != f"{PHEMA_PREFIX}{sigma:g}":
+        return f"write it as {PHEMA_PREFIX}{sigma:g} (one name per σ_rel: it names the samples and eval folders)"
+    return None
+
+
+def validate_weight_sets(raw):
+    """Every weight set well formed; post-hoc EMA sets need every run to keep snapshots."""
+    ev = raw["eval"]
+    for key in ("weights", "slow_metric_weights"):
+        for i, name in enumerate(ev.get(key) or []):
+            problem = weight_set_problem(name)
+            if problem:
+                raise ParamsError(f"params key 'eval.{key}.{i}' = {name!r}: {problem}")
+    if any(phema_sigma_rel(w) is not None for w in ev["weights"]):
+        for name, run in raw["runs"].items():
+            if not {**raw["defaults"], **run}.get("phema_every"):
+                raise ParamsError(f"params key 'runs.{name}.phema_every' is null, but eval.weights asks for post-hoc "
+                                  "EMA weights (phema-<σ_rel>): set phema_every (e.g. 1/20 of the steps) in defaults "
+                                  "or the run, so training keeps the snapshots they are reconstructed from")
 
 
 @dataclass

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
-from alphaflow.config import ParamsError
+from alphaflow.config import ParamsError, phema_sigma_rel
 from alphaflow.data.shards import ShardError, atomic_write_bytes, atomic_write_json, sha256_file
+from alphaflow.phema import ensure_posthoc
 from alphaflow.sampling import SeededNoise, sample
 from alphaflow.stages import build_params_encoder, classifier_path, resolve_device
 
@@ -57,13 +59,27 @@ def samples_dir(params, run, weights, sampler):
 # Loading a trained run
 
 
+def weight_set_file(params, run_name, weights):
+    """The file of a weight set: checkpoints/final/{ema,model}.safetensors, or for `phema-<σ_rel>` the post-hoc
+    EMA reconstructed from the run's snapshots (alphaflow.phema, made on first use)."""
+    sigma_rel = phema_sigma_rel(weights)
+    if sigma_rel is not None:
+        return ensure_posthoc(params, run_name, sigma_rel)
+    return params.run_dir(run_name) / "checkpoints" / "final" / ckpt.WEIGHT_FILES[weights]
+
+
+def load_weight_set(params, run_name, weights, device):
+    if phema_sigma_rel(weights) is not None:
+        return load_file(str(weight_set_file(params, run_name, weights)), device=str(device))
+    return ckpt.load_weights(params.run_dir(run_name) / "checkpoints" / "final", weights, device)
+
+
 def load_run_net(params, run_name, weights, device):
-    """The run's DiT with its EMA or raw weights (and latent statistics) from checkpoints/final."""
+    """The run's DiT with one weight set (ema, raw, phema-<σ_rel>) and its latent statistics."""
     from alphaflow.models import build_model  # (timm) only where a network is built
 
     run = params.run(run_name)
-    final = params.run_dir(run_name) / "checkpoints" / "final"
-    state = ckpt.load_weights(final, weights, device)
+    state = load_weight_set(params, run_name, weights, device)
     c, h, _ = state["latent_mean"].shape[1:]
     num_classes = state["y_embedder.table.weight"].shape[0] - 1
     net = build_model(run.model, num_classes=num_classes, input_size=h, in_channels=c, **run.model_overrides)
@@ -91,8 +107,8 @@ def sample_fingerprint(params, run_name, weights, sampler_name, num_parts=None):
 
     final = params.run_dir(run_name) / "checkpoints" / "final"
     weights_sha = ckpt.read_state(final).get("sha256", {}).get(weights)
-    if weights_sha is None:  # a checkpoint from before checksums were recorded
-        weights_sha = sha256_file(final / ckpt.WEIGHT_FILES[weights])
+    if weights_sha is None:  # a post-hoc EMA, or a checkpoint from before checksums were recorded
+        weights_sha = sha256_file(weight_set_file(params, run_name, weights))
     reads = stage_reads(params, "sample", weights=weights, sampler=sampler_name)
     if num_parts is not None:
         reads["eval"]["parts"] = num_parts

@@ -180,9 +180,20 @@ def posthoc_path(params, run_name, sigma_rel, step=None):
     return params.run_dir(run_name) / "phema" / f"phema-{float(sigma_rel):g}{suffix}.safetensors"
 
 
+def trained_identity(params, run_name):
+    """sha256 of the run's final raw weights (state.json): a reconstruction made from other training is stale."""
+    from alphaflow import checkpoint as ckpt
+
+    final = params.run_dir(run_name) / "checkpoints" / "final"
+    if not (final / "state.json").exists():
+        raise MissingInputError(f"{final} is missing: train the run first (`alphaflow train --run {run_name}`)")
+    return ckpt.read_state(final).get("sha256", {}).get("raw")
+
+
 def write_posthoc(params, run_name, sigma_rel, step=None):
     """Reconstructs the run's power-function EMA with σ_rel at `step` from its snapshots and writes it
-    (safetensors, the coefficients in its metadata) atomically; returns (path, record)."""
+    (safetensors, the coefficients and the training it came from in its metadata) atomically; returns
+    (path, record)."""
     from alphaflow.config import ParamsError
 
     run = params.run(run_name)
@@ -195,6 +206,21 @@ def write_posthoc(params, run_name, sigma_rel, step=None):
     images = None if step is None else step * run.batch_size
     weights, record = reconstruct_snapshots(folder, sigma_rel, images=images, max_step=run.steps)
     record["step"] = record["images"] // run.batch_size
+    record["trained"] = trained_identity(params, run_name)
     out = posthoc_path(params, run_name, sigma_rel, step)
     atomic_write_bytes(out, st_save({k: v.contiguous() for k, v in weights.items()}, metadata={"phema": json.dumps(record)}))
     return out, record
+
+
+def read_record(path):
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("phema", "{}"))
+
+
+def ensure_posthoc(params, run_name, sigma_rel):
+    """The weights file of the `phema-<σ_rel>` weight set at the end of training: reused when it was
+    reconstructed from this run's final training, reconstructed otherwise (the sample stage calls this)."""
+    path = posthoc_path(params, run_name, sigma_rel)
+    if path.exists() and read_record(path).get("trained") == trained_identity(params, run_name):
+        return path
+    return write_posthoc(params, run_name, sigma_rel)[0]

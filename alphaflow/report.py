@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from alphaflow.config import phema_sigma_rel  # noqa: E402
 from alphaflow.tracking import read_jsonl  # noqa: E402  (metrics.jsonl: tolerates a torn last line)
 
 METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "is": "IS", "fd_classifier": "FD_clf", "is_classifier": "IS_clf"}
@@ -129,7 +130,26 @@ def paper_table(params, results, table="1"):
                     row[f"{col} paper"] = theirs
                     row[f"{col} Δ"] = (None if ours is None or theirs is None else float(ours.value) - theirs)
             rows.append(row)
-    return pd.DataFrame(rows)
+    return mark_best_sigma_rel(pd.DataFrame(rows), metrics)
+
+
+BEST = " ★"
+
+
+def mark_best_sigma_rel(wide, metrics):
+    """Appends ★ to the weights of each run's best phema-<σ_rel> row, by the first metric it has at 1 NFE."""
+    if wide.empty:
+        return wide
+    for metric in metrics:
+        col = f"NFE1 {METRIC_LABELS.get(metric, metric)} ours"
+        sweep = wide[wide.weights.map(phema_sigma_rel).notna() & wide[col].notna()]
+        if sweep.empty:
+            continue
+        for _, rows in sweep.groupby("run"):
+            pick = rows[col].idxmin() if lower_is_better(metric) else rows[col].idxmax()
+            wide.loc[pick, "weights"] += BEST
+        break
+    return wide
 
 
 def fmt(x, digits=2):
@@ -632,6 +652,97 @@ def seeds_report(params, results, tables, plots):
 
 
 #----------------------------------------------------------------------------
+# Post-hoc EMA (issue 19): the metric against σ_rel, with raw and the training EMA as references
+
+
+def lower_is_better(metric):
+    return not metric.startswith("is")
+
+
+def sigma_sweep(results):
+    """The rows of phema-<σ_rel> weight sets, with their σ_rel (empty when the profile has none)."""
+    sigma = results.weights.map(phema_sigma_rel)
+    return results[sigma.notna()].assign(sigma_rel=sigma[sigma.notna()].astype(float))
+
+
+def best_sigma_rel(rows):
+    """The σ_rel with the best value among rows of one unit × sampler × metric (lowest FD/FID, highest IS)."""
+    metric = rows.metric.iloc[0]
+    pick = rows.value.idxmin() if lower_is_better(metric) else rows.value.idxmax()
+    return float(rows.loc[pick, "sigma_rel"])
+
+
+def sweep_table(values, unit):
+    """Markdown: one row per unit × sampler × metric; raw, ema and each σ_rel's value, the best σ_rel in bold.
+    `values` has columns [unit, weights, sampler, metric, value]."""
+    sweep = sigma_sweep(values)
+    sigmas = sorted(sweep.sigma_rel.unique())
+    rows = []
+    for (u, sampler, metric), sub in sweep.groupby([unit, "sampler", "metric"]):
+        best = best_sigma_rel(sub)
+        row = {unit: u, "sampler": sampler, "metric": METRIC_LABELS.get(metric, metric)}
+        for fixed in ("raw", "ema"):
+            hit = values[(values[unit] == u) & (values.sampler == sampler) & (values.metric == metric)
+                         & (values.weights == fixed)]
+            row[fixed] = fmt(float(hit.value.iloc[0])) if len(hit) else "–"
+        for sigma in sigmas:
+            hit = sub[sub.sigma_rel == sigma]
+            cell = fmt(float(hit.value.iloc[0])) if len(hit) else "–"
+            row[f"σ_rel {sigma:g}"] = f"**{cell}** ★" if sigma == best else cell
+        row["best σ_rel"] = f"{best:g}"
+        rows.append(row)
+    return markdown(pd.DataFrame(rows))
+
+
+def phema_report(params, results, tables, plots):
+    """tables/phema.md (per run, and per group as the mean over seeds) and one metric-vs-σ_rel plot per run."""
+    sweep = sigma_sweep(results)
+    if sweep.empty:
+        return {}
+    text = (f"# Post-hoc EMA — {params.profile}\n\nEach phema-<σ_rel> weight set is the power-function EMA of "
+            "that relative width, reconstructed after training from the run's snapshots (EDM2, Karras et al. "
+            "2024). ★ = the best σ_rel of the row: selected on the same samples it is scored on, so its value is "
+            "optimistic; compare methods at a fixed σ_rel, or at each one's best with that caveat.\n\n"
+            "## Per run\n\n" + sweep_table(results, "run"))
+    grouped = with_groups(params, results)
+    if not grouped.empty:
+        means = seed_table(grouped).rename(columns={"mean": "value"})
+        text += "\n## Per group (mean over seeds)\n\n" + sweep_table(means, "group")
+    out = {"phema": write_text(tables / "phema.md", text)}
+    for run_name in sweep.run.unique():
+        out[f"phema_{run_name}"] = plot_metric_vs_sigma_rel(results[results.run == run_name],
+                                                              plots / f"phema_{run_name}.png", run_name)
+    return out
+
+
+def plot_metric_vs_sigma_rel(rows, out_png, title):
+    """One panel per metric: the metric (with its interval) against σ_rel, one line per sampler, the best σ_rel
+    marked; dashed and dotted lines at the same sampler's raw and training-EMA values."""
+    sweep = sigma_sweep(rows)
+    metrics = list(dict.fromkeys(sweep.metric))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, (sampler, sub) in enumerate(sweep[sweep.metric == metric].groupby("sampler")):
+            sub = sub.sort_values("sigma_rel")
+            color = f"C{i}"
+            ax.errorbar(sub.sigma_rel, sub.value, yerr=[(sub.value - sub.low).clip(lower=0),
+                                                        (sub.high - sub.value).clip(lower=0)],
+                        marker="o", capsize=2, color=color, label=f"post-hoc EMA, {sampler}")
+            best = best_sigma_rel(sub)
+            ax.plot([best], sub[sub.sigma_rel == best].value, marker="*", markersize=14, color=color, linestyle="")
+            for fixed, style in (("raw", "--"), ("ema", ":")):
+                hit = rows[(rows.metric == metric) & (rows.sampler == sampler) & (rows.weights == fixed)]
+                if len(hit):
+                    ax.axhline(float(hit.value.iloc[0]), color=color, linestyle=style, linewidth=1,
+                               label=f"{'raw weights' if fixed == 'raw' else 'training EMA'}, {sampler}")
+        ax.set(xlabel="σ_rel (relative EMA width)", ylabel=METRIC_LABELS.get(metric, metric),
+               title=f"{title}: {METRIC_LABELS.get(metric, metric)} vs σ_rel (★ best)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+#----------------------------------------------------------------------------
 # The report stage
 
 
@@ -710,6 +821,9 @@ def report(params, *, mlflow=True):
     results = collect(params)
     out = {"results": write_text(tables / "results.csv", results.to_csv(index=False))}
     title = f"Table 1 — {params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)"
+    if not sigma_sweep(results).empty:
+        title += ("\n\n★ = the run's best post-hoc EMA σ_rel at 1 NFE (first metric with values), "
+                  "selected on the same samples (optimistic); phema.md has every σ_rel")
     shown = write_table(paper_table(params, results, "1"), tables / "table1",
                         title + ("\n\n" + partial_banner(params, missing) if missing else ""))
     out["table1"] = tables / "table1.md"
@@ -721,6 +835,7 @@ def report(params, *, mlflow=True):
     out["samplers"] = write_text(tables / "samplers.md", f"# Every sampler — {params.profile}\n\n"
                                  + samplers_table(results))
     out.update(seeds_report(params, results, tables, plots))
+    out.update(phema_report(params, results, tables, plots))
     out["training"] = plot_all_training(params, plots / "training.png")
     out["gradient_conflict"] = plot_gradient_conflict(params, plots / "gradient_conflict.png")
     for metric in params.raw["eval"]["metrics"]:

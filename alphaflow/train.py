@@ -135,7 +135,7 @@ def discard_stale(run_dir, latest, fp, run, quiet):
         shutil.rmtree(keep, ignore_errors=True)
         keep.parent.mkdir(parents=True, exist_ok=True)
         os.replace(ckpt_dir / "final", keep)
-    for path in (ckpt_dir, run_dir / "samples", run_dir / "eval", run_dir / "plots"):
+    for path in (ckpt_dir, run_dir / "samples", run_dir / "eval", run_dir / "plots", run_dir / "phema"):
         shutil.rmtree(path, ignore_errors=True)
     for path in (run_dir / "metrics.jsonl", run_dir / "mlflow_run_id"):
         path.unlink(missing_ok=True)

@@ -153,3 +153,64 @@ def test_phema_errors_name_the_key(tiny_project):
     assert out.returncode == 2 and "runs.alphaflow-tiny.phema_every" in out.stderr
     out = run_cli("validate", "--params", write(phema_sigma_rels=[0.05, 0.5]), check=False)
     assert out.returncode == 2 and "phema_sigma_rels" in out.stderr and "0.28" in out.stderr
+
+
+def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
+    """eval.weights phema-<σ_rel>: the sample stage reconstructs the post-hoc EMA (once: a second sampling reuses
+    the file), sampling and evaluation treat it like ema/raw, the report marks the best σ_rel and plots the sweep.
+    Tracking the profiles leaves the raw and EMA weights bit-identical to a run without them."""
+    import yaml
+
+    from alphaflow import evaluate as E
+    from alphaflow.phema import posthoc_path
+    from alphaflow.report import report
+    from alphaflow.stages import classifier, reference
+
+    write, results = tiny_project
+    path = write(steps=8)
+    train(load_params(path), "alphaflow-tiny", tracking=False, quiet=True)
+    final = results / "runs" / "alphaflow-tiny" / "checkpoints" / "final"
+    plain = {f: load_file(str(final / f"{f}.safetensors")) for f in ("model", "ema")}
+
+    path = write(steps=8, phema_every=2)
+    d = yaml.safe_load(path.read_text())
+    d["runs"] = {"alphaflow-tiny": {"method": "alphaflow"}}
+    d["eval"]["weights"] = ["raw", "ema", "phema-0.05", "phema-0.15"]
+    path.write_text(yaml.safe_dump(d))
+    params = load_params(path)
+    train(params, "alphaflow-tiny", tracking=False, quiet=True)   # other fingerprint (phema keys): trains anew
+    for f in ("model", "ema"):
+        tracked = load_file(str(final / f"{f}.safetensors"))
+        assert all(torch.equal(tracked[k], plain[f][k]) for k in plain[f]), f
+    classifier(params, device="cpu")
+    reference(params, device="cpu")
+    for weights in d["eval"]["weights"]:
+        E.sample_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
+        E.evaluate_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
+    rebuilt = posthoc_path(params, "alphaflow-tiny", 0.05)
+    made = rebuilt.stat().st_mtime_ns
+    E.sample_run(params, "alphaflow-tiny", "phema-0.05", "2nfe-cons-0.5", device="cpu", quiet=True)
+    assert rebuilt.stat().st_mtime_ns == made  # reused: reconstructed from this very training
+    ema, narrow, wide = (E.load_samples(E.samples_dir(params, "alphaflow-tiny", w, "1nfe"))[0]
+                         for w in ("ema", "phema-0.05", "phema-0.15"))
+    assert not torch.equal(narrow, wide) and not torch.equal(narrow, ema)
+
+    out = report(params, mlflow=False)
+    phema_md = out["phema"].read_text()
+    values = {w: json.loads(E.eval_path(params, "alphaflow-tiny", w, "1nfe").read_text())["metrics"]["fd_classifier"]["value"]
+              for w in ("phema-0.05", "phema-0.15")}
+    best = min(values, key=values.get)
+    assert f"**{values[best]:.2f}** ★" in phema_md and "| 1nfe | FD_clf |" in phema_md
+    assert f"{best} ★" in out["table1"].read_text()
+    assert out["phema_alphaflow-tiny"].exists()
+
+    # Training again with other settings makes the old reconstruction stale: the next sampling rebuilds it.
+    path = write(steps=8, phema_every=2, lr=5e-4)
+    d2 = yaml.safe_load(path.read_text())
+    d2["runs"], d2["eval"]["weights"] = d["runs"], d["eval"]["weights"]
+    path.write_text(yaml.safe_dump(d2))
+    params = load_params(path)
+    train(params, "alphaflow-tiny", tracking=False, quiet=True)
+    assert not rebuilt.exists()                       # the run folder's reconstructions went with the old training
+    E.sample_run(params, "alphaflow-tiny", "phema-0.05", "1nfe", device="cpu", quiet=True)
+    assert rebuilt.exists()

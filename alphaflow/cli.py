@@ -8,6 +8,7 @@
     alphaflow sample    --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S [--part I --num-parts N]
     alphaflow evaluate  --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S
     alphaflow report    --params P
+    alphaflow dvc-pipeline --params P [--check]   (dvc.yaml / pipelines/<profile>/dvc.yaml)
     alphaflow phema     --params P --run R --sigma-rel S [--sigma-rel S2 ...] [--step K]   (post-hoc EMA)
     alphaflow track-replay --params P --run R      (log what MLflow missed of the run's metrics.jsonl)
     alphaflow launch    --params P --stage train [--run R] [--executor slurm|local|debug] -- <stage args>
@@ -109,6 +110,22 @@ def cmd_phema(args, params):
               f"{len(record['snapshots'])} snapshot profiles → {out}")
 
 
+def cmd_dvc_pipeline(args, params):
+    from alphaflow.config import ParamsError
+    from alphaflow.dvc_pipeline import write
+
+    if args.overrides:
+        raise ParamsError("dvc-pipeline takes no --set: DVC reads the params file itself; edit the file instead")
+    path, current = write(params, os.path.relpath(args.params), check=args.check)
+    if args.check and not current:
+        print(f"[alphaflow] {path} is not current for {args.params}: run `alphaflow dvc-pipeline --params "
+              f"{args.params}`", file=sys.stderr)
+        return 1
+    print(f"[alphaflow] {path}: {'current' if current else 'written'} ({args.params}); run it with "
+          f"`dvc repro{'' if str(path) == 'dvc.yaml' else ' ' + str(path)}`")
+    return 0
+
+
 def cmd_track_replay(args, params):
     from alphaflow.tracking import replay_run
 
@@ -191,6 +208,10 @@ def build_parser():
     p.add_argument("--run", required=True)
     p.add_argument("--sigma-rel", type=float, action="append", required=True, help="relative EMA width, e.g. 0.07")
     p.add_argument("--step", type=int, default=None, help="reconstruct at this earlier step (default: the last)")
+
+    p = stage_parser(sub, "dvc-pipeline", cmd_dvc_pipeline, "write the profile's DVC pipeline (dvc.yaml or "
+                     "pipelines/<profile>/dvc.yaml) from the DAG")
+    p.add_argument("--check", action="store_true", help="only compare: exit 1 when the file is not current")
 
     p = stage_parser(sub, "track-replay", cmd_track_replay, "log what MLflow missed of a run's metrics.jsonl")
     p.add_argument("--run", required=True)

@@ -185,6 +185,11 @@ def validate_weight_sets(raw):
             problem = weight_set_problem(name)
             if problem:
                 raise ParamsError(f"params key 'eval.{key}.{i}' = {name!r}: {problem}")
+    names = [s["name"] for s in ev["samplers"]]
+    for i, name in enumerate(ev.get("phema_samplers") or []):
+        if name not in names:
+            raise ParamsError(f"params key 'eval.phema_samplers.{i}' = {name!r}: not a sampler of eval.samplers "
+                              f"(allowed: {names})")
     if any(phema_sigma_rel(w) is not None for w in ev["weights"]):
         for name, run in raw["runs"].items():
             if not {**raw["defaults"], **run}.get("phema_every"):
@@ -236,6 +241,16 @@ class Params:
     @property
     def samplers(self):
         return {s["name"]: s for s in self.raw["eval"]["samplers"]}
+
+    def evaluation_cells(self):
+        """Every (run, weights, sampler) the profile evaluates: runs × eval.weights × samplers, except that
+        post-hoc EMA weight sets use only eval.phema_samplers when it is set (a σ_rel sweep multiplies the
+        sampling and evaluation jobs)."""
+        ev = self.raw["eval"]
+        phema_samplers = ev.get("phema_samplers") or list(self.samplers)
+        return [(run, weights, sampler) for run in self.run_names for weights in ev["weights"]
+                for sampler in self.samplers
+                if phema_sigma_rel(weights) is None or sampler in phema_samplers]
 
     def resources(self, stage, run=None):
         """Launcher resources: resources.default < resources.<stage> < runs.<run>.resources (train)."""

@@ -74,6 +74,8 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
         reads = {"profile": raw["profile"], "paper_results": raw.get("paper_results", {}),
                  "comparisons": raw.get("comparisons"), "runs": runs,
                  "eval": pick(ev, ("samplers", "metrics", "weights"))}
+        if ev.get("phema_samplers"):  # only profiles that restrict them (the others' reads stay as they were)
+            reads["eval"]["phema_samplers"] = ev["phema_samplers"]
         if "preregistered" in raw:  # only profiles that declare a test (the others' reads stay as they were)
             reads["preregistered"] = raw["preregistered"]
         return reads

@@ -789,9 +789,8 @@ def log_to_mlflow(params, results, tables):
 
 
 def evaluation_files(params):
-    """Every evaluation the profile asks for: runs × eval.weights × samplers, as eval JSON paths."""
-    return [params.run_dir(r) / "eval" / w / f"{s}.json"
-            for r in params.run_names for w in params.raw["eval"]["weights"] for s in params.samplers]
+    """Every evaluation the profile asks for (Params.evaluation_cells), as eval JSON paths."""
+    return [params.run_dir(r) / "eval" / w / f"{s}.json" for r, w, s in params.evaluation_cells()]
 
 
 def write_complete_marker(params, tables):

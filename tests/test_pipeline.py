@@ -93,7 +93,7 @@ def test_the_workflow_profile_applies_from_the_repository_root():
 
 
 def test_fine_tune_waits_for_its_source_run():
-    out = run([BIN / "snakemake", "-n", "--forceall", "results/runs/alphaflow-XL-2-plus-cfg/checkpoints/final/state.json",
+    out = run([BIN / "snakemake", "-n", "--forceall", "results/paper/runs/alphaflow-XL-2-plus-cfg/checkpoints/final/state.json",
                "--config", "params=params/paper.yaml"]).stdout
     assert job_counts(out)["train"] == 2
 
@@ -108,22 +108,37 @@ def test_bad_params_fail_before_anything_runs(tmp_path):
     assert "defaults.fm_ratio" in proc.stdout + proc.stderr and "1.5" in proc.stdout + proc.stderr
 
 
-def dvc_stages(cwd=ROOT):
-    """[(stage name, cmd, outs + metrics)] of every stage in dvc.yaml, through DVC's own parser."""
-    code = ("import json; from dvc.repo import Repo; r = Repo('.'); "
-            "print(json.dumps([(s.addressing, s.cmd, [str(o.def_path) for o in s.outs]) for s in r.index.stages]))")
-    return json.loads(run([sys.executable, "-c", code], cwd=cwd).stdout)
+def dvc_stages(dvcfile="dvc.yaml", cwd=ROOT):
+    """[(stage name, cmd, outs + metrics)] of every stage of one dvc.yaml, through DVC's own parser."""
+    code = ("import json, sys; from dvc.repo import Repo; r = Repo('.'); print(json.dumps([(s.name, s.cmd, "
+            "[str(o.def_path) if s.wdir == r.root_dir else __import__('os').path.relpath(__import__('os').path.join("
+            "s.wdir, str(o.def_path)), r.root_dir) for o in s.outs]) for s in r.index.stages "
+            "if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1]]))")
+    return json.loads(run([sys.executable, "-c", code, dvcfile], cwd=cwd).stdout)
 
 
-def test_dvc_and_snakemake_declare_the_same_stages_and_outputs():
-    _, smk_cmds = snakemake_commands("all")
-    stages = dvc_stages()
-    assert {cmd for _, cmd, _ in stages} == smk_cmds
-    # Every Snakemake output lies inside an output of the DVC stage of the same rule name.
+PROFILES = ["default", "small", "small-gpu", "decisive", "paper"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_each_profiles_dvc_pipeline_is_current_and_declares_snakemakes_stages_and_outputs(profile):
+    """`dvc repro dvc.yaml` (demo) or `dvc repro pipelines/<profile>/dvc.yaml`: no file edits. The committed file
+    is what `alphaflow dvc-pipeline` writes now, its commands are exactly Snakemake's (executor none: the params'
+    executor key routes GPU stages inside `alphaflow`), every Snakemake output lies inside an output of the DVC
+    stage of the same rule, and every params key it names exists (DVC refuses missing ones)."""
+    from alphaflow.dvc_pipeline import pipeline_path
+
+    params_file = f"params/{profile}.yaml"
+    run([BIN / "alphaflow", "dvc-pipeline", "--params", params_file, "--check"])
+    dvcfile = str(pipeline_path(params_file))
+    _, smk_cmds = snakemake_commands("all", "--config", f"params={params_file}", "executor=none")
+    stages = dvc_stages(dvcfile)
+    assert {" ".join(cmd.split()) for _, cmd, _ in stages} == smk_cmds
     outs = {}
     for name, _, paths in stages:
-        outs.setdefault(name.split("@")[0], []).extend(paths)
-    summary = run([BIN / "snakemake", "-n", "--forceall", "--detailed-summary", "all"]).stdout
+        outs.setdefault(name.split("-")[0], []).extend(paths)
+    summary = run([BIN / "snakemake", "-n", "--forceall", "--detailed-summary", "all", "--config",
+                   f"params={params_file}", "executor=none"]).stdout
     checked = 0
     for line in summary.splitlines():
         cols = line.split("\t")
@@ -132,29 +147,27 @@ def test_dvc_and_snakemake_declare_the_same_stages_and_outputs():
         path, rule = cols[0], cols[2]
         assert any(path == o or path.startswith(o.rstrip("/") + "/") for o in outs[rule]), (rule, path)
         checked += 1
-    assert checked == 2 + 1 + 1 + 1 + 4 + 16 + 16 + 3  # prepare×2, encode, classifier, reference, train, …, report
-
-
-def test_dvc_runs_the_small_profile_after_the_documented_switch(tmp_path):
-    """README: `sed -i 's#params/default.yaml#params/small.yaml#g' dvc.yaml` turns DVC to the small profile."""
-    _, smk_cmds = snakemake_commands("all", "--config", "params=params/small.yaml")
-    shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    shutil.copytree(ROOT / "params", tmp_path / "params")
-    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("params/default.yaml",
-                                                                                "params/small.yaml"))
-    run(["git", "init", "-q"], cwd=tmp_path)
-    stages = dvc_stages(cwd=tmp_path)
-    assert {cmd for _, cmd, _ in stages} == smk_cmds
-    assert sum(name.startswith("train@") for name, _, _ in stages) == 13  # 3 methods × 3 seeds + 2 × 2 ablation
-    # Every params key dvc.yaml names exists in the profile (`dvc repro` refuses to run otherwise).
-    code = ("import json; from dvc.repo import Repo; r = Repo('.'); print(json.dumps(sorted({k for s in r.index.stages "
-            "for d in s.deps if type(d).__name__ == 'ParamsDependency' for k in d.params})))")
-    profile = yaml.safe_load((tmp_path / "params" / "small.yaml").read_text())
-    for key in json.loads(run([sys.executable, "-c", code], cwd=tmp_path).stdout):
-        node = profile
+    assert checked >= len(stages)
+    code = ("import json, sys; from dvc.repo import Repo; r = Repo('.'); print(json.dumps(sorted({k for s in "
+            "r.index.stages if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1] for d in s.deps "
+            "if type(d).__name__ == 'ParamsDependency' for k in d.params})))")
+    profile_raw = yaml.safe_load((ROOT / params_file).read_text())
+    for key in json.loads(run([sys.executable, "-c", code, dvcfile]).stdout):
+        if key == params_file:
+            continue  # the report watches the whole file
+        node = profile_raw
         for part in key.split("."):
-            assert isinstance(node, dict) and part in node, f"dvc.yaml names params key {key!r}, missing in small.yaml"
+            assert isinstance(node, dict) and part in node, f"{dvcfile} names params key {key!r}, missing in {params_file}"
             node = node[part]
+
+
+def test_the_demo_pipeline_has_the_demo_cells():
+    stages = dvc_stages()
+    assert sum(name.startswith("train-") for name, _, _ in stages) == 4
+    assert sum(name.startswith("evaluate-") for name, _, _ in stages) == 4 * len(
+        yaml.safe_load((ROOT / "params/default.yaml").read_text())["eval"]["weights"]) * 2
+    small = dvc_stages("pipelines/small/dvc.yaml")
+    assert sum(name.startswith("train-") for name, _, _ in small) == 13  # 3 methods × 3 seeds + 2 × 2 ablation
 
 
 #----------------------------------------------------------------------------
@@ -199,12 +212,12 @@ def test_dvc_repro_runs_the_same_dag_in_a_git_repo(tiny_latents, tmp_path):
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("dvc.yaml", "alphaflow", "workflow"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    for item in ("alphaflow", "workflow"):
+        shutil.copytree(ROOT / item, repo / item)
     write_class_folder(repo / "images")
     (repo / "params").mkdir()
     tiny_profile(repo / "params" / "default.yaml", repo / "images")
+    run([BIN / "alphaflow", "dvc-pipeline", "--params", "params/default.yaml"], cwd=repo)
     for cmd in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
         run(cmd, cwd=repo)
     run(["git", "add", "-A"], cwd=repo)
@@ -216,18 +229,23 @@ def test_dvc_repro_runs_the_same_dag_in_a_git_repo(tiny_latents, tmp_path):
     assert "Data and pipelines are up to date" in second
     metrics = run([BIN / "dvc", "metrics", "show"], cwd=repo).stdout
     assert "fd_classifier.value" in metrics
-    # A metric-only params change invalidates the evaluate stages and nothing upstream.
+    # A metric-only params change invalidates the evaluate stages (and the report, which watches the whole
+    # params file) and nothing upstream.
     d = yaml.safe_load((repo / "params" / "default.yaml").read_text())
     d["eval"]["n_boot"] = 7
     (repo / "params" / "default.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-    assert changed_stages(repo) == {f"evaluate@{r}-{w}-sampler{i}" for r in ("alphaflow-tiny", "meanflow-tiny")
-                                    for w in ("ema", "raw") for i in (0, 1)}
-    # An encoder param invalidates encode and everything downstream of it, and nothing upstream.
+    assert changed_stages(repo) == {f"evaluate-{r}-{w}-{s}" for r in ("alphaflow-tiny", "meanflow-tiny")
+                                    for w in ("ema", "raw") for s in ("1nfe", "2nfe-cons-0.5")} | {"report"}
+    # A key no stage reads (where MLflow is) invalidates nothing but the report, which watches the whole file;
+    # the seed (latent statistics, classifier, bootstrap) invalidates encode, and nothing upstream of it.
     d["eval"]["n_boot"] = 20
-    d["encoder"]["batch_size"] = 32
+    d["tracking_uri"] = "sqlite:///elsewhere.db"
+    (repo / "params" / "default.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    assert changed_stages(repo) == {"report"}
+    d["seed"] = 1
     (repo / "params" / "default.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     changed = changed_stages(repo)
-    assert "encode" in changed and not any(s.startswith(("prepare", "classifier", "reference")) for s in changed)
+    assert "encode" in changed and not any(s.startswith(("prepare", "reference", "train")) for s in changed)
 
 
 def changed_stages(repo):

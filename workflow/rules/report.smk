@@ -4,7 +4,7 @@ REPORT = [f"{RESULTS}/tables/{P.profile}/{name}" for name in ("table1.md", "resu
 
 rule report:
     input:
-        [eval_json(r, w, s) for r in RUNS for w in WEIGHTS for s in SAMPLERS],
+        [eval_json(r, w, s) for r, w, s in P.evaluation_cells()],
     output:
         REPORT,
     params:

@@ -124,8 +124,8 @@ def run_plan(params, name, ms, how, gpus=None):
     per_img["meanflow"] = per_img["fm"] + (ms["meanflow"] or 0.0) * share / 0.5
     train_s = sum(mix[k] * per_img[k] * run.batch_size for k in mix) / 1e3
     ev = params.raw["eval"]
-    nfe = sum(len(s["t_steps"]) - 1 for s in params.samplers.values())
-    sample_s = len(ev["weights"]) * nfe * ev["num_samples"] * (ms["forward"] or 0.0) / 1e3
+    nfe = sum(len(params.samplers[s]["t_steps"]) - 1 for r, _, s in params.evaluation_cells() if r == name)
+    sample_s = nfe * ev["num_samples"] * (ms["forward"] or 0.0) / 1e3  # every weights × sampler cell of the run
     wall_h = train_s / n_gpus / 3600
     timeout_h = res.get("timeout_min", 0) / 60
     ckpt_h = wall_h * run.checkpoint_every / max(run.steps, 1)  # one checkpoint interval, at the mean step cost

@@ -705,14 +705,45 @@ def phema_report(params, results, tables, plots):
             "optimistic; compare methods at a fixed σ_rel, or at each one's best with that caveat.\n\n"
             "## Per run\n\n" + sweep_table(results, "run"))
     grouped = with_groups(params, results)
+    out = {}
     if not grouped.empty:
         means = seed_table(grouped).rename(columns={"mean": "value"})
         text += "\n## Per group (mean over seeds)\n\n" + sweep_table(means, "group")
-    out = {"phema": write_text(tables / "phema.md", text)}
+        best = best_ema_verdicts(params, grouped)
+        if not best.empty:
+            shown = best.assign(**{"A − B [95 % paired t-interval]": interval_strings(best, "")})
+            text += ("\n## Verdicts at each group's best σ_rel\n\nEach group at the σ_rel with its best mean over "
+                     "seeds, then the paired per-seed difference. The σ_rel were selected on the same samples, so "
+                     "these intervals are optimistic; the verdicts at every fixed σ_rel are in seeds.md.\n\n"
+                     + markdown(shown[["comparison", "sampler", "metric", "best σ_rel A", "best σ_rel B",
+                                       "A − B [95 % paired t-interval]", "seeds", "verdict"]]))
+            out["phema_verdicts_csv"] = write_text(tables / "phema_verdicts.csv", best.to_csv(index=False))
+    out["phema"] = write_text(tables / "phema.md", text)
     for run_name in sweep.run.unique():
         out[f"phema_{run_name}"] = plot_metric_vs_sigma_rel(results[results.run == run_name],
                                                               plots / f"phema_{run_name}.png", run_name)
     return out
+
+
+def best_ema_verdicts(params, grouped):
+    """Per comparison (A, B) × sampler × metric: A at its best σ_rel − B at its best (group means over seeds),
+    paired over the seeds both ran."""
+    sweep = sigma_sweep(grouped)
+    lines = []
+    for a, b in params.raw.get("comparisons", []):
+        for (sampler, metric), sub in sweep[sweep.group.isin([a, b])].groupby(["sampler", "metric"]):
+            means = sub.groupby(["group", "sigma_rel"]).value.mean().reset_index().assign(metric=metric)
+            if set(means.group) != {a, b}:
+                continue
+            best = {g: best_sigma_rel(means[means.group == g]) for g in (a, b)}
+            per = {g: sub[(sub.group == g) & (sub.sigma_rel == best[g])].set_index("seed").value for g in (a, b)}
+            diff, half = paired_interval(per[a], per[b])
+            n = len(per[a].index.intersection(per[b].index))
+            lines.append({"comparison": f"{a} − {b}", "sampler": sampler, "metric": metric,
+                          "best σ_rel A": f"{best[a]:g}", "best σ_rel B": f"{best[b]:g}", "difference": diff,
+                          "low": diff - half, "high": diff + half, "seeds": n,
+                          "verdict": verdict_of(diff, half, a, b, lower_is_better(metric)) if n > 1 else "one seed"})
+    return pd.DataFrame(lines)
 
 
 def plot_metric_vs_sigma_rel(rows, out_png, title):

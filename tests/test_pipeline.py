@@ -61,8 +61,12 @@ def snakemake_commands(*args, cwd=ROOT):
 def test_demo_plan_covers_every_run_weights_sampler():
     out, cmds = snakemake_commands("all")
     counts = job_counts(out)
-    assert counts["train"] == 4 and counts["sample"] == 16 and counts["evaluate"] == 16 and counts["report"] == 1
+    # 4 runs × ({ema, raw} × 2 samplers + 2 post-hoc EMA sets × the 1-NFE sampler)
+    assert counts["train"] == 4 and counts["sample"] == 24 and counts["evaluate"] == 24 and counts["report"] == 1
     assert "alphaflow train --params params/default.yaml --quiet --run meanflow-N-4" in cmds
+    assert ("alphaflow sample --params params/default.yaml --quiet --run alphaflow-T-4 --weights phema-0.15 "
+            "--sampler 1nfe") in cmds
+    assert not any("phema" in c and "2nfe" in c for c in cmds)
 
 
 def test_slurm_profile_plans_every_paper_run_through_the_launcher():
@@ -164,8 +168,9 @@ def test_each_profiles_dvc_pipeline_is_current_and_declares_snakemakes_stages_an
 def test_the_demo_pipeline_has_the_demo_cells():
     stages = dvc_stages()
     assert sum(name.startswith("train-") for name, _, _ in stages) == 4
-    assert sum(name.startswith("evaluate-") for name, _, _ in stages) == 4 * len(
-        yaml.safe_load((ROOT / "params/default.yaml").read_text())["eval"]["weights"]) * 2
+    # ema, raw × 2 samplers and the two post-hoc EMA sets at 1 NFE (eval.phema_samplers), for 4 runs
+    assert sum(name.startswith("evaluate-") for name, _, _ in stages) == 4 * (2 * 2 + 2)
+    assert sum(name.startswith("evaluate-") and "phema" in name for name, _, _ in stages) == 4 * 2
     small = dvc_stages("pipelines/small/dvc.yaml")
     assert sum(name.startswith("train-") for name, _, _ in small) == 13  # 3 methods × 3 seeds + 2 × 2 ablation
 

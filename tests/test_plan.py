@@ -61,8 +61,8 @@ def test_plan_arithmetic_on_the_demo_profile(tmp_path):
     assert by["alphaflow-T-4"]["step_cost"] == "measured" and by["alphaflow-N-4"]["step_cost"] == "scaled from T/4"
     ratio = dit_flops("N/4", 28, 1) / dit_flops("T/4", 28, 1)
     assert by["meanflow-N-4"]["train_device_h"] == pytest.approx(by["meanflow-T-4"]["train_device_h"] * ratio)
-    # Sampling: 2 weight sets × (1 + 2) NFE × 1,000 images × 30 ms / 64 per image.
-    assert by["meanflow-T-4"]["sample_device_h"] * 3600 == pytest.approx(2 * 3 * 1000 * 30 / 64 / 1e3)
+    # Sampling: ema and raw × (1 + 2) NFE, two post-hoc EMA sets × 1 NFE; 1,000 images × 30 ms / 64 per image.
+    assert by["meanflow-T-4"]["sample_device_h"] * 3600 == pytest.approx((2 * 3 + 2 * 1) * 1000 * 30 / 64 / 1e3)
     assert any("2026-11-29" in n for n in notes)
 
 

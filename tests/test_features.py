@@ -234,6 +234,16 @@ def small_dinov2(tmp_path_factory):
     net = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0)
     path = tmp_path_factory.mktemp("dinov2") / "model.safetensors"
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    # Like trained weights, not timm's init: LayerScale at 1 (init 1e-5 makes every block a no-op, so the CLS
+    # output would not depend on the image) and a smooth position table (2-D sin-cos, as learned tables are).
+    for k in state:
+        if k.endswith(("ls1.gamma", "ls2.gamma")):
+            state[k] = torch.ones_like(state[k])
+    dim, m = state["pos_embed"].shape[-1], 37
+    freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(m, dtype=torch.float32), torch.arange(m, dtype=torch.float32), indexing="ij")
+    table = torch.cat([f(c.reshape(-1, 1) * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)], dim=1)
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], table[None]], dim=1).contiguous()
     save_file(state, str(path))
     return path, state
 
@@ -245,8 +255,79 @@ def test_dinov2_loads_local_file_and_resamples_pos_embed(small_dinov2, monkeypat
     loaded = ex.model.state_dict()
     assert torch.equal(loaded["blocks.11.mlp.fc2.weight"], state["blocks.11.mlp.fc2.weight"])
     assert state["pos_embed"].shape == (1, 1 + 37 * 37, 384) and loaded["pos_embed"].shape == (1, 1 + 16 * 16, 384)
+    assert torch.equal(loaded["pos_embed"], F.dinov2_pos_embed(state["pos_embed"], 16))
     feats = M.extract_features("dinov2-timm-local", random_images(3), weights_path=str(path), progress=False)
     assert feats["features"].shape == (3, 384) and "logits" not in feats
     rgb = M.extract_features("dinov2-timm-local", random_images(3).repeat(1, 3, 1, 1), weights_path=str(path),
                              progress=False)
     torch.testing.assert_close(feats["features"], rgb["features"])
+
+
+def original_dinov2_features(state, images, resize):
+    """The paper's FDD detector, written independently of alphaflow.features: torch.hub `dinov2_vitl14` keeps
+    its 37 × 37 position table and resizes it at every forward (`interpolate_pos_encoding`: bicubic, no
+    antialias, scale factor (w0 + 0.1) / 37); images are resized to 224 (dgm-eval: PIL bicubic on uint8;
+    EDM2's fast mode: torch bicubic antialiased), scaled to [0, 1] and normalised with ImageNet mean/std."""
+    import math
+
+    import numpy as np
+    import PIL.Image
+    import timm
+
+    net = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=518,
+                            dynamic_img_size=True).eval()
+    net.load_state_dict(state)
+
+    def pos_embed_at_forward(x):  # x: [N, h, w, D] patch tokens (timm's dynamic layout)
+        n, h, w, dim = x.shape
+        table = net.pos_embed.float()
+        m = int(math.sqrt(table.shape[1] - 1))
+        grid = torch.nn.functional.interpolate(
+            table[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2),
+            scale_factor=(float(w + 0.1) / m, float(h + 0.1) / m), mode="bicubic", antialias=False)
+        pos = torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+        tokens = torch.cat([net.cls_token.expand(n, -1, -1), x.reshape(n, h * w, dim)], dim=1)
+        return net.pos_drop(tokens + pos)
+
+    net._pos_embed = pos_embed_at_forward
+    rgb = images.expand(-1, 3, -1, -1)
+    if resize == "pil":
+        x = torch.stack([torch.from_numpy(np.asarray(PIL.Image.fromarray(im.permute(1, 2, 0).numpy()).resize(
+            (224, 224), PIL.Image.Resampling.BICUBIC))).permute(2, 0, 1) for im in rgb]).float()
+    else:
+        x = torch.nn.functional.interpolate(rgb.float(), size=(224, 224), mode="bicubic", antialias=True)
+    x = (x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return net(x)
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_dinov2_features_match_the_papers_detector(small_dinov2, monkeypatch):
+    """Issue 19 item 5. Against the original detector's forward (position table resized at forward time),
+    on 8 fixed Fashion-MNIST images: the same resize (EDM2's torch mode) gives the same features to float
+    rounding; dgm-eval's uint8 PIL resize differs by a fraction of a percent; timm's default load-time
+    resample of the position table (what this extractor did before) is further off. Random ViT-S/14
+    weights here (the real ViT-L/14 is not available offline); the printed numbers are in the README."""
+    path, state = small_dinov2
+    monkeypatch.setenv(F.ENV_DINOV2_MODEL, "vit_small_patch14_dinov2.lvd142m")
+    images = fashion("test", 8)
+    ours = M.extract_features("dinov2-timm-local", images, weights_path=str(path), progress=False)["features"]
+    same_resize = original_dinov2_features(state, images, "torch")
+    pil_resize = original_dinov2_features(state, images, "pil")
+    import timm
+
+    resampled = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=True, num_classes=0, img_size=224,
+                                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        timm_default = resampled(F.DinoV2TimmLocal.preprocess(images))
+    errors = {"same resize": relative_error(ours, same_resize), "dgm-eval PIL resize": relative_error(ours, pil_resize),
+              "timm load-time resample": relative_error(timm_default, same_resize)}
+    print("DINOv2 features, relative L2 difference to the original detector: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert float((ours - ours.mean(0)).norm() / ours.norm()) > 0.05  # the features do depend on the image
+    assert errors["same resize"] < 1e-5
+    assert errors["dgm-eval PIL resize"] < 2e-2
+    assert errors["timm load-time resample"] > 10 * errors["same resize"]

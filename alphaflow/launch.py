@@ -119,6 +119,11 @@ class StageJob(submitit.helpers.Checkpointable):
         try:
             while True:
                 code = self._run_once(env, list(extra_args))
+                if code == 128 + signal.SIGTERM and env.global_rank != 0 and cluster == "slurm":
+                    # SLURM is ending the job on every node (rank 0's requeue, a cancel, the time limit): its
+                    # stage may still be exiting when the SIGTERM lands. Rank 0 reports the outcome; a result
+                    # written here would end the launcher's wait as a failure.
+                    self._leave_requeue_to_rank0(cluster, "its stage was stopped by SIGTERM")
                 if code != REQUEUE_EXIT_CODE:
                     break
                 if env.global_rank != 0 and cluster != "debug":
@@ -173,14 +178,14 @@ class StageJob(submitit.helpers.Checkpointable):
         print("[alphaflow.launch] requeued at the stage's request", flush=True)
         sys.exit(REQUEUE_EXIT_CODE)  # SystemExit: submitit writes no result, the launcher keeps waiting
 
-    def _leave_requeue_to_rank0(self, cluster):
+    def _leave_requeue_to_rank0(self, cluster, why="stage wants a requeue"):
         # Rank 0 decides. This task writes no result (a stale one would end the launcher's wait) and,
         # on SLURM, must not exit non-zero before rank 0 has requeued: srun --kill-on-bad-exit would
         # kill rank 0 in the middle of its checkpoint. So it waits for the requeue to kill it.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         if cluster == "slurm":
             signal.signal(signal.SIGTERM, lambda *_: os._exit(REQUEUE_EXIT_CODE))
-            print("[alphaflow.launch] stage wants a requeue; waiting for rank 0 to requeue the job", flush=True)
+            print(f"[alphaflow.launch] {why}; waiting for rank 0 to requeue or end the job", flush=True)
             time.sleep(self.checkpoint_timeout_s + 60)
         sys.exit(REQUEUE_EXIT_CODE)
 

@@ -3,6 +3,7 @@
 #
 #   bash tests/slurm/setup.sh                       # slurmctld + slurmd + slurmdbd/MariaDB (sacct works)
 #   SLURM_ACCOUNTING=0 bash tests/slurm/setup.sh    # no accounting: no slurmdbd, no MariaDB
+#   SLURM_NETNS_NODES=0 bash tests/slurm/setup.sh   # no extra nodes (default 2: partition `twonode`)
 #
 # Idempotent: packages are installed only when missing, daemons started only when not running,
 # and slurmctld/slurmd/slurmdbd restarted only when a config file they read has changed.
@@ -18,6 +19,8 @@ fi
 ACCOUNTING=${SLURM_ACCOUNTING:-1}      # 1 = slurmdbd + MariaDB, 0 = accounting_storage/none
 FAKE_GPUS=${SLURM_FAKE_GPUS:-2}        # fake GPUs (GRES backed by dummy files), 0 = none
 CRED_EXPIRE=${SLURM_CRED_EXPIRE:-10}   # also the delay before a requeued job may start again (default 120 s)
+NETNS_NODES=${SLURM_NETNS_NODES:-2}    # extra nodes afn1.., each a slurmd in its own network + UTS namespace
+NET=10.77.0                            # their bridge: the controller at .1, node i at .(10 + i)
 CLUSTER=local
 ACCOUNT=research
 DB_USER=slurm
@@ -78,9 +81,38 @@ install_if_changed() {  # install_if_changed <tmpfile> <dest> <mode>: prints "ch
 }
 
 #----------------------------------------------------------------------------
+# Extra nodes on this machine: a bridge afbr0 ($NET.1, the controller's address for every node) and per node
+# a network namespace afn<i> with a veth on the bridge ($NET.(10+i)) and a line in /etc/hosts. Its slurmd
+# runs in that namespace and in its own UTS namespace with hostname afn<i>, so multi-node jobs (2 nodes ×
+# 1 task) really span two slurmd daemons talking over the network.
+
+netns_up() {
+  ip link show afbr0 >/dev/null 2>&1 || ip link add afbr0 type bridge || return 1
+  ip -4 addr show afbr0 | grep -q "$NET.1/" || ip addr add "$NET.1/24" dev afbr0 || return 1
+  ip link set afbr0 up || return 1
+  local i n
+  for i in $(seq "$NETNS_NODES"); do
+    n=afn$i
+    ip netns list | grep -qw "$n" || ip netns add "$n" || return 1
+    if ! ip netns exec "$n" ip -4 addr show eth0 2>/dev/null | grep -q "$NET.$((10 + i))/"; then
+      ip link add "veth-$n" type veth peer name eth0 netns "$n" || return 1
+      ip link set "veth-$n" master afbr0 && ip link set "veth-$n" up || return 1
+      ip netns exec "$n" ip addr add "$NET.$((10 + i))/24" dev eth0 || return 1
+      ip netns exec "$n" ip link set eth0 up && ip netns exec "$n" ip link set lo up || return 1
+    fi
+    grep -q "^$NET.$((10 + i)) $n\$" /etc/hosts || echo "$NET.$((10 + i)) $n" >>/etc/hosts
+  done
+}
+if [ "$NETNS_NODES" -gt 0 ] && ! netns_up 2>/tmp/slurm-netns.log; then
+  echo "[setup] no network namespaces here ($(tail -1 /tmp/slurm-netns.log)): one node only"
+  NETNS_NODES=0
+fi
+lap "network namespaces ($NETNS_NODES extra nodes)"
+
+#----------------------------------------------------------------------------
 # Configuration files.
 
-mkdir -p "$ETC" /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR" "$FAKE_DIR"
+mkdir -p "$ETC" /var/spool/slurmctld "/var/spool/slurmd/$NODE" "$LOG_DIR" "$FAKE_DIR"
 read -r -a hw <<<"$(slurmd -C | head -1)"      # NodeName=vm CPUs=2 Boards=1 ... RealMemory=24105
 declare -A HW=()
 for kv in "${hw[@]}"; do HW[${kv%%=*}]=${kv#*=}; done
@@ -111,17 +143,17 @@ tmp=$(mktemp)
 cat >"$tmp" <<EOF
 # Written by tests/slurm/setup.sh: one-node test cluster (see tests/slurm/README.md).
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE
+SlurmctldHost=$NODE$([ "$NETNS_NODES" -gt 0 ] && echo "($NET.1)")
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=$CRED_EXPIRE
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -138,8 +170,14 @@ JobCompType=jobcomp/none
 MailProg=/bin/true
 $GRES_TYPES
 NodeName=$NODE CPUs=$CPUS $TOPOLOGY RealMemory=$REAL_MEM$GRES State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+if [ "$NETNS_NODES" -gt 0 ]; then
+  cat >>"$tmp" <<EOF
+NodeName=afn[1-$NETNS_NODES] NodeAddr=$NET.[11-$((10 + NETNS_NODES))] CPUs=$CPUS RealMemory=4096 State=UNKNOWN
+PartitionName=twonode Nodes=afn[1-$NETNS_NODES] MaxTime=INFINITE State=UP
+EOF
+fi
 CHANGED_CONF=$(install_if_changed "$tmp" "$ETC/slurm.conf" 644)
 
 tmp=$(mktemp)
@@ -213,13 +251,18 @@ fi
 # slurmctld + slurmd (restarted when slurm.conf or gres.conf changed: GRES needs a full restart).
 
 if [ -n "$CHANGED_CONF$CHANGED_GRES" ]; then
-  stop_pidfile /run/slurmd.pid slurmd
+  for pf in /run/slurmd*.pid; do stop_pidfile "$pf" slurmd; done
   stop_pidfile /run/slurmctld.pid slurmctld
 fi
 alive /run/slurmctld.pid || slurmctld
 wait_for 30 slurmctld scontrol ping
-alive /run/slurmd.pid || slurmd
-lap "slurmctld + slurmd"
+alive "/run/slurmd-$NODE.pid" || slurmd
+for i in $(seq "$NETNS_NODES"); do
+  mkdir -p "/var/spool/slurmd/afn$i"
+  # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds no /sys/fs/cgroup
+  alive "/run/slurmd-afn$i.pid" || nsenter --net="/run/netns/afn$i" unshare --uts sh -c "hostname afn$i && exec slurmd"
+done
+lap "slurmctld + slurmd ×$((1 + NETNS_NODES))"
 
 # Wait until the node is idle; resume it if an earlier bad config (or a kill) left it drained/down.
 state=""
@@ -232,6 +275,9 @@ for i in $(seq 150); do
   sleep 0.2
 done
 case "$state" in idle|mixed|allocated) ;; *) sinfo -R; die "node $NODE is '$state' (logs: $LOG_DIR)";; esac
+for i in $(seq "$NETNS_NODES"); do
+  wait_for 30 "node afn$i" sh -c "sinfo -h -n afn$i -o %T | grep -qE '^(idle|mixed|allocated)'"
+done
 lap "node $state"
 sinfo
 if [ "$ACCOUNTING" = 1 ]; then

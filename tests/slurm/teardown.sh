@@ -33,7 +33,7 @@ if command -v squeue >/dev/null && scontrol ping >/dev/null 2>&1; then
   fi
 fi
 
-stop /run/slurmd.pid slurmd
+for pf in /run/slurmd*.pid; do [ -e "$pf" ] && stop "$pf" "slurmd ($(basename "$pf" .pid))"; done
 stop /run/slurmctld.pid slurmctld
 stop /run/slurmdbd.pid slurmdbd
 # setup.sh runs mariadbd directly, but if MariaDB was started through mysqld_safe (its parent), stop
@@ -47,6 +47,10 @@ fi
 stop /run/mysqld/mysqld_safe.pid mysqld_safe KILL   # a shell script that traps (ignores) SIGTERM
 stop /run/mysqld/mysqld.pid mariadbd
 stop /run/munge/munged.pid munged
+
+# The extra nodes' network namespaces and bridge (setup.sh makes them again).
+for ns in $(ip netns list 2>/dev/null | awk '/^afn[0-9]/ {print $1}'); do ip netns del "$ns" && echo "[teardown] netns $ns: removed"; done
+if ip link show afbr0 >/dev/null 2>&1; then ip link del afbr0 && echo "[teardown] bridge afbr0: removed"; fi
 
 if [ "${1:-}" = "--purge" ]; then
   rm -rf /var/spool/slurmctld/* /var/spool/slurmd/* /var/log/slurm/*

@@ -62,10 +62,12 @@ def row_ms(record, objective, cfg=False, jvp_mode=None):
     return None
 
 
-def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None):
+def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None, batch=None):
     """(record, how): the measured table of this device kind (and GPU name / CPU threads when given) and
-    dtype, for `model` if measured (the largest batch of them), else the largest-batch table of any model
-    (how says 'scaled from' it; branch_ms_per_image scales it by FLOPs)."""
+    dtype, for `model` if measured (at the run's `batch` when that was measured: per-image costs grow at
+    small batches, an N/7 MeanFlow step at batch 32 takes 51 ms measured but 38 ms scaled from batch 64 on one
+    CPU thread; else its largest batch), else the
+    largest-batch table of any model (how says 'scaled from' it; branch_ms_per_image scales it by FLOPs)."""
     pool = [r for r in records if r["device_type"] == device_type and r["dtype"] == dtype
             and (gpu is None or gpu.lower() in r["device"].lower())
             and (threads is None or r.get("threads") == threads)]
@@ -74,6 +76,9 @@ def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None)
                           f"{f', {threads} threads' if threads else ''}; run benchmarks/step_cost.py there first")
     largest = lambda records: max(records, key=lambda r: r["batch"])  # noqa: E731  (the least launch-bound)
     exact = [r for r in pool if r["model"] == model]
+    same_batch = [r for r in exact if r["batch"] == batch]
+    if same_batch:
+        return same_batch[0], "measured"
     if exact:
         return largest(exact), "measured"
     best = largest(pool)
@@ -147,7 +152,7 @@ def plan(params, *, device_type, gpu=None, gpus=None, threads=None, dtype=None, 
     for name in params.run_names:
         run = params.run(name)
         flops = dit_flops(run.model, size, channels, run.model_overrides)
-        record, how = pick_measurement(records, device_type, run.model, dtype, threads, gpu)
+        record, how = pick_measurement(records, device_type, run.model, dtype, threads, gpu, batch=run.batch_size)
         if how == "measured" and (record["input"][0], record["input"][-1]) != (channels, size):
             how = f"scaled from {record['model']} at {record['input']}"
         source = f"{record['device']} {record['dtype']}, {record['date']}" + (f" ({record['source']})" if "source" in record else "")

@@ -90,3 +90,14 @@ def test_plan_command_prints_the_paper_profile_totals():
     out = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--gpu", "H200"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "| alphaflow-XL-2-cfg | XL/2 |" in out and "device-hours of training" in out
+
+
+def test_the_measurement_at_the_runs_batch_is_preferred():
+    from alphaflow.plan import pick_measurement
+
+    records = [{"device_type": "cpu", "dtype": "fp32", "device": "cpu", "threads": 1, "model": "N/7", "batch": b}
+               for b in (32, 64)] + [{"device_type": "cpu", "dtype": "fp32", "device": "cpu", "threads": 1,
+                                      "model": "T/4", "batch": 128}]
+    assert pick_measurement(records, "cpu", "N/7", "fp32", batch=32)[0]["batch"] == 32
+    assert pick_measurement(records, "cpu", "N/7", "fp32", batch=16)[0]["batch"] == 64   # the largest measured
+    assert pick_measurement(records, "cpu", "S/2", "fp32", batch=32) == (records[2], "scaled from T/4")

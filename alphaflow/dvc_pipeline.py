@@ -9,9 +9,12 @@ the demo; params/<name>.yaml to `pipelines/<name>/dvc.yaml`, whose stages run fr
 (`wdir`). Each stage is written out explicitly (no foreach/matrix): profiles differ in structure (a classifier
 or not, array-job parts, a fine-tune waiting for its source run, post-hoc EMA weight sets on some samplers
 only), which DVC's templating cannot express. The stages, commands and outputs are the Snakefile's
-(tests/test_pipeline.py checks every profile against `snakemake -n`); the params each stage lists are the keys
-`alphaflow.provenance.stage_reads` reads, so DVC re-runs what Snakemake re-runs. After adding runs, samplers
-or weight sets to a profile, run the command again (the report also marks missing evaluations).
+(tests/test_pipeline.py checks every profile against `snakemake -n`). The params each stage watches cover the
+keys `alphaflow.provenance.stage_reads` reads: the keys themselves where they are in the file, else their
+section (a key added later must be seen), whole sections for a run's training, the whole file for the report.
+So DVC re-runs at least what Snakemake re-runs, and a stage whose fingerprint is unchanged reuses its output.
+After adding runs, samplers or weight sets to a profile, run the command again (the report also marks
+missing evaluations).
 """
 
 from pathlib import Path
@@ -61,8 +64,7 @@ def command(params_file, stage, args="", parts=1):
 
 def stage(cmd, deps, params_file, keys, outs=None, **extra):
     """One dvc.yaml stage; keys: the params keys it watches (None: the whole params file)."""
-    entry = {"cmd": cmd, "deps": [str(d) for d in deps],
-             "params": [{params_file: keys}]}
+    entry = {"cmd": cmd, "deps": [str(d) for d in deps], "params": [{params_file: keys}]}
     if outs:
         entry["outs"] = outs
     entry.update(extra)

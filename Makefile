@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 # The embedded demo: Fashion-MNIST (Debian's dataset-fashion-mnist, fetched without root if missing),
-# 4 tiny runs, EMA/raw × 1/2-NFE, tables and plots. It leaves the git tree clean: `dvc commit` adopts the
+# 4 tiny runs, EMA/raw × 1/2-NFE, tables and plots. It leaves the git tree clean: `dvc commit dvc.yaml` adopts the
 # outputs into a dvc.lock of your own (then `dvc repro` has nothing to do).
 demo: setup
 	@start=$$(date +%s); \

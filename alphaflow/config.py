@@ -242,6 +242,10 @@ class Params:
     def samplers(self):
         return {s["name"]: s for s in self.raw["eval"]["samplers"]}
 
+    def eval_file(self, run, weights, sampler):
+        """The evaluation JSON of one cell (the evaluate stage writes it; report, Snakemake and DVC read it)."""
+        return self.run_dir(run) / "eval" / weights / f"{sampler}.json"
+
     def evaluation_cells(self):
         """Every (run, weights, sampler) the profile evaluates: runs × eval.weights × samplers, except that
         post-hoc EMA weight sets use only eval.phema_samplers when it is set (a σ_rel sweep multiplies the

@@ -128,9 +128,9 @@ def build(params, params_file):
                                          [run_dir / "checkpoints"] + SAMPLE_CODE, params_file, sample_keys,
                                          [{str(samples): {"persist": True}}])  # chunks resume
         stages[f"evaluate-{cell}"] = stage(command(params_file, "evaluate", args), [samples, reference], params_file,
-                                           eval_keys, metrics=[{str(run_dir / "eval" / weights / f"{sampler}.json"):
+                                           eval_keys, metrics=[{str(params.eval_file(run_name, weights, sampler)):
                                                                 {"cache": False}}])
-    evals = [params.run_dir(r) / "eval" / w / f"{s}.json" for r, w, s in params.evaluation_cells()]
+    evals = [params.eval_file(*cell) for cell in params.evaluation_cells()]
     # The report reads most of the profile (runs, groups, comparisons, paper numbers): it watches the whole file.
     stages["report"] = stage(command(params_file, "report"), evals + ["alphaflow/report.py"], params_file, None,
                              [{str(results / "tables" / params.profile): {"cache": False}},

@@ -326,7 +326,7 @@ def in_training_metrics(params, nets, device):
 
 
 def eval_path(params, run, weights, sampler):
-    return params.run_dir(run) / "eval" / weights / f"{sampler}.json"
+    return params.eval_file(run, weights, sampler)
 
 
 def mlflow_metric_name(metric, sampler, weights):

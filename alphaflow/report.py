@@ -802,7 +802,7 @@ def log_to_mlflow(params, results, tables):
             continue
         tracker = Tracker(params.tracking_uri(), params.profile, run_name, run_id_file=run_dir / "mlflow_run_id")
         for (weights, sampler), cell in rows.groupby(["weights", "sampler"]):
-            evaluated = (run_dir / "eval" / weights / f"{sampler}.json").stat().st_mtime
+            evaluated = params.eval_file(run_name, weights, sampler).stat().st_mtime
             tracker.log_metrics(mlflow_metrics(cell), step=params.run(run_name).steps, timestamp=evaluated)
             grid = run_dir / "samples" / weights / f"{sampler}.png"
             if grid.exists():
@@ -821,7 +821,7 @@ def log_to_mlflow(params, results, tables):
 
 def evaluation_files(params):
     """Every evaluation the profile asks for (Params.evaluation_cells), as eval JSON paths."""
-    return [params.run_dir(r) / "eval" / w / f"{s}.json" for r, w, s in params.evaluation_cells()]
+    return [params.eval_file(*cell) for cell in params.evaluation_cells()]
 
 
 def write_complete_marker(params, tables):

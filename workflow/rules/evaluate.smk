@@ -9,7 +9,7 @@ def samples_done(run, weights, sampler):
 
 
 def eval_json(run, weights, sampler):
-    return f"{P.run_dir(run)}/eval/{weights}/{sampler}.json"
+    return str(P.eval_file(run, weights, sampler))
 
 
 EVAL_WILDCARDS = dict(

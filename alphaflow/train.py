@@ -66,6 +66,24 @@ def batch_split(run, world_size):
     return per_rank, micro, per_rank // micro
 
 
+def micro_batch_draws(gen, x, y, run, null_label, info):
+    """This rank's ε, (t, r) and dropped labels for its micro-batch of the current global micro-step.
+
+    Every rank draws, from the same stream, the randomness of all W micro-batches the W ranks train on
+    now (LatentLoader deals micro-batch j to rank j mod W) and keeps its own. So the draws, like the data,
+    equal those of one process that accumulates the W micro-batches in order: the result depends on the
+    global batch only. The extra draws are W micro-batches of noise per micro-step (cheap beside a forward).
+    """
+    for k in range(info.world_size):
+        noise = torch.randn(x.shape, generator=gen, device=x.device)
+        t, r = sample_times(len(y), run.fm_ratio, run.time_loc, run.time_scale, generator=gen)
+        t, r = t.to(x.device), r.to(x.device)
+        dropped = drop_labels(y, t, run.label_dropout, null_label, run.cfg_interval, gen)
+        if k == info.rank:
+            mine = noise, t, r, dropped
+    return mine
+
+
 @torch.no_grad()
 def estimate_latent_stats(latent_dir, n, seed, device):
     """Per-element mean/std from n posterior samples (paper.md §5.3: 2048 at the start of training)."""
@@ -242,7 +260,8 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
     fused = dev.type == "cuda"
     opt = torch.optim.Adam(net.parameters(), lr=run.lr, betas=tuple(run.betas), eps=run.adam_eps, weight_decay=0.0,
                            fused=fused or None)
-    gen = torch.Generator(dev).manual_seed(run.seed * 1000 + info.rank)
+    # One generator stream for the whole global batch, the same on every rank (see micro_batch_draws).
+    gen = torch.Generator(dev).manual_seed(run.seed * 1000)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -318,10 +337,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
             for i in range(accum):
                 x, y = next(loader)
                 x = net.normalize(x)
-                noise = torch.randn(x.shape, generator=gen, device=dev)
-                t, r = sample_times(micro, run.fm_ratio, run.time_loc, run.time_scale, generator=gen)
-                t, r = t.to(dev), r.to(dev)
-                y = drop_labels(y, t, run.label_dropout, net.null_label, run.cfg_interval, gen)
+                noise, t, r, y = micro_batch_draws(gen, x, y, run, net.null_label, info)
                 sync = contextlib.nullcontext() if (i == accum - 1 or info.world_size == 1) else ddp.no_sync()
                 with sync, autocast():
                     terms = alpha_flow_loss(

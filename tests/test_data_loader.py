@@ -1,4 +1,4 @@
-"""LatentLoader: determinism, exact resume, DDP sharding, fresh posterior noise (paper.md §5.3)."""
+"""LatentLoader: determinism, exact resume, one global stream dealt to DDP ranks, fresh posterior noise (§5.3)."""
 
 import json
 
@@ -108,20 +108,37 @@ def test_resume_rejects_a_different_setup(latent_dir):
         LatentLoader(latent_dir, 4, seed=5).load_state_dict(state)
 
 
-def test_ranks_disjoint_and_covering(latent_dir):
-    seen = []
-    for rank in range(2):
-        loader = LatentLoader(latent_dir, 6, seed=0, rank=rank, world_size=2)
-        assert loader.num_samples == N // 2 and loader.batches_per_epoch == 4
-        index = np.concatenate([i for _, _, i in take(loader, 4)])
-        assert (index % 2 == rank).all()  # interleaved subset i·W + rank
-        seen.append(set(index.tolist()))
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(N))
+def test_ranks_deal_one_global_stream(latent_dir):
+    """Rank r of W takes micro-batches r, W + r, … of the single-process stream (same indices, same x),
+    so W ranks together see every sample once per epoch and any W gives the same global batches."""
+    single = take(LatentLoader(latent_dir, 4, seed=7), 24)  # two epochs of 12 micro-batches
+    for world_size in (2, 3):
+        ranks = [take(LatentLoader(latent_dir, 4, seed=7, rank=r, world_size=world_size), 24 // world_size)
+                 for r in range(world_size)]
+        for k in range(24 // world_size):
+            for r in range(world_size):
+                xs, ys, js = single[k * world_size + r]
+                xr, yr, jr = ranks[r][k]
+                assert np.array_equal(js, jr) and torch.equal(xs, xr) and torch.equal(ys, yr)
+        first_epoch = np.concatenate([i for rank in ranks for _, _, i in rank[:12 // world_size]])
+        assert sorted(first_epoch.tolist()) == list(range(N))
 
 
-def test_uneven_world_size_gives_equal_ranks(latent_dir):
-    sizes = [LatentLoader(latent_dir, 3, seed=0, rank=r, world_size=5).num_samples for r in range(5)]
-    assert sizes == [N // 5] * 5  # same batches per epoch on every rank: one state fits all
+def test_rank_resume_and_legacy_single_process_state(latent_dir):
+    first = LatentLoader(latent_dir, 8, seed=5, rank=1, world_size=2)
+    take(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = take(first, 4)  # crosses the epoch boundary (6 micro-batches per epoch, 3 per rank)
+    resumed = LatentLoader(latent_dir, 8, seed=5, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert all(np.array_equal(ie, ir) for (_, _, ie), (_, _, ir) in zip(expected, take(resumed, 4)))
+    # A single-process checkpoint of the per-rank loader ({epoch, position}) resumes the same stream.
+    legacy = LatentLoader(latent_dir, 8, seed=5)
+    legacy.load_state_dict({"epoch": 1, "position": 2, "seed": 5, "batch_size": 8, "world_size": 1})
+    assert legacy.taken == 8
+    with pytest.raises(ValueError, match="per-rank loader"):
+        LatentLoader(latent_dir, 8, seed=5, rank=0, world_size=2).load_state_dict(
+            {"epoch": 0, "position": 1, "seed": 5, "batch_size": 8, "world_size": 2})
 
 
 def test_noise_does_not_depend_on_world_size(latent_dir):
@@ -164,5 +181,5 @@ def test_identity_latents_have_no_noise(tmp_path, latent_dir):
 
 
 def test_too_small_for_a_batch(latent_dir):
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        LatentLoader(latent_dir, 25, seed=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+        LatentLoader(latent_dir, N + 1, seed=0, rank=0, world_size=2)

@@ -2,11 +2,12 @@
 two more slurmd daemons on this machine, each in its own network and UTS namespace (hosts afn1, afn2 on a
 bridge), so a 2-node job's ranks meet over TCP like on a cluster (gloo, CPU).
 
-- a 2-node × 1-task training run ends with exactly the weights of a 1-node × 2-task run;
+- a 2-node × 1-task training run ends with exactly the weights of a 1-node × 2-task run, and of a single
+  process with the same global batch (accumulating the two ranks' micro-batches): the data loader deals one
+  global stream of micro-batches to the ranks and every rank draws the whole global batch's noise and times
+  (alphaflow/data/latents.py, train.micro_batch_draws);
 - the 2-node job, preempted (SIGUSR2) after its first checkpoints, is requeued on both nodes and finishes
   with exactly those weights again.
-Not (yet) equal to a single-process run of the same global batch: each rank shuffles its own shard of the data
-and draws its own noise stream (alphaflow/data/latents.py, train.py), so 1 and 2 ranks see different samples.
 """
 
 import json
@@ -67,7 +68,7 @@ def assert_same(a, b):
         assert a[f].keys() == b[f].keys() and all((a[f][k] == b[f][k]).all() for k in a[f]), f
 
 
-def test_two_nodes_train_like_one_node_with_two_tasks_and_resume_exactly(two_nodes, tiny_latents, tmp_path):
+def test_two_nodes_train_like_one_node_and_one_process_and_resume_exactly(two_nodes, tiny_latents, tmp_path):
     t0 = time.monotonic()
     weights = {}
     for name, layout in LAYOUTS.items():
@@ -78,6 +79,16 @@ def test_two_nodes_train_like_one_node_with_two_tasks_and_resume_exactly(two_nod
         state, weights[name] = final_weights(results)
         assert state["step"] == STEPS and state["world_size"] == 2, state
     assert_same(weights["2 nodes × 1 task"], weights["1 node × 2 tasks"])
+    # One process, the same global batch in two accumulated micro-batches of the ranks' size.
+    path, results = profile(tmp_path, tiny_latents, "single", LAYOUTS["1 node × 2 tasks"])
+    d = yaml.safe_load(path.read_text())
+    d["runs"][RUN]["micro_batch_size"] = d["defaults"]["batch_size"] // 2
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "alphaflow", "train", "--params", path, "--run", RUN, "--quiet",
+                    "--no-tracking"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    state, single = final_weights(results)
+    assert state["world_size"] == 1
+    assert_same(single, weights["2 nodes × 1 task"])
     t1 = time.monotonic()
 
     # The 2-node job again, preempted once it has a checkpoint: requeued on both nodes, same final weights.
@@ -101,4 +112,4 @@ def test_two_nodes_train_like_one_node_with_two_tasks_and_resume_exactly(two_nod
     state, resumed = final_weights(results)
     assert state["step"] == STEPS
     assert_same(resumed, weights["2 nodes × 1 task"])
-    print(f"\n[timing] two layouts {t1 - t0:.1f}s; 2-node preempted + requeued {time.monotonic() - t1:.1f}s")
+    print(f"\n[timing] two layouts + one process {t1 - t0:.1f}s; 2-node preempted + requeued {time.monotonic() - t1:.1f}s")

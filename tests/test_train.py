@@ -162,3 +162,10 @@ def test_two_process_ddp_training_keeps_ranks_in_sync(tiny_project):
     assert all(r["rank_param_spread"] == 0.0 for r in records)  # ranks agree after every logged step
     state = json.loads((results / "runs" / "meanflow-tiny" / "checkpoints" / "final" / "state.json").read_text())
     assert state["world_size"] == 2
+    # One process with the same global batch, accumulating the two micro-batches the two ranks trained on,
+    # ends with the same weights: the data and the draws depend on the global batch only (issue 20).
+    ddp = final_tensors(results, "meanflow-tiny")
+    train(load_params(write(runs={"meanflow-tiny": {"method": "meanflow", "micro_batch_size": 4}},
+                            steps=4, batch_size=8)), "meanflow-tiny", tracking=False, quiet=True)
+    single = final_tensors(results, "meanflow-tiny")
+    assert_bit_identical({k: ddp[k] for k in ("model", "ema")}, {k: single[k] for k in ("model", "ema")})

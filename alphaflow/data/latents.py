@@ -3,8 +3,8 @@
 Paper.md §5.3: each image is encoded once and its posterior mean and log-variance are stored;
 training draws a fresh posterior sample every epoch, z = mean + exp(logvar/2)·N(0,1); latents
 are normalised per element with mean/std arrays of shape [1,c,h,w] estimated from 2048 samples,
-z_norm = (z − μ)/√(var + 1e-16). Data loading: each rank reads the fixed interleaved subset
-i·W + rank, shuffles within it every epoch, drop_last.
+z_norm = (z − μ)/√(var + 1e-16). Data loading: one shuffled stream of micro-batches per epoch
+(drop_last), dealt round-robin to the W ranks, so the global batch is the same for any W.
 
 Layout of a latent directory:
   latents-00000.safetensors ...  {"mean": f16 [n,c,h,w], "logvar": f16 [n,c,h,w] (absent for identity),
@@ -13,8 +13,8 @@ Layout of a latent directory:
   manifest.json, stats.safetensors   written by finalize_latents once every part is done
 
 Storage dtype is float16 (STORE_DTYPE): ImageNet's 1.28M × 4×32×32 mean + logvar is 21 GB
-(42 GB in float32), and LatentLoader keeps only its rank's 1/W of it in memory (2.6 GB per
-rank at W = 8). float16 keeps 11 significant bits (relative error ≤ 4.9e-4, e.g. ≤ 0.004 at
+(42 GB in float32), which LatentLoader memory-maps: the ranks of a node share one copy in the
+page cache, and each rank reads the samples its micro-batches need. float16 keeps 11 significant bits (relative error ≤ 4.9e-4, e.g. ≤ 0.004 at
 |z| ≈ 8); pixel-space values k/127.5 − 1 still decode back to the exact uint8.
 """
 
@@ -31,7 +31,7 @@ from alphaflow.errors import InvalidInputError
 
 from .prepare import iter_prepared_shards
 from .shards import (FORMAT, MANIFEST, ShardError, atomic_write_json, read_json, read_manifest,
-                     read_shard, sha256_file, shard_is_current, write_shard)
+                     map_shard, read_shard, sha256_file, shard_is_current, write_shard)
 
 STORE_DTYPE = np.float16
 SHARD_NAME = "latents-{:05d}.safetensors"
@@ -233,7 +233,9 @@ def _estimate_stats(out_dir: Path, records: list[dict], count: int, stats_sample
         hits = chosen[(chosen >= offset) & (chosen < offset + rec["count"])]  # global indices
         for start in range(0, len(hits), 256):
             g = hits[start:start + 256]
-            z = _posterior_sample(arrays, g - offset, g, (seed, STATS_STREAM)).double()  # [b, c, h, w]
+            rows = g - offset
+            z = _posterior_sample(arrays["mean"][rows], arrays["logvar"][rows] if "logvar" in arrays else None,
+                                  g, (seed, STATS_STREAM)).double()                           # [b, c, h, w]
             ref = z[:1].clone() if ref is None else ref
             d = z - ref
             s1, s2 = s1 + d.sum(0, keepdim=True), s2 + (d * d).sum(0, keepdim=True)
@@ -261,13 +263,13 @@ def _read_latent_shard(latent_dir: Path, rec: dict) -> dict:
     return arrays
 
 
-def _posterior_sample(arrays: dict, rows: np.ndarray, global_index: np.ndarray, stream: tuple):
-    """z = mean + exp(logvar/2)·ε, ε ~ N(0,1) seeded by (*stream, global sample index)."""
+def _posterior_sample(mean: np.ndarray, logvar: np.ndarray | None, global_index: np.ndarray, stream: tuple):
+    """z = mean + exp(logvar/2)·ε, ε ~ N(0,1) seeded by (*stream, global sample index); mean, logvar f16 [B,c,h,w]."""
     # float16 -> float32 in numpy: torch's intra-op threads cost more than they save here
-    mean = torch.from_numpy(arrays["mean"][rows].astype(np.float32))        # [B, c, h, w]
-    if "logvar" not in arrays:
+    mean = torch.from_numpy(mean.astype(np.float32))
+    if logvar is None:
         return mean
-    logvar = torch.from_numpy(arrays["logvar"][rows].astype(np.float32))
+    logvar = torch.from_numpy(logvar.astype(np.float32))
     return mean + torch.exp(0.5 * logvar) * _noise(mean.shape, global_index, stream)
 
 
@@ -303,12 +305,16 @@ def read_latent_manifest(latent_dir) -> dict:
 # Training loader (paper §5.3 data loading).
 
 class LatentLoader:
-    """Infinite iterator of (x float32 [B,c,h,w], y int64 [B]) for one DDP rank.
+    """Infinite iterator of micro-batches (x float32 [B,c,h,w], y int64 [B]) for one DDP rank.
 
-    Rank r holds samples i·W + r for i < N // W (every rank the same count, so one
-    state_dict fits all ranks), shuffles them each epoch with (seed, epoch, rank), and drops
-    the last partial batch. x is a fresh posterior sample per epoch, seeded by (seed, epoch,
-    global index), so a resumed loader yields bit-identical batches.
+    One global stream, the same for every world size W: epoch e shuffles all N latents with (seed, e)
+    and cuts them into N // B micro-batches (the last partial one dropped); micro-batch j of the stream
+    is number j mod (N // B) of epoch j // (N // B). Rank r takes micro-batches r, W + r, 2W + r, …
+    So W ranks with gradient accumulation a see, at every optimiser step, the same a·W micro-batches
+    as one process with accumulation a·W: the global batch does not depend on how it is split.
+    x is a fresh posterior sample per epoch, seeded by (seed, epoch, global index), so a resumed
+    loader yields bit-identical batches. Shards are memory-mapped: any rank reads any sample, and
+    the ranks of a node share one copy in the page cache.
     """
 
     def __init__(self, latent_dir, batch_size: int, *,
@@ -327,67 +333,70 @@ class LatentLoader:
         self.class_names = self.manifest["class_names"]
         self.latent_shape = tuple(self.manifest["latent_shape"])             # (c, h, w)
         self.stats = tuple(t.to(self.device) for t in load_latent_stats(self.latent_dir))  # [1,c,h,w] ×2
-        self.num_samples = self.manifest["count"] // world_size              # per rank
-        self.batches_per_epoch = self.num_samples // batch_size
+        self.num_samples = self.manifest["count"]                            # N, all ranks together
+        self.batches_per_epoch = self.num_samples // batch_size              # of the global stream
         if self.batches_per_epoch == 0:
-            raise InvalidInputError(f"{self.latent_dir}: {self.manifest['count']} latents over {world_size} rank(s) "
-                                    f"give {self.num_samples} per rank, fewer than one batch of {batch_size}; "
-                                    f"lower the batch size or use more data")
-        self._load_subset()
-        self.epoch, self.position, self._perm_epoch, self._perm = 0, 0, None, None
+            raise InvalidInputError(f"{self.latent_dir}: {self.num_samples} latents are fewer than one "
+                                    f"micro-batch of {batch_size}; lower the batch size or use more data")
+        self._shards = [map_shard(self.latent_dir / rec["file"], sha256=rec["sha256"],
+                                  hint=rebuild_hint(self.latent_dir)) for rec in self.manifest["shards"]]
+        counts = [len(a["labels"]) for a in self._shards]
+        if counts != [rec["count"] for rec in self.manifest["shards"]] or sum(counts) != self.num_samples:
+            raise ShardError(f"{self.latent_dir}: the shards hold {counts} latents, the manifest says "
+                             f"{[rec['count'] for rec in self.manifest['shards']]}. {rebuild_hint(self.latent_dir)}")
+        self._starts = np.cumsum([0] + counts)                               # first global index per shard
+        self._labels = np.concatenate([np.asarray(a["labels"]) for a in self._shards])  # [N] int64
+        self.taken = 0                                                       # micro-batches this rank took
+        self._perm_epoch, self._perm = None, None
         self.last_index = None                                               # global indices of the last batch
 
-    def _load_subset(self) -> None:
-        """Keep rows with global index i·W + rank, i < num_samples (1/W of the data in memory)."""
-        means, logvars, labels, index, offset = [], [], [], [], 0
-        for rec in self.manifest["shards"]:
-            g = np.arange(offset, offset + rec["count"])
-            keep = (g % self.world_size == self.rank) & (g < self.num_samples * self.world_size)
-            offset += rec["count"]
-            if not keep.any():
-                continue
-            arrays = _read_latent_shard(self.latent_dir, rec)
-            means.append(arrays["mean"][keep])
-            if "logvar" in arrays:
-                logvars.append(arrays["logvar"][keep])
-            labels.append(arrays["labels"][keep])
-            index.append(g[keep])
-        self._mean = np.concatenate(means)                                   # [n, c, h, w] f16
-        self._logvar = np.concatenate(logvars) if logvars else None          # [n, c, h, w] f16 | None
-        self._labels = np.concatenate(labels)                                # [n] int64
-        self._index = np.concatenate(index)                                  # [n] global indices
-        assert len(self._labels) == self.num_samples
-
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self.epoch:
-            rng = np.random.default_rng(_seed(self.seed, SHUFFLE_STREAM, self.epoch, self.rank))
-            self._perm, self._perm_epoch = rng.permutation(self.num_samples), self.epoch
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's shuffle of all N latents (the trailing 0 keeps earlier single-process runs' stream)."""
+        if self._perm_epoch != epoch:
+            rng = np.random.default_rng(_seed(self.seed, SHUFFLE_STREAM, epoch, 0))
+            self._perm, self._perm_epoch = rng.permutation(self.num_samples), epoch
         return self._perm
+
+    def _gather(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows `index` (global) of every shard's array `name`, in order."""
+        shard = np.searchsorted(self._starts, index, side="right") - 1
+        first = self._shards[0][name]
+        out = np.empty((len(index), *first.shape[1:]), first.dtype)
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self._shards[k][name][index[sel] - self._starts[k]]
+        return out
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
+        j = self.taken * self.world_size + self.rank                        # this rank's next global micro-batch
+        epoch, position = divmod(j, self.batches_per_epoch)
         b = self.batch_size
-        rows = self._permutation()[self.position * b:(self.position + 1) * b]
-        self.position += 1
-        arrays = {"mean": self._mean}
-        if self._logvar is not None:
-            arrays["logvar"] = self._logvar
-        x = _posterior_sample(arrays, rows, self._index[rows], (self.seed, NOISE_STREAM, self.epoch))  # [B,c,h,w]
-        y = torch.from_numpy(self._labels[rows])                                         # [B]
-        self.last_index = self._index[rows]
+        index = self._permutation(epoch)[position * b:(position + 1) * b]    # global indices [B]
+        self.taken += 1
+        mean = self._gather("mean", index)
+        logvar = self._gather("logvar", index) if "logvar" in self._shards[0] else None
+        x = _posterior_sample(mean, logvar, index, (self.seed, NOISE_STREAM, epoch))  # [B,c,h,w]
+        y = torch.from_numpy(self._labels[index])                                       # [B]
+        self.last_index = index
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size}
+        return {"taken": self.taken, "seed": self.seed, "batch_size": self.batch_size,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "batch_size", "world_size"):
             if key in state and state[key] != getattr(self, key):
                 raise InvalidInputError(f"loader state was saved with {key}={state[key]}, this loader has "
                                         f"{getattr(self, key)}; exact resume needs the same value")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if "taken" in state:
+            self.taken = int(state["taken"])
+        elif state.get("world_size", 1) == 1:  # a checkpoint of the per-rank loader (before the global stream)
+            self.taken = int(state["epoch"]) * self.batches_per_epoch + int(state["position"])
+        else:
+            raise InvalidInputError(f"loader state {state} comes from the per-rank loader of a {state['world_size']}-"
+                                    f"process run, whose stream this version does not reproduce; start the run "
+                                    f"again (delete its checkpoints)")

@@ -121,6 +121,44 @@ def read_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, 
         raise ShardError(f"shard {path} is unreadable ({type(e).__name__}: {e}). {hint}".strip()) from e
 
 
+# safetensors dtype names → numpy (the ones write_shard can produce).
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def map_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, np.ndarray]:
+    """A shard's arrays as read-only memory maps (np.memmap), after the same checks as `read_shard`.
+
+    The safetensors layout is an 8-byte little-endian header length, a JSON header giving each tensor's
+    dtype, shape and byte range, then the data. Mapping instead of reading lets every DDP rank index any
+    sample while the ranks on a node share one copy in the page cache.
+    """
+    path = Path(path)
+    try:
+        if sha256 is not None and (got := sha256_file(path)) != sha256:
+            raise ShardError(f"shard {path} is corrupt: sha256 {got} does not match the "
+                             f"manifest's {sha256}. {hint}".strip())
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        arrays = {}
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"])
+            if end - start != dtype.itemsize * int(np.prod(shape)):
+                raise ValueError(f"tensor {name!r}: {end - start} bytes for shape {shape} {dtype}")
+            arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start, shape=shape)
+                            if end > start else np.empty(shape, dtype))
+        return arrays
+    except ShardError:
+        raise
+    except OSError as e:
+        raise ShardError(f"cannot read shard {path}: {e}. {hint}".strip()) from e
+    except (ValueError, KeyError, TypeError) as e:  # a malformed header
+        raise ShardError(f"shard {path} is unreadable ({type(e).__name__}: {e}). {hint}".strip()) from e
+
+
 def shard_is_current(path, sha256: str | None) -> bool:
     """True when `path` exists and its sha256 equals `sha256` (resume check)."""
     path = Path(path)

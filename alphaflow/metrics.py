@@ -108,6 +108,14 @@ def _sqrt_psd(sigma):
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 
+def _fd_with(x, tr_covmean, mu_ref, tr_ref):
+    """‖mean x − mu_ref‖² + tr S_x + tr S_ref − 2 tr (S_x S_ref)^½, given the last trace."""
+    n = x.shape[0]
+    xc = x - x.mean(dim=0)
+    diff = x.mean(dim=0) - mu_ref
+    return float(diff @ diff + (xc * xc).sum() / (n - 1) + tr_ref - 2 * tr_covmean)
+
+
 def _fd_against(x, z, mu_ref, tr_ref):
     """FD of features x [N, D] against a fixed reference, equal to fd_from_stats(*stats(x), ...).
 
@@ -115,13 +123,20 @@ def _fd_against(x, z, mu_ref, tr_ref):
     Y = (z − mean z) / sqrt(N − 1); its nonzero eigenvalues are those of the smaller of YᵀY, YYᵀ,
     so a bootstrap resample costs one Gram matrix and one symmetric eigendecomposition.
     """
-    n = x.shape[0]
-    xc = x - x.mean(dim=0)
-    y = (z - z.mean(dim=0)) / (n - 1) ** 0.5                                 # (N, D)
-    gram = y @ y.T if n <= y.shape[1] else y.T @ y                           # (min(N, D),)²
-    tr_covmean = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
-    diff = x.mean(dim=0) - mu_ref
-    return float(diff @ diff + (xc * xc).sum() / (n - 1) + tr_ref - 2 * tr_covmean)
+    y = (z - z.mean(dim=0)) / (x.shape[0] - 1) ** 0.5                        # (N, D)
+    gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y                  # (min(N, D),)²
+    return _fd_with(x, torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(), mu_ref, tr_ref)
+
+
+def _fd_from_gram(x, gram, mu_ref, tr_ref):
+    """The same FD for N < D from gram = x S_ref xᵀ [N, N], without S_ref^½ (a D×D decomposition).
+
+    S_x S_ref = Xcᵀ Xc S_ref / (N − 1) has the nonzero eigenvalues of Xc S_ref Xcᵀ / (N − 1) = C gram C / (N − 1),
+    C the centring matrix; that N×N matrix is symmetric PSD, so tr (S_x S_ref)^½ = Σ sqrt of its eigenvalues.
+    """
+    centred = gram - gram.mean(dim=0, keepdim=True) - gram.mean(dim=1, keepdim=True) + gram.mean()
+    tr_covmean = torch.linalg.eigvalsh(centred / (x.shape[0] - 1)).clamp(min=0).sqrt().sum()
+    return _fd_with(x, tr_covmean, mu_ref, tr_ref)
 
 
 def _interval(values, point, ci, method):
@@ -151,19 +166,22 @@ def bootstrap_fd(
         raise ValueError(f"need features [N, D] with N >= 2, got {tuple(x.shape)}")
     mu_ref = torch.as_tensor(np.asarray(mu_ref, dtype=np.float64), device=x.device)
     sigma_ref = torch.as_tensor(np.asarray(sigma_ref, dtype=np.float64), device=x.device)
-    z = x @ _sqrt_psd(sigma_ref)                                             # (N, D), once
     tr_ref = torch.trace(sigma_ref)
     # Same number as fd_from_stats (torch-fidelity's formula; tests hold them equal to 1e-6) without its
-    # D×D non-symmetric eigvals, which dominates the cost of a 2048-d FID on a few samples.
-    value = _fd_against(x, z, mu_ref, tr_ref)
+    # D×D non-symmetric eigvals. Fewer samples than dimensions (a 2048-d FID on a few samples): one N×N
+    # Gram matrix x S_ref xᵀ, no D×D decomposition at all; else S_ref^½ once, then D×D Gram matrices.
+    n = x.shape[0]
+    if n < x.shape[1]:
+        gram = x @ sigma_ref @ x.T                                           # (N, N), once
+        fd = lambda idx: _fd_from_gram(x[idx], gram[idx][:, idx], mu_ref, tr_ref)
+    else:
+        z = x @ _sqrt_psd(sigma_ref)                                         # (N, D), once
+        fd = lambda idx: _fd_against(x[idx], z[idx], mu_ref, tr_ref)
+    value = fd(torch.arange(n, device=x.device))
     if n_boot <= 0:
         return _interval([value], value, ci, method)
     gen = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    boots = []
-    for _ in range(n_boot):
-        idx = torch.randint(n, (n,), generator=gen).to(x.device)
-        boots.append(_fd_against(x[idx], z[idx], mu_ref, tr_ref))
+    boots = [fd(torch.randint(n, (n,), generator=gen).to(x.device)) for _ in range(n_boot)]
     return _interval(boots, value, ci, method)
 
 

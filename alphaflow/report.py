@@ -717,6 +717,15 @@ def phema_report(params, results, tables, plots):
                      "these intervals are optimistic; the verdicts at every fixed σ_rel are in seeds.md.\n\n"
                      + markdown(shown[["comparison", "sampler", "metric", "best σ_rel A", "best σ_rel B",
                                        "A − B [95 % paired t-interval]", "seeds", "verdict"]]))
+            if "held-out difference" in best:
+                held = best[best["held-out difference"].notna()]
+                held = held.assign(**{"A − B [95 % paired t-interval]": interval_strings(held, "held-out ")})
+                text += ("\n## Verdicts with σ_rel held out (leave one seed out)\n\nFor each seed, each group's "
+                         "σ_rel is the best on the mean of its other seeds; the seed is scored there, and the "
+                         "per-seed differences are paired. Selection and scoring use different training runs, "
+                         "so this interval carries no selection optimism (the σ_rel may differ from seed to seed)."
+                         "\n\n" + markdown(held[["comparison", "sampler", "metric", "A − B [95 % paired t-interval]",
+                                                "held-out seeds", "held-out verdict"]]))
             out["phema_verdicts_csv"] = write_text(tables / "phema_verdicts.csv", best.to_csv(index=False))
     out["phema"] = write_text(tables / "phema.md", text)
     for run_name in sweep.run.unique():
@@ -727,7 +736,7 @@ def phema_report(params, results, tables, plots):
 
 def best_ema_verdicts(params, grouped):
     """Per comparison (A, B) × sampler × metric: A at its best σ_rel − B at its best (group means over seeds),
-    paired over the seeds both ran."""
+    paired over the seeds both ran; and the same with σ_rel held out (leave_one_seed_out)."""
     sweep = sigma_sweep(grouped)
     lines = []
     for a, b in params.raw.get("comparisons", []):
@@ -739,11 +748,32 @@ def best_ema_verdicts(params, grouped):
             per = {g: sub[(sub.group == g) & (sub.sigma_rel == best[g])].set_index("seed").value for g in (a, b)}
             diff, half = paired_interval(per[a], per[b])
             n = len(per[a].index.intersection(per[b].index))
-            lines.append({"comparison": f"{a} − {b}", "sampler": sampler, "metric": metric,
-                          "best σ_rel A": f"{best[a]:g}", "best σ_rel B": f"{best[b]:g}", "difference": diff,
-                          "low": diff - half, "high": diff + half, "seeds": n,
-                          "verdict": verdict_of(diff, half, a, b, lower_is_better(metric)) if n > 1 else "one seed"})
+            line = {"comparison": f"{a} − {b}", "sampler": sampler, "metric": metric,
+                    "best σ_rel A": f"{best[a]:g}", "best σ_rel B": f"{best[b]:g}", "difference": diff,
+                    "low": diff - half, "high": diff + half, "seeds": n,
+                    "verdict": verdict_of(diff, half, a, b, lower_is_better(metric)) if n > 1 else "one seed"}
+            held = {g: leave_one_seed_out(sub[sub.group == g], metric) for g in (a, b)}
+            common = held[a].index.intersection(held[b].index)
+            if len(common) > 1:
+                hdiff, hhalf = paired_interval(held[a][common], held[b][common])
+                line.update({"held-out difference": hdiff, "held-out low": hdiff - hhalf,
+                             "held-out high": hdiff + hhalf, "held-out seeds": len(common),
+                             "held-out verdict": verdict_of(hdiff, hhalf, a, b, lower_is_better(metric))})
+            lines.append(line)
     return pd.DataFrame(lines)
+
+
+def leave_one_seed_out(rows, metric):
+    """Seed k's value at the σ_rel that is best on the mean of the group's other seeds: σ_rel chosen on other
+    training runs than the one it scores, so the selection's optimism does not enter (empty with one seed)."""
+    out = {}
+    for seed in rows.seed.unique():
+        others = rows[rows.seed != seed].groupby("sigma_rel").value.mean().reset_index().assign(metric=metric)
+        if others.empty:
+            continue
+        chosen = best_sigma_rel(others)
+        out[seed] = float(rows[(rows.seed == seed) & (rows.sigma_rel == chosen)].value.iloc[0])
+    return pd.Series(out, dtype=float)
 
 
 def plot_metric_vs_sigma_rel(rows, out_png, title):

@@ -253,5 +253,19 @@ def test_best_ema_verdicts_compare_each_group_at_its_own_best_sigma_rel(tmp_path
     assert (line["best σ_rel A"], line["best σ_rel B"]) == (0.15, 0.05)
     assert line["difference"] == pytest.approx(-4.0) and line["seeds"] == 3
     assert line["high"] == pytest.approx(-4.0 + 4.302653 / 3 ** 0.5, rel=1e-5) and line["verdict"] == "alphaflow better"
+    # Held out: every seed's σ_rel is chosen on the other two seeds (here the same σ for all), same difference.
+    assert line["held-out difference"] == pytest.approx(-4.0) and line["held-out seeds"] == 3
     text = out["phema"].read_text()
     assert "Verdicts at each group's best σ_rel" in text and "| alphaflow | 1nfe | FD_clf |" in text
+    assert "Verdicts with σ_rel held out" in text
+
+
+def test_leave_one_seed_out_scores_each_seed_at_the_others_best_sigma_rel():
+    """σ_rel 0.05 is best on the mean (83.3 vs 85) only because seed 1 is lucky there; seed 1 held out picks
+    0.15 from seeds 2 and 3, and seeds 2, 3 pick 0.05 from the mean that includes seed 1."""
+    from alphaflow.report import leave_one_seed_out
+    rows = pd.DataFrame({"seed": [1, 2, 3, 1, 2, 3], "sigma_rel": [0.05] * 3 + [0.15] * 3,
+                         "value": [70.0, 90.0, 90.0, 85.0, 85.0, 85.0]})
+    assert leave_one_seed_out(rows, "fd_classifier").to_dict() == {1: 85.0, 2: 90.0, 3: 90.0}
+    assert leave_one_seed_out(rows, "is_classifier").to_dict() == {1: 70.0, 2: 85.0, 3: 85.0}  # higher is better
+    assert leave_one_seed_out(rows[rows.seed == 1], "fd_classifier").empty

@@ -325,10 +325,6 @@ def in_training_metrics(params, nets, device):
     return out
 
 
-def eval_path(params, run, weights, sampler):
-    return params.eval_file(run, weights, sampler)
-
-
 def mlflow_metric_name(metric, sampler, weights):
     return f"{metric}_{sampler}_{weights}"
 
@@ -351,7 +347,7 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
               "samples_fingerprint": samples_fp, "num_samples": len(images),
               "labels": params.raw["eval"].get("labels", "random"), "t_steps": params.samplers[sampler_name]["t_steps"],
               "mode": params.samplers[sampler_name]["mode"], "seconds": time.perf_counter() - t0, "metrics": metrics}
-    atomic_write_json(eval_path(params, run_name, weights, sampler_name), record)
+    atomic_write_json(params.eval_file(run_name, weights, sampler_name), record)
     # A class-sorted grid (8 per class) for the report.
     order = torch.argsort(labels, stable=True)
     per_class = [order[labels[order] == c][:8] for c in range(min(10, int(labels.max()) + 1))]

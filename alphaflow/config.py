@@ -20,6 +20,8 @@ from alphaflow.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
+RELEASED_ENV = "ALPHAFLOW_RELEASED"     # folder of the released checkpoints; default <project>/released
+RELEASED_SUFFIXES = (".pt", ".pth")     # a released (official-layout) snapshot file
 
 
 class ParamsError(UserError, ValueError):
@@ -65,7 +67,8 @@ class RunConfig:
     jvp_mode: str = "tangent"            # tangent | split | fused (objectives.alpha_flow_loss)
     compile: bool = False                # torch.compile the network for the training step
     stats_samples: int = 2048            # latents for the per-element statistics
-    init_from: str | None = None         # fine-tune from this run's final checkpoint
+    init_from: str | None = None         # fine-tune from this run's final checkpoint, or a released .pt file
+    checkpoint: str | None = None        # released weights (.pt): imported instead of trained (alphaflow.released)
     log_every: int = 100                 # metrics.jsonl / MLflow cadence
     checkpoint_every: int = 1000         # `latest` checkpoint cadence
     snapshot_every: int = 100_000        # kept snapshots (+ sample grid)
@@ -139,16 +142,64 @@ def validate(raw, schema=None):
             raise ParamsError(f"params key 'runs.{name}.alpha_end' = {merged['alpha_end']}: must be ≥ alpha_start "
                               f"({merged['alpha_start']})")
         source = merged.get("init_from")
-        if source is not None and source not in raw["runs"]:
+        if source is not None and source not in raw["runs"] and not is_released_file(source):
             raise ParamsError(f"params key 'runs.{name}.init_from' = {source!r}: not a run of this profile "
-                              f"(allowed: {sorted(raw['runs'])})")
+                              f"(allowed: {sorted(raw['runs'])}, or a released checkpoint file ending in "
+                              f"{' or '.join(RELEASED_SUFFIXES)})")
+        if merged.get("checkpoint") is not None:
+            if not is_released_file(merged["checkpoint"]):
+                raise ParamsError(f"params key 'runs.{name}.checkpoint' = {merged['checkpoint']!r}: expected a "
+                                  f"released α-Flow snapshot file ending in {' or '.join(RELEASED_SUFFIXES)}")
+            if source is not None:
+                raise ParamsError(f"params key 'runs.{name}.init_from' = {source!r}: a run with 'checkpoint' is "
+                                  "imported, not trained, so it cannot also fine-tune from another source")
     validate_weight_sets(raw)
+    validate_protocol(raw)
     for i, sampler in enumerate(raw["eval"]["samplers"]):
         try:
             parse_t_steps(sampler["t_steps"])
         except ValueError as e:
             raise ParamsError(f"params key 'eval.samplers.{i}.t_steps' ({sampler['name']}): {e} "
                               f"(e.g. [1.0, 0.5, 0.0])") from None
+
+
+def is_released_file(value):
+    return isinstance(value, str) and value.endswith(RELEASED_SUFFIXES)
+
+
+def released_path(value):
+    """A released checkpoint's path: absolute as given, relative to $ALPHAFLOW_RELEASED (default
+    <project>/released) otherwise."""
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else Path(os.environ.get(RELEASED_ENV) or PROJECT_ROOT / "released") / path
+
+
+PROTOCOLS = ("default", "alphaflow", "adm")
+
+
+def eval_protocol(raw_eval):
+    """params eval.protocol (the schema default: "default")."""
+    return raw_eval.get("protocol") or "default"
+
+
+def protocol_rounding(protocol):
+    """How a protocol turns decoded images into uint8: the official α-Flow/ADM code truncates."""
+    return "round" if protocol == "default" else "truncate"
+
+
+def validate_protocol(raw):
+    ev = raw["eval"]
+    protocol = eval_protocol(ev)
+    if protocol == "adm":
+        if not ev.get("adm_reference"):
+            raise ParamsError("params key 'eval.adm_reference' is missing: eval.protocol adm computes FID against an "
+                              "ADM reference batch .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz): give its path")
+        if "fid" not in ev["metrics"]:
+            raise ParamsError(f"params key 'eval.metrics' = {ev['metrics']}: eval.protocol adm is FID against the "
+                              "ADM reference batch: add fid")
+    elif ev.get("adm_reference"):
+        raise ParamsError(f"params key 'eval.adm_reference' = {ev['adm_reference']!r}: only read with eval.protocol "
+                          f"adm (eval.protocol is {protocol}): set eval.protocol: adm or remove the key")
 
 
 PHEMA_PREFIX = "phema-"
@@ -237,6 +288,20 @@ class Params:
             if key in merged:
                 merged[key] = tuple(merged[key])
         return RunConfig(name=name, **merged)
+
+    def checkpoint_file(self, run):
+        """The released file a run imports its weights from (runs.<run>.checkpoint), or None for a trained run."""
+        value = self.run(run).checkpoint
+        return None if value is None else released_path(value)
+
+    def init_file(self, run):
+        """The released file a run fine-tunes from (runs.<run>.init_from naming a file), or None."""
+        value = self.run(run).init_from
+        return released_path(value) if value is not None and value not in self.raw["runs"] else None
+
+    def needs_latents(self):
+        """Whether any run trains (runs that import a checkpoint read no latents)."""
+        return any(self.run(name).checkpoint is None for name in self.run_names)
 
     @property
     def samplers(self):

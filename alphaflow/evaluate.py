@@ -28,10 +28,10 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
-from alphaflow.config import ParamsError, phema_sigma_rel
+from alphaflow.config import ParamsError, eval_protocol, phema_sigma_rel, protocol_rounding
 from alphaflow.data.shards import ShardError, atomic_write_bytes, atomic_write_json, sha256_file
 from alphaflow.phema import ensure_posthoc
-from alphaflow.sampling import SeededNoise, sample
+from alphaflow.sampling import protocol_noise, sample
 from alphaflow.stages import build_params_encoder, classifier_path, resolve_device
 
 #----------------------------------------------------------------------------
@@ -87,16 +87,20 @@ def load_run_net(params, run_name, weights, device):
     return net.to(device).eval()
 
 
-def generate(net, encoder, seeds, labels, sampler, device, autocast):
-    """uint8 images for the given seeds/labels with one sampler entry of params."""
+def generate(net, encoder, seeds, labels, sampler, device, autocast, protocol="default"):
+    """uint8 images for the given seeds/labels with one sampler entry of params, under an evaluation protocol
+    (params eval.protocol): its noise streams (sampling.protocol_noise) and its uint8 conversion."""
     shape = (net.in_channels, net.latent_mean.shape[-2], net.latent_mean.shape[-1])
-    noise = SeededNoise(seeds, device=device).randn(shape)
-    # Fresh noise of consistency sampling: its own per-sample stream, offset from the initial noise.
-    fresh = SeededNoise([s + (1 << 40) for s in seeds], device=device)
+    # default: fresh noise of consistency sampling from its own per-sample stream, offset from the initial
+    # noise; alphaflow/adm: the next draws of each seed's own generator (the official code's).
+    noise, fresh = protocol_noise(seeds, shape, device=device, protocol=protocol)
     y = torch.as_tensor(labels, device=device)
     with autocast():
         x = sample(net, noise, y, sampler["t_steps"], mode=sampler["mode"], generator=fresh)
-        return encoder.decode(net.denormalize(x.float()))
+        latents = net.denormalize(x.float())
+        if protocol == "default":
+            return encoder.decode(latents)
+        return encoder.decode(latents, rounding=protocol_rounding(protocol))
 
 
 def sample_fingerprint(params, run_name, weights, sampler_name, num_parts=None):
@@ -140,8 +144,8 @@ def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, 
         if path.exists():
             continue  # finished chunk of this fingerprint (atomic writes: it is complete)
         seeds = list(range(lo, hi))
-        labels = labels_for_seeds(seeds, num_classes, ev.get("labels", "random"))
-        images = generate(net, encoder, seeds, labels, sampler, device, autocast)
+        labels = labels_for_seeds(seeds, num_classes, sampler.get("labels") or ev.get("labels", "random"))
+        images = generate(net, encoder, seeds, labels, sampler, device, autocast, eval_protocol(ev))
         atomic_write_bytes(path, st_save({"images": images.cpu().contiguous(),
                                           "labels": torch.as_tensor(labels), "seeds": torch.as_tensor(seeds)}))
     elapsed = time.perf_counter() - t0
@@ -209,12 +213,30 @@ def load_samples(out, fingerprint=None):
     return torch.cat(images), torch.cat(labels)
 
 
+def export_npz(params, run_name, weights, sampler_name, path, labels=True):
+    """The finished sample set of one cell as an ADM evaluator batch .npz (arr_0 uint8 N×H×W×3, grey repeated
+    to RGB; arr_1 int64 labels), written atomically; returns (path, count)."""
+    from alphaflow.metrics import write_adm_npz
+
+    if sampler_name not in params.samplers:
+        raise ParamsError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")
+    out = samples_dir(params, run_name, weights, sampler_name)
+    fp = sample_fingerprint(params, run_name, weights, sampler_name, samples_parts(out))
+    images, sample_labels = load_samples(out, fingerprint=fp)
+    write_adm_npz(path, images, sample_labels if labels else None)
+    return Path(path), len(images)
+
+
 #----------------------------------------------------------------------------
 # Metrics
 
 
+INCEPTION_ENV = {"inception-fid-ts": "ALPHAFLOW_INCEPTION_TS", "inception-nvidia-ts": "ALPHAFLOW_INCEPTION_NVIDIA",
+                 "inception-v3-compat": "ALPHAFLOW_INCEPTION_WEIGHTS"}  # eval.inception → its weights' variable
+
+
 def metric_plan(params):
-    """[(metric, extractor, weights_path)] for params eval.metrics; FID/FDD weights come from env/params."""
+    """[(metric, extractor, weights_path)] for params eval.metrics; FID/FDD/FCD weights come from env/params."""
     ev = params.raw["eval"]
     plan = []
     for metric in ev["metrics"]:
@@ -222,12 +244,14 @@ def metric_plan(params):
             plan.append((metric, "classifier-local", str(classifier_path(params))))
         elif metric == "fid":
             inception = ev.get("inception", "inception-fid-ts")
-            path = os.environ.get("ALPHAFLOW_INCEPTION_TS" if inception == "inception-fid-ts" else "ALPHAFLOW_INCEPTION_WEIGHTS")
+            path = os.environ.get(INCEPTION_ENV[inception])
             plan.append((metric, inception, path))
         elif metric == "is":
             plan.append((metric, "inception-v3-compat", os.environ.get("ALPHAFLOW_INCEPTION_WEIGHTS")))
         elif metric == "fdd":
             plan.append((metric, "dinov2-timm-local", os.environ.get("ALPHAFLOW_DINOV2_WEIGHTS")))
+        elif metric == "fcd":
+            plan.append((metric, "clip-vit-b32-local", os.environ.get("ALPHAFLOW_CLIP_WEIGHTS")))
     return plan
 
 
@@ -236,7 +260,7 @@ def content_hash(manifest, n):
     return hashlib.sha256(shards + f"|{n}".encode()).hexdigest()[:16]
 
 
-INCEPTION_LIKE = ("inception-fid-ts", "inception-v3-compat", "dinov2-timm-local")
+INCEPTION_LIKE = ("inception-fid-ts", "inception-nvidia-ts", "inception-v3-compat", "dinov2-timm-local", "clip-vit-b32-local")
 
 
 def capped(params, extractor, images, kind):
@@ -265,7 +289,7 @@ def reference_cache_stem(params, extractor, images, manifest):
 def evaluate_images(params, images, device, weights=None):
     """{metric: {value, low, high, n}} for uint8 images against the reference statistics.
 
-    The ImageNet-network metrics (FID, FDD, IS) are skipped for weights outside eval.slow_metric_weights.
+    The ImageNet-network metrics (FID, FDD, FCD, IS) are skipped for weights outside eval.slow_metric_weights.
     """
     from alphaflow import metrics as M
     from alphaflow.stages import reference_images
@@ -287,7 +311,10 @@ def evaluate_images(params, images, device, weights=None):
         if metric.startswith("is"):
             results[metric] = M.bootstrap_is(feats["logits"], n_boot=n_boot, seed=seed)
         else:
-            mu, sigma = reference_stats_for(params, extractor, ref_images, manifest, device, weights_path)
+            if metric == "fid" and eval_protocol(ev) == "adm":  # the ADM evaluator's reference batch
+                mu, sigma = M.load_adm_reference(ev["adm_reference"])
+            else:
+                mu, sigma = reference_stats_for(params, extractor, ref_images, manifest, device, weights_path)
             results[metric] = M.bootstrap_fd(feats["features"], mu, sigma, n_boot=n_boot, seed=seed, device=device)
         results[metric]["n"] = len(gen)
         results[metric]["extractor"] = extractor
@@ -345,7 +372,8 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
     record = {"run": run_name, "weights": weights, "sampler": sampler_name,
               "fingerprint": fingerprint("evaluate", stage_reads(params, "evaluate", weights=weights), upstream),
               "samples_fingerprint": samples_fp, "num_samples": len(images),
-              "labels": params.raw["eval"].get("labels", "random"), "t_steps": params.samplers[sampler_name]["t_steps"],
+              "labels": params.samplers[sampler_name].get("labels") or params.raw["eval"].get("labels", "random"),
+              "t_steps": params.samplers[sampler_name]["t_steps"],
               "mode": params.samplers[sampler_name]["mode"], "seconds": time.perf_counter() - t0, "metrics": metrics}
     atomic_write_json(params.eval_file(run_name, weights, sampler_name), record)
     # A class-sorted grid (8 per class) for the report.

@@ -209,6 +209,14 @@ def load_official_snapshot(path, weights="ema", num_classes=1000):
     return state
 
 
+def load_official_weight_sets(path, num_classes=1000):
+    """{"ema": state dict, "raw": state dict} of one snapshot, the file read once; both the same preset."""
+    snapshot = read_snapshot(path)
+    sets = {w: official_to_dit(wrapper_state(snapshot, w, path), path, num_classes) for w in WEIGHTS}
+    official_preset(sets["ema"], path)
+    return sets
+
+
 def build_official_model(path, weights="ema", num_classes=1000):
     """(DiT with the snapshot's weights, preset name) — the preset recognised from the shapes."""
     from alphaflow.models import build_model

@@ -128,6 +128,8 @@ def run_plan(params, name, ms, how, gpus=None):
     per_img["alphaflow"] = per_img["fm"] + (ms["alphaflow"] or 0.0) * share / 0.5
     per_img["meanflow"] = per_img["fm"] + (ms["meanflow"] or 0.0) * share / 0.5
     train_s = sum(mix[k] * per_img[k] * run.batch_size for k in mix) / 1e3
+    if run.checkpoint is not None:  # weights imported from a released file: nothing is trained
+        mix, train_s, how = {k: 0 for k in mix}, 0.0, "imported (runs.<run>.checkpoint)"
     ev = params.raw["eval"]
     nfe = sum(len(params.samplers[s]["t_steps"]) - 1 for r, _, s in params.evaluation_cells() if r == name)
     sample_s = nfe * ev["num_samples"] * (ms["forward"] or 0.0) / 1e3  # every weights × sampler cell of the run

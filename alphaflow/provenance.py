@@ -18,6 +18,7 @@ The declarative promise (a changed input never yields a stale result) rests on t
 import json
 from pathlib import Path
 
+from alphaflow.config import eval_protocol
 from alphaflow.data.shards import sha256_file, sha256_json
 
 # Bump when a change of the code changes the stage's output for the same params and inputs.
@@ -60,16 +61,25 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
             reads["in_training_eval"] = pick(ev, ("train_eval_samples", "labels", "samplers", "ref_samples"))
         return reads
     if stage == "sample":
-        return {"sampler": pick(params.samplers[sampler], ("t_steps", "mode")), "weights": weights,
-                "eval": pick(ev, ("num_samples", "labels", "batch_size", "parts")),
-                "decoder": params_read(params, "encode")["encoder"]}
+        chosen = params.samplers[sampler]
+        keys = ("t_steps", "mode", "labels") if "labels" in chosen else ("t_steps", "mode")  # others: as before
+        reads = {"sampler": pick(chosen, keys), "weights": weights,
+                 "eval": pick(ev, ("num_samples", "labels", "batch_size", "parts")),
+                 "decoder": params_read(params, "encode")["encoder"]}
+        if eval_protocol(ev) != "default":  # only then (the default protocol's samples keep their fingerprint)
+            reads["protocol"] = "alphaflow"  # alphaflow and adm sample alike (noise streams, uint8 truncation)
+        return reads
     if stage == "evaluate":
         slow = ev.get("slow_metric_weights") or ev["weights"]
-        return {"seed": raw["seed"], "slow_metrics": weights in slow,
-                "eval": pick(ev, ("metrics", "n_boot", "fid_samples", "fid_ref_samples", "ref_samples", "inception"))}
+        reads = {"seed": raw["seed"], "slow_metrics": weights in slow,
+                 "eval": pick(ev, ("metrics", "n_boot", "fid_samples", "fid_ref_samples", "ref_samples", "inception"))}
+        if eval_protocol(ev) == "adm":  # FID against the ADM reference batch
+            reads["adm_reference"] = ev["adm_reference"]
+        return reads
     if stage == "report":  # tables and plots name runs, their settings, groups, seeds, samplers, metrics
         shown = TRAIN_VOLATILE - {"steps", "group", "paper_row"}
-        runs = {name: {k: v for k, v in params.run(name).to_dict().items() if k not in shown}
+        runs = {name: {k: v for k, v in params.run(name).to_dict().items()
+                       if k not in shown and not (k == "checkpoint" and v is None)}  # trained runs: as before
                 for name in params.run_names}
         reads = {"profile": raw["profile"], "paper_results": raw.get("paper_results", {}),
                  "comparisons": raw.get("comparisons"), "runs": runs,
@@ -88,7 +98,10 @@ PHEMA_KEYS = ("phema_every", "phema_sigma_rels", "phema_dtype")
 def train_settings(run):
     """A run's settings that change its outputs (everything but TRAIN_VOLATILE; the post-hoc EMA keys only
     when its snapshots are on, so runs without them keep their fingerprint)."""
+    if run.checkpoint is not None:  # imported, not trained: only the file (its sha256 is upstream) and the model
+        return {"model": run.model, "checkpoint": run.checkpoint}
     skip = TRAIN_VOLATILE if run.phema_every else TRAIN_VOLATILE | set(PHEMA_KEYS)
+    skip = skip | {"checkpoint"}  # None here: runs without one keep their fingerprint
     return {k: v for k, v in run.to_dict().items() if k not in skip}
 
 

@@ -28,10 +28,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from alphaflow.config import phema_sigma_rel  # noqa: E402
+from alphaflow import checkpoint as ckpt  # noqa: E402
+from alphaflow.config import eval_protocol, phema_sigma_rel  # noqa: E402
 from alphaflow.tracking import read_jsonl  # noqa: E402  (metrics.jsonl: tolerates a torn last line)
 
-METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "is": "IS", "fd_classifier": "FD_clf", "is_classifier": "IS_clf"}
+METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "fcd": "FCD", "is": "IS", "fd_classifier": "FD_clf", "is_classifier": "IS_clf"}
 NOT_RUN = "not run"
 
 
@@ -77,15 +78,37 @@ def collect(params):
     return pd.DataFrame(rows, columns=columns)
 
 
-def nfe_samplers(params, run_name):
-    """{1: sampler, 2: sampler} used for the run's Table 1 columns (paper_results may name the 2-NFE one)."""
+def sampler_labels(params, name):
+    """The labels a sampler's samples carry: its own `labels`, else eval.labels."""
+    return params.samplers[name].get("labels") or params.raw["eval"].get("labels", "random")
+
+
+def nfe_samplers(params, run_name, labels=None):
+    """{1: sampler, 2: sampler} used for the run's Table 1 columns (paper_results may name the 2-NFE one), among
+    the samplers with these labels (None: eval.labels). For other labels than eval.labels, the 2-NFE sampler is
+    the one with the same t_steps and mode as the run's Table 1 sampler."""
+    default = params.raw["eval"].get("labels", "random")
+    labels = labels or default
     paper = params.raw.get("paper_results", {}).get(run_name, {})
     by_nfe = {}
     for name, s in params.samplers.items():
-        by_nfe.setdefault(len(s["t_steps"]) - 1, name)
-    if paper.get("nfe2_sampler") in params.samplers:
-        by_nfe[2] = paper["nfe2_sampler"]
+        if sampler_labels(params, name) == labels:
+            by_nfe.setdefault(len(s["t_steps"]) - 1, name)
+    named = paper.get("nfe2_sampler")
+    if named in params.samplers:
+        if labels == default:
+            by_nfe[2] = named
+        else:
+            like = {k: params.samplers[named][k] for k in ("t_steps", "mode")}
+            by_nfe[2] = next((n for n, s in params.samplers.items() if sampler_labels(params, n) == labels
+                              and {k: s[k] for k in like} == like), None)
     return {n: by_nfe.get(n) for n in (1, 2)}
+
+
+def other_labels(params):
+    """Label protocols of samplers other than eval.labels (e.g. balanced: the paper's Table 6)."""
+    default = params.raw["eval"].get("labels", "random")
+    return sorted({sampler_labels(params, n) for n in params.samplers} - {default})
 
 
 def table_metrics(params):
@@ -102,8 +125,9 @@ def table_metrics(params):
 SAME_PROTOCOL = "as the paper"  # paper_results.<run>.protocol: how a row's paper numbers were obtained otherwise
 
 
-def paper_table(params, results, table="1"):
-    """Wide table: a row per (run, weights) of this table; ours / paper / Δ for each NFE × metric."""
+def paper_table(params, results, table="1", labels=None):
+    """Wide table: a row per (run, weights) of this table; ours / paper / Δ for each NFE × metric. labels: the
+    Table 1 runs with samplers of other labels (balanced: Table 6), beside paper_results.<run>.<labels>."""
     paper_results = params.raw.get("paper_results", {})
     metrics = table_metrics(params)
     runs = [r for r in params.run_names if str(paper_results.get(r, {}).get("table", "1")) == table]
@@ -112,7 +136,10 @@ def paper_table(params, results, table="1"):
     rows = []
     for run_name in runs:
         paper = paper_results.get(run_name, {})
-        samplers = nfe_samplers(params, run_name)
+        if labels is not None:
+            paper = {**paper, **paper.get(labels, {})} if isinstance(paper.get(labels), dict) else \
+                {k: v for k, v in paper.items() if not k.endswith(("_1nfe", "_2nfe"))}
+        samplers = nfe_samplers(params, run_name, labels)
         for weights in params.raw["eval"]["weights"]:
             row = {"run": run_name, "paper row": paper.get("row", "–"), "weights": weights,
                    "protocol": paper.get("protocol", SAME_PROTOCOL)}
@@ -871,6 +898,29 @@ def partial_banner(params, missing):
             f"({', '.join(cells[:3])}{more}). `snakemake all` runs them and rewrites this report.")
 
 
+PROTOCOL_NOTES = {
+    "alphaflow": "the official α-Flow evaluation: per-seed noise generators (seed mod 2³², the consistency "
+                 "sampler's fresh noise their next float64 draw), uint8 by truncation",
+    "adm": "the official α-Flow sampling, FID against ADM's reference batch (eval.adm_reference)",
+}
+
+
+def provenance_notes(params):
+    """Lines under Table 1's title: the evaluation protocol (when not this project's default) and the runs
+    whose weights were imported from released files. Empty for the trained profiles with the default protocol."""
+    notes = ""
+    protocol = eval_protocol(params.raw["eval"])
+    if protocol != "default":
+        notes += f"\n\nOurs: eval.protocol = {protocol} ({PROTOCOL_NOTES[protocol]})."
+    for run_name in params.run_names:
+        source = (ckpt.read_state(params.run_dir(run_name) / "checkpoints" / "final", missing_ok=True) or {}).get(
+            "source")
+        if source:
+            notes += (f"\n\n{run_name}: weights imported from {Path(source['file']).name} "
+                      f"(sha256 {source['sha256'][:16]}), not trained here.")
+    return notes
+
+
 def report(params, *, mlflow=True):
     """Writes tables and plots; returns {name: path}. Missing evaluations are allowed (interim tables), but the
     tables then say so and complete.json is absent."""
@@ -884,9 +934,15 @@ def report(params, *, mlflow=True):
     if not sigma_sweep(results).empty:
         title += ("\n\n★ = the run's best post-hoc EMA σ_rel at 1 NFE (first metric with values), "
                   "selected on the same samples (optimistic); phema.md has every σ_rel")
+    title += provenance_notes(params)
     shown = write_table(paper_table(params, results, "1"), tables / "table1",
                         title + ("\n\n" + partial_banner(params, missing) if missing else ""))
     out["table1"] = tables / "table1.md"
+    for labels in other_labels(params):  # e.g. balanced labels: the paper's Table 6
+        wide = paper_table(params, results, "1", labels)
+        write_table(wide, tables / f"table1-{labels}", f"Table 1 with {labels} labels (the paper's Table 6) — "
+                    f"{params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)" + provenance_notes(params))
+        out[f"table1-{labels}"] = tables / f"table1-{labels}.md"
     for table in ("2a", "2b"):
         wide = paper_table(params, results, table)
         if wide is not None:

@@ -26,7 +26,7 @@ from alphaflow import checkpoint as ckpt
 from alphaflow import distributed
 from alphaflow.config import ParamsError
 from alphaflow.data import LatentLoader
-from alphaflow.data.shards import atomic_write_bytes
+from alphaflow.data.shards import atomic_write_bytes, sha256_file
 from alphaflow.ema import EMA
 from alphaflow.phema import PowerEMA, save_snapshot
 from alphaflow.models import build_model
@@ -123,7 +123,11 @@ def train_fingerprint(params, run):
 
         needed = (classifier_path(params), params.data_dir(reference_split(params)) / "manifest.json")
         upstream += [file_hash(p) if p.exists() else None for p in needed]  # missing: the evaluation says so
-    if run.init_from is not None:
+    if params.init_file(run.name) is not None:  # a released file: its content
+        from alphaflow.released import released_file
+
+        upstream.append("sha256:" + sha256_file(released_file(params, run.name, "init_from")))
+    elif run.init_from is not None:
         source = ckpt.read_state(params.run_dir(run.init_from) / "checkpoints" / "final")
         upstream.append(source["fingerprint"] + f"@{source['step']}")
     return fingerprint("train", stage_reads(params, "train", run=run.name), upstream)
@@ -233,6 +237,10 @@ def sample_grid(net, encoder, num_classes, path, per_class=8, t_steps=(1.0, 0.5,
 def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracking=True):
     """Trains (or resumes) `run_name`; returns a summary dict. stop_after: optional step at which to stop."""
     run = params.run(run_name)
+    if run.checkpoint is not None:  # released weights: imported, not trained
+        from alphaflow.released import import_released
+
+        return import_released(params, run_name, quiet=quiet)
     info, dev = distributed.init(device)
     run_dir = params.run_dir(run_name)
     ckpt_dir = run_dir / "checkpoints"
@@ -281,6 +289,18 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                 truncate_jsonl(run_dir / "metrics.jsonl", start_step)
                 if not quiet:
                     print(f"[alphaflow] {run_name}: resuming from {latest.name} (step {start_step} of {run.steps})")
+    elif params.init_file(run_name) is not None:  # a released snapshot (e.g. the XL/2 that XL/2+ fine-tunes)
+        from alphaflow.official import load_official_weight_sets
+        from alphaflow.released import released_file
+
+        source = released_file(params, run_name, "init_from")
+        sets = load_official_weight_sets(source, loader.num_classes)
+        net.load_state_dict({k: v.to(dev) for k, v in sets["raw"].items()})
+        ema.load_state_dict({k: v.to(dev) for k, v in sets["ema"].items()})
+        # The snapshot's step is not known: the EMA continues with its full half-life (ramp-up complete).
+        ema_offset = math.ceil(run.ema_halflife / run.ema_rampup) if run.ema_rampup else 0
+        if info.is_main and not quiet:
+            print(f"[alphaflow] {run_name}: fine-tuning from the released {source} (EMA at its full half-life)")
     elif run.init_from is not None:
         source = params.run_dir(run.init_from) / "checkpoints" / "final"
         net.load_state_dict(ckpt.load_weights(source, "raw", dev))

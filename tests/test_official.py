@@ -17,46 +17,7 @@ import torch.nn.functional as F
 from alphaflow.models import build_model
 from alphaflow.official import (OfficialCheckpointError, build_official_model, load_official_snapshot,
                                 load_official_vae, official_preset, sd_vae_config)
-from alphaflow.models.dit import sincos_2d_pos_embed
-
-#----------------------------------------------------------------------------
-# An official-layout snapshot with random weights (none of them zero, so every layer matters).
-
-
-def official_wrapper_state(depth, hidden, patch=2, channels=4, size=32, rows=1001, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, std=0.05: torch.randn(*shape, generator=g) * std  # noqa: E731
-    s = {"model.pos_embed": sincos_2d_pos_embed(hidden, size // patch)[None],
-         "model.x_embedder.proj.weight": rnd(hidden, channels, patch, patch, std=0.2),
-         "model.x_embedder.proj.bias": rnd(hidden),
-         "model.y_embedder.embedding_table.weight": rnd(rows, hidden, std=0.5)}
-    for emb in ("noise_labels_embedder", "noise_labels_next_embedder"):
-        s[f"model.{emb}.mlp.0.weight"], s[f"model.{emb}.mlp.0.bias"] = rnd(hidden, 256, std=0.2), rnd(hidden)
-        s[f"model.{emb}.mlp.2.weight"], s[f"model.{emb}.mlp.2.bias"] = rnd(hidden, hidden, std=0.2), rnd(hidden)
-    for i in range(depth):
-        b = f"model.blocks.{i}."
-        for name, (o, k) in {"attn.qkv": (3 * hidden, hidden), "attn.proj": (hidden, hidden),
-                             "mlp.fc1": (4 * hidden, hidden), "mlp.fc2": (hidden, 4 * hidden),
-                             "adaLN_modulation.1": (6 * hidden, hidden)}.items():
-            s[b + name + ".weight"], s[b + name + ".bias"] = rnd(o, k, std=1 / math.sqrt(k)), rnd(o)
-    s["model.final_layer.linear.weight"] = rnd(patch * patch * channels, hidden, std=1 / math.sqrt(hidden))
-    s["model.final_layer.linear.bias"] = rnd(patch * patch * channels)
-    s["model.final_layer.adaLN_modulation.1.weight"] = rnd(2 * hidden, hidden, std=1 / math.sqrt(hidden))
-    s["model.final_layer.adaLN_modulation.1.bias"] = rnd(2 * hidden)
-    s["autoencoder_mean"] = torch.randn(1, channels, size, size, generator=g, dtype=torch.float64)
-    s["autoencoder_var"] = torch.rand(1, channels, size, size, generator=g, dtype=torch.float64) * 30 + 1
-    s["are_ldm_stats_inited"] = torch.tensor(True)
-    return s
-
-
-def write_snapshot(path, depth, hidden, rows=1001, extra=None, **kw):
-    snap = {"net": official_wrapper_state(depth, hidden, rows=rows, seed=1, **kw),
-            "ema": official_wrapper_state(depth, hidden, rows=rows, seed=2, **kw),
-            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
-            "cfg": {"model": {"label_dropout": 0.1 if rows > 1000 else 0.0}}, "stats": {"step": 400000},
-            "lr_scheduler": None, "grad_scaler": None, "dataloader": None, **(extra or {})}
-    torch.save(snap, path)
-    return snap
+from helpers import write_snapshot
 
 #----------------------------------------------------------------------------
 # The official forward, restated from its definition.
@@ -239,3 +200,25 @@ def test_the_packaged_sd_vae_config_builds_the_sd_vae_shape():
     vae = AutoencoderKL.from_config(config)
     assert config["latent_channels"] == 4 and 2 ** (len(config["block_out_channels"]) - 1) == 8
     assert abs(sum(p.numel() for p in vae.parameters()) / 1e6 - 83.65) < 0.1  # SD-VAE: 83.65M parameters
+
+
+def test_the_sd_vae_official_encoder_decodes_with_the_released_file(tmp_path, monkeypatch):
+    """encoder.kind sd-vae-official: the full SD-VAE shape from the packaged config, weights from the file."""
+    from diffusers import AutoencoderKL
+
+    from alphaflow.data import build_encoder
+    from alphaflow.data.encoders import to_uint8
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(sd_vae_config()).eval()
+    torch.save({"ema": {"model.model." + k: v for k, v in vae.state_dict().items()}}, tmp_path / "sd_vae_ft_ema.pt")
+    monkeypatch.setenv("ALPHAFLOW_RELEASED", str(tmp_path))
+    encoder = build_encoder("sd-vae-official")  # path null: sd_vae_ft_ema.pt in $ALPHAFLOW_RELEASED
+    assert encoder.fingerprint.startswith("sd-vae-ft-ema:official:") and encoder.latent_shape((3, 256, 256)) == (4, 32, 32)
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        expected = to_uint8(vae.decode(z).sample)
+    assert torch.equal(encoder.decode(z), expected)
+    monkeypatch.setenv("ALPHAFLOW_RELEASED", str(tmp_path / "elsewhere"))
+    with pytest.raises(Exception, match="sd_vae_ft_ema.pt"):
+        build_encoder("sd-vae-official")

@@ -1,14 +1,21 @@
 # One training job per run of the profile. A run with init_from (XL-2-plus) waits for its source.
 # The rule re-runs when the run's weight-changing settings or its step count change (`reads`), or its
 # inputs do; `alphaflow train` then retrains (other settings or data), extends (more steps) or resumes.
+# A run with `checkpoint:` (a released file) is imported instead: its inputs are the file and the data's
+# manifest (for the label count), and `alphaflow train` re-imports only when the file's sha256 changed.
 
 
 def train_inputs(w):
+    released = P.checkpoint_file(w.run)
+    if released is not None:
+        return [str(released), data_manifest("train")]
     inputs = [LATENTS]
     if P.run(w.run).eval_every:  # in-training FD_clf needs the classifier and its reference statistics
         inputs += [CLASSIFIER, REFERENCE]
     source = P.run(w.run).init_from
-    if source:
+    if P.init_file(w.run) is not None:
+        inputs.append(str(P.init_file(w.run)))
+    elif source:
         inputs.append(final_state(source))
     return inputs
 

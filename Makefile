@@ -9,7 +9,7 @@ BIN   := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 CORES ?= 2
 
-.PHONY: setup demo test test-fast test-slow bench clean-results
+.PHONY: setup demo test test-fast test-slow lint bench clean-results
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,9 @@ test-fast: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check alphaflow tests benchmarks
 
 bench: setup
 	$(BIN)/python benchmarks/step_cost.py

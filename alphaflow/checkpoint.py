@@ -17,7 +17,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from alphaflow.data.shards import _fsync_dir, atomic_write_json, sha256_file

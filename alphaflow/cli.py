@@ -253,7 +253,8 @@ def build_parser():
 
     stage_parser(sub, "report", cmd_report, "tables (MD/CSV/TeX) and plots")
 
-    p = stage_parser(sub, "phema", cmd_phema, "post-hoc EMA: reconstruct the weights of any σ_rel from a run's snapshots")
+    p = stage_parser(sub, "phema", cmd_phema,
+                     "post-hoc EMA: reconstruct the weights of any σ_rel from a run's snapshots")
     p.add_argument("--run", required=True)
     p.add_argument("--sigma-rel", type=float, action="append", required=True, help="relative EMA width, e.g. 0.07")
     p.add_argument("--step", type=int, default=None, help="reconstruct at this earlier step (default: the last)")

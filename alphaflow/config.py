@@ -193,7 +193,8 @@ def validate_protocol(raw):
     if protocol == "adm":
         if not ev.get("adm_reference"):
             raise ParamsError("params key 'eval.adm_reference' is missing: eval.protocol adm computes FID against an "
-                              "ADM reference batch .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz): give its path")
+                              "ADM reference batch .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz): "
+                              "give its path")
         if "fid" not in ev["metrics"]:
             raise ParamsError(f"params key 'eval.metrics' = {ev['metrics']}: eval.protocol adm is FID against the "
                               "ADM reference batch: add fid")

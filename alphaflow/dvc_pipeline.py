@@ -92,7 +92,7 @@ def build(params, params_file):
     """{'stages': {...}} of the profile, in the Snakefile's order."""
     raw, ev, results = params.raw, params.raw["eval"], params.results
     needs_classifier = any(m in ("fd_classifier", "is_classifier") for m in ev["metrics"])
-    data = lambda split: params.data_dir(split)  # noqa: E731
+    data = lambda split: params.data_dir(split)
     latents, reference = params.latent_dir(), results / "reference"
     classifier = classifier_path(params).parent
     stages = {}

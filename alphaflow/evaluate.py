@@ -8,9 +8,9 @@ Sample i uses seed i (noise from its own generator) and label RandomState(i).cho
 whichever part or batch it is generated in. Samples go to uint8 safetensors chunks, each checksummed,
 in a folder named by the samples' fingerprint (the weights' sha256, the sampler, labels, counts, decoder:
 `sample_fingerprint`): finished chunks of the same fingerprint are skipped on restart, chunks of any other
-(a retrained run, a changed sampler) are never read and are removed when the new set is done. Metrics come with bootstrap intervals over samples, go to
-eval/<weights>/<sampler>.json; the report stage logs them onto the run's MLflow run (`fid_1nfe_ema`, …:
-one MLflow connection per run, not one per evaluation job).
+(a retrained run, a changed sampler) are never read and are removed when the new set is done. Metrics come
+with bootstrap intervals over samples, go to eval/<weights>/<sampler>.json; the report stage logs them onto the
+run's MLflow run (`fid_1nfe_ema`, …: one MLflow connection per run, not one per evaluation job).
 """
 
 import hashlib
@@ -260,7 +260,8 @@ def content_hash(manifest, n):
     return hashlib.sha256(shards + f"|{n}".encode()).hexdigest()[:16]
 
 
-INCEPTION_LIKE = ("inception-fid-ts", "inception-nvidia-ts", "inception-v3-compat", "dinov2-timm-local", "clip-vit-b32-local")
+INCEPTION_LIKE = ("inception-fid-ts", "inception-nvidia-ts", "inception-v3-compat", "dinov2-timm-local",
+                  "clip-vit-b32-local")
 
 
 def capped(params, extractor, images, kind):

@@ -1,6 +1,7 @@
 """`alphaflow generate`: images from a trained run or a weights file, like DiT's sample.py.
 
-    alphaflow generate --params P --run R [--weights ema|raw] --classes 207,360,387,974 --seeds 0-15 --nfe 1 --out grid.png
+    alphaflow generate --params P --run R [--weights ema|raw] --classes 207,360,387,974 --seeds 0-15 --nfe 1 \
+        --out grid.png
     alphaflow generate --checkpoint ema.safetensors [--model B/2] [--vae DIR] --seeds 0-7 --nfe 2 --out samples/
     alphaflow generate --checkpoint alphaflow-B-2.pt [--weights ema|raw] [--vae DIR] ...    (official α-Flow snapshot)
 
@@ -67,7 +68,8 @@ def net_from_state(state, model=None, model_overrides=None, device="cpu"):
     if model is None:
         hidden, _, patch, _ = state["x_embedder.proj.weight"].shape
         depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        matches = [n for n, p in PRESETS.items() if (p["hidden_size"], p["depth"], p["patch_size"]) == (hidden, depth, patch)]
+        matches = [n for n, p in PRESETS.items()
+                   if (p["hidden_size"], p["depth"], p["patch_size"]) == (hidden, depth, patch)]
         if not matches:
             raise InvalidInputError(f"weights of a DiT with hidden size {hidden}, {depth} blocks, patch {patch}: no "
                                     "preset has these shapes; give --model (and --model-overrides)")
@@ -76,7 +78,8 @@ def net_from_state(state, model=None, model_overrides=None, device="cpu"):
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise InvalidInputError(f"the weights do not fit model {model} {model_overrides or ''}: {str(e)[:400]}") from None
+        raise InvalidInputError(f"the weights do not fit model {model} {model_overrides or ''}: "
+                                f"{str(e)[:400]}") from None
     return net.to(device).eval()
 
 

@@ -243,7 +243,8 @@ def reference_stats(
     feats = extract_features(extractor, images_uint8, weights_path=str(weights), device=device, progress=False)
     mu, sigma = stats(feats["features"])
     sha = write_shard(path, {"mu": mu, "sigma": sigma})                        # atomic (temp, fsync, rename)
-    atomic_write_json(sidecar, {"extractor": extractor, "sha256": sha, "n": int(images_uint8.shape[0]), "dim": int(mu.shape[0]),
+    atomic_write_json(sidecar, {"extractor": extractor, "sha256": sha, "n": int(images_uint8.shape[0]),
+                                "dim": int(mu.shape[0]),
                                 "content_hash": content_hash, "weights_file": weights.name,
                                 "weights_sha256": weights_id, "seconds": time.perf_counter() - t0})
     return mu, sigma
@@ -265,11 +266,12 @@ def _read_cache(path, sidecar, weights_id):
         if mu.shape != (meta["dim"],) or sigma.shape != (meta["dim"], meta["dim"]):
             raise ValueError(f"shapes {mu.shape}, {sigma.shape} do not match dim {meta['dim']}")
     except Exception as e:  # any unreadable file: recompute rather than fail the evaluation
-        warnings.warn(f"reference statistics cache {path} is unreadable ({type(e).__name__}: {e}); recomputing")
+        warnings.warn(f"reference statistics cache {path} is unreadable ({type(e).__name__}: {e}); recomputing",
+                      stacklevel=2)
         return None
     if meta.get("weights_sha256") != weights_id:
         warnings.warn(f"reference statistics cache {path} was made with other weights "
-                      f"({meta.get('weights_file')}); recomputing")
+                      f"({meta.get('weights_file')}); recomputing", stacklevel=2)
         return None
     return mu.astype(np.float64), sigma.astype(np.float64)
 

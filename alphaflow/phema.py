@@ -85,8 +85,8 @@ def profile_inner(t_a, gamma_a, t_b, gamma_b):
 def posthoc_coefficients(snap_t, snap_gamma, target_t, target_gamma):
     """x minimising ‖Σ_i x_i p_i − p_target‖² over the snapshot profiles p_i: solves A x = b with
     A_ij = <p_i, p_j>, b_i = <p_i, p_target> (least squares; A is ill-conditioned for many snapshots)."""
-    col = lambda x: np.asarray(x, dtype=np.float64).reshape(-1, 1)  # noqa: E731
-    row = lambda x: np.asarray(x, dtype=np.float64).reshape(1, -1)  # noqa: E731
+    col = lambda x: np.asarray(x, dtype=np.float64).reshape(-1, 1)
+    row = lambda x: np.asarray(x, dtype=np.float64).reshape(1, -1)
     a = profile_inner(col(snap_t), col(snap_gamma), row(snap_t), row(snap_gamma))
     b = profile_inner(col(snap_t), col(snap_gamma), np.float64(target_t), np.float64(target_gamma))
     return np.linalg.lstsq(a, b.reshape(-1), rcond=None)[0]
@@ -126,7 +126,8 @@ def snapshot_path(folder, step):
 def save_snapshot(folder, phema, step, images, dtype=torch.float32):
     """Every tracked profile at `step` (`images` seen) as one safetensors file, written atomically."""
     path = snapshot_path(folder, step)
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in phema.state_dict().items()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
+               for k, v in phema.state_dict().items()}
     atomic_write_bytes(path, st_save(tensors, metadata={"step": str(step), "images": str(images),
                                                         "sigma_rels": json.dumps(list(phema.sigma_rels))}))
     return path
@@ -152,7 +153,7 @@ def reconstruct_snapshots(folder, sigma_rel, images=None, max_step=None):
         raise MissingInputError(f"no post-hoc EMA snapshots in {folder}: train the run with params phema_every set")
     images, snaps, x = fit_snapshots(snaps, sigma_rel, images)
     out = {}
-    for (t, s, path), c in zip(snaps, x):
+    for (_, s, path), c in zip(snaps, x):
         prefix = f"{s:g}/"
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -201,14 +202,16 @@ def write_posthoc(params, run_name, sigma_rel, step=None):
         raise ParamsError(f"params key 'runs.{run_name}.phema_every' is null: the run keeps no post-hoc EMA "
                           "snapshots; set it (e.g. to 1/40 of the steps) and re-run training")
     if not 0 < float(sigma_rel) <= 0.28:
-        raise ParamsError(f"--sigma-rel {sigma_rel}: σ_rel must lie in (0, 0.28] (0.28 is the widest power profile, γ = 0)")
+        raise ParamsError(f"--sigma-rel {sigma_rel}: σ_rel must lie in (0, 0.28] "
+                          "(0.28 is the widest power profile, γ = 0)")
     folder = params.run_dir(run_name) / "checkpoints" / "phema"
     images = None if step is None else step * run.batch_size
     weights, record = reconstruct_snapshots(folder, sigma_rel, images=images, max_step=run.steps)
     record["step"] = record["images"] // run.batch_size
     record["trained"] = trained_identity(params, run_name)
     out = posthoc_path(params, run_name, sigma_rel, step)
-    atomic_write_bytes(out, st_save({k: v.contiguous() for k, v in weights.items()}, metadata={"phema": json.dumps(record)}))
+    atomic_write_bytes(out, st_save({k: v.contiguous() for k, v in weights.items()},
+                                    metadata={"phema": json.dumps(record)}))
     return out, record
 
 

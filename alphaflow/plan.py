@@ -74,7 +74,7 @@ def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None,
     if not pool:
         raise LookupError(f"no step-cost measurement for device {device_type!r} {gpu or ''} {dtype}"
                           f"{f', {threads} threads' if threads else ''}; run benchmarks/step_cost.py there first")
-    largest = lambda records: max(records, key=lambda r: r["batch"])  # noqa: E731  (the least launch-bound)
+    largest = lambda records: max(records, key=lambda r: r["batch"])
     exact = [r for r in pool if r["model"] == model]
     same_batch = [r for r in exact if r["batch"] == batch]
     if same_batch:
@@ -89,9 +89,9 @@ def branch_ms_per_image(record, run_flops):
     """Per-image ms of an FM step and of the α-Flow / MeanFlow / CFG extras (extras at 50 % r ≠ t), scaled
     to a model of `run_flops` forward FLOPs per image (both counted by dit_flops)."""
     scale = run_flops / dit_flops(record["model"], record["input"][-1], record["input"][0])
-    per_img = lambda ms: None if ms is None else ms / record["batch"] * scale  # noqa: E731
+    per_img = lambda ms: None if ms is None else ms / record["batch"] * scale
     fm = per_img(row_ms(record, "fm"))
-    extra = lambda ms: None if ms is None else max(per_img(ms) - fm, 0.0)  # noqa: E731
+    extra = lambda ms: None if ms is None else max(per_img(ms) - fm, 0.0)
     meanflow = row_ms(record, "meanflow", jvp_mode="tangent") or row_ms(record, "meanflow", jvp_mode="split")
     return {"fm": fm, "alphaflow": extra(row_ms(record, "alphaflow")), "meanflow": extra(meanflow),
             "cfg": extra(row_ms(record, "fm", cfg=True)), "forward": per_img(row_ms(record, "forward"))}
@@ -157,10 +157,12 @@ def plan(params, *, device_type, gpu=None, gpus=None, threads=None, dtype=None, 
         record, how = pick_measurement(records, device_type, run.model, dtype, threads, gpu, batch=run.batch_size)
         if how == "measured" and (record["input"][0], record["input"][-1]) != (channels, size):
             how = f"scaled from {record['model']} at {record['input']}"
-        source = f"{record['device']} {record['dtype']}, {record['date']}" + (f" ({record['source']})" if "source" in record else "")
+        source = f"{record['device']} {record['dtype']}, {record['date']}"
+        source += f" ({record['source']})" if "source" in record else ""
         notes.add(f"step costs: {source}")
         if row_ms(record, "meanflow", jvp_mode="tangent") is None:
-            notes.add("MeanFlow steps use the torch.func.jvp split row, measured before the tangent pass (an overestimate)")
+            notes.add("MeanFlow steps use the torch.func.jvp split row, measured before the tangent pass "
+                      "(an overestimate)")
         ms = branch_ms_per_image(record, flops)
         rows.append(run_plan(params, name, ms, how, gpus))
         if rows[-1]["cfg"] and ms["cfg"] is None:

@@ -24,15 +24,16 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from alphaflow import checkpoint as ckpt  # noqa: E402
-from alphaflow.config import eval_protocol, phema_sigma_rel  # noqa: E402
-from alphaflow.tracking import read_jsonl  # noqa: E402  (metrics.jsonl: tolerates a torn last line)
+from alphaflow import checkpoint as ckpt
+from alphaflow.config import eval_protocol, phema_sigma_rel
+from alphaflow.tracking import read_jsonl
 
-METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "fcd": "FCD", "is": "IS", "fd_classifier": "FD_clf", "is_classifier": "IS_clf"}
+METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "fcd": "FCD", "is": "IS", "fd_classifier": "FD_clf",
+                 "is_classifier": "IS_clf"}
 NOT_RUN = "not run"
 
 
@@ -593,8 +594,12 @@ def preregistered_report(params, grouped, tables, plots):
     rows += [("post hoc", {**primary, "weights": w, "sampler": smp})
              for w in params.raw["eval"]["weights"] for smp in params.samplers
              if (w, smp) != (primary["weights"], primary["sampler"])]
-    results = [{"role": role, **(matched_time_endpoint(params, grouped, s, level, power) if s.get("at") == "matched_time"
-                                 else endpoint(grouped, s, level, power))} for role, s in rows]
+    def evaluate(s):
+        if s.get("at") == "matched_time":
+            return matched_time_endpoint(params, grouped, s, level, power)
+        return endpoint(grouped, s, level, power)
+
+    results = [{"role": role, **evaluate(s)} for role, s in rows]
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "per_seed"} for r in results])
     first = results[0]
     per_seed = first["per_seed"].rename("difference").rename_axis("seed").reset_index()
@@ -958,7 +963,8 @@ def report(params, *, mlflow=True):
         out[f"bars_{metric}"] = plot_metric_bars(results, metric, plots / f"{metric}.png")
         out[f"steps_{metric}"] = plot_metric_vs_step(params, results, metric, plots / f"{metric}_vs_step.png")
     for weights in params.raw["eval"]["weights"]:
-        out[f"samples_by_group_{weights}"] = group_sample_sheet(params, weights, plots / f"samples_by_group_{weights}.png")
+        out[f"samples_by_group_{weights}"] = group_sample_sheet(params, weights,
+                                                                plots / f"samples_by_group_{weights}.png")
     for run_name in params.run_names:
         out[f"samples_{run_name}"] = sample_sheet(params, run_name, plots / f"samples_{run_name}.png")
         curves = params.run_dir(run_name) / "plots" / "training.png"

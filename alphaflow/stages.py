@@ -122,8 +122,8 @@ def reference(params, device=None):
     upstream = [file_hash(params.data_dir(reference_split(params)) / "manifest.json")]
     if classifier_path(params).exists():
         upstream.append(file_hash(classifier_path(params)))
-    summary = {"count": len(images), "fingerprint": fingerprint("reference", stage_reads(params, "reference"), upstream),
-               "metrics": {}}
+    fp = fingerprint("reference", stage_reads(params, "reference"), upstream)
+    summary = {"count": len(images), "fingerprint": fp, "metrics": {}}
     for metric, extractor, weights_path in metric_plan(params):
         if metric.startswith("is"):
             continue  # Inception Score needs no reference
@@ -132,7 +132,8 @@ def reference(params, device=None):
         print(f"[alphaflow] reference {metric}: {extractor} statistics of {len(images)} held-out images cached")
     # Statistics cached for other settings (another ref_samples, older data) go: the folder then holds what
     # a from-scratch run with these params writes, and DVC sees the same output.
-    used = {reference_cache_stem(params, e, images, manifest) for m, e, _ in metric_plan(params) if not m.startswith("is")}
+    used = {reference_cache_stem(params, e, images, manifest)
+            for m, e, _ in metric_plan(params) if not m.startswith("is")}
     for f in reference_marker(params).parent.iterdir():
         stem = f.name.split(".")[0]
         if stem.rsplit("-", 1)[0] in EXTRACTORS and stem not in used and f.suffix in (".safetensors", ".json"):

@@ -211,7 +211,7 @@ def ui_links(uri, experiment, run_ids):
     if exp is None:
         return None
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
-    quoted = lambda x: urllib.parse.quote(json.dumps(x))  # noqa: E731
+    quoted = lambda x: urllib.parse.quote(json.dumps(x))
     return {"runs": f"{base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning",
             "compare": f"{base}/#/compare-runs?runs={quoted(list(run_ids))}&experiments={quoted([exp.experiment_id])}"}
 
@@ -297,7 +297,7 @@ class Tracker:
         if not enabled:
             return
         try:  # import on this thread: a first import racing between two threads half-initialises mlflow
-            import mlflow.entities  # noqa: F401
+            import mlflow.entities
             import mlflow.tracking  # noqa: F401
         except ImportError as err:
             self._warn(err)
@@ -334,13 +334,13 @@ class Tracker:
             while self.pending:
                 try:
                     self.pending[0](self._client, self.run_id)
-                except Exception as err:  # noqa: BLE001 — tracking must never crash training
+                except Exception as err:
                     if is_transient(err):
                         raise
                     self.last_error, self.dropped = err, self.dropped + 1
                     self._warn(err)
                 self.pending.popleft()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self.failures += 1
             self.last_error = err
             if self.failures >= WARN_AFTER_FAILURES:

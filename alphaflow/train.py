@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -464,7 +463,8 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                 from alphaflow.report import plot_training_curves
 
                 grid = log_grid(ema.module, params, run_dir / "samples" / "grid-final.png", tracker, loader)
-                curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png", title=run_name)
+                curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png",
+                                              title=run_name)
                 tracker.log_artifact(curves, "plots")
                 summary["grid"] = str(grid)
     tracker.close()

@@ -46,7 +46,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device",      default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n",           type=int, default=None, help="images per measurement (default 512 cpu, 4096 cuda)")
-    ap.add_argument("--n-inception", type=int, default=None, help="images for inception-fid-ts (default 16 cpu, = n cuda)")
+    ap.add_argument("--n-inception", type=int, default=None,
+                    help="images for inception-fid-ts (default 16 cpu, = n cuda)")
     ap.add_argument("--batch",       type=int, default=64, help="feature-extraction batch size")
     ap.add_argument("--repeats",     type=int, default=3)
     args = ap.parse_args()
@@ -56,7 +57,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)              # (n, 1, 28, 28)
 
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
+    cpu = f"cpu ({torch.get_num_threads()} threads)"
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu}
     with tempfile.TemporaryDirectory() as tmp:
         clf = Path(tmp) / "smallcnn.safetensors"
         save_classifier(SmallCNN().eval(), clf)

@@ -57,7 +57,9 @@ COMPILED_ROWS = [  # torch.compile(net): the params option train.compile
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 def device_peak_tflops(device):
@@ -162,7 +164,8 @@ def summarise(rows, results, batch, flops_img, peak_tflops):
 
 
 def markdown(header, table, targets):
-    lines = [header, "", "| step | ms/step | images/s | × FM step (median, range) | peak GiB | MFU |", "|---|---|---|---|---|---|"]
+    lines = [header, "", "| step | ms/step | images/s | × FM step (median, range) | peak GiB | MFU |",
+             "|---|---|---|---|---|---|"]
     for row in table:
         if "ms" not in row:
             lines.append(f"| {row['label']} | failed: {row['error']} | | | | |")
@@ -170,7 +173,8 @@ def markdown(header, table, targets):
         ratio = (f"{row['ratio_fm']:.2f} ({row['ratio_fm_range'][0]:.2f}–{row['ratio_fm_range'][1]:.2f})"
                  if row["ratio_fm"] is not None else "—")
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-        lines.append(f"| {row['label']} | {row['ms']:.1f} | {row['images_per_s']:.1f} | {ratio} | {row['peak_gib']:.2f} | {mfu} |")
+        lines.append(f"| {row['label']} | {row['ms']:.1f} | {row['images_per_s']:.1f} | {ratio} | "
+                     f"{row['peak_gib']:.2f} | {mfu} |")
     lines += ["", *targets]
     return "\n".join(lines)
 
@@ -178,14 +182,15 @@ def markdown(header, table, targets):
 def target_lines(table):
     by = {(r["objective"], r["jvp_mode"], r["cfg"], r["compiled"]): r for r in table}
     nan = float("nan")
-    get = lambda key, field="ratio_fm": (by.get(key) or {}).get(field) or nan  # noqa: E731
+    get = lambda key, field="ratio_fm": (by.get(key) or {}).get(field) or nan
     mf, af = get(("meanflow", "tangent", False, False)), get(("alphaflow", None, False, False))
     official = get(("official", None, False, False), "ms") / get(("meanflow", "tangent", False, False), "ms")
     split = get(("meanflow", "split", False, False), "ms") / get(("meanflow", "tangent", False, False), "ms")
-    verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
+    verdict = lambda ok: "met" if ok else "missed"
     return [
         f"- α-Flow / FM step: {af:.2f} (target ≤ {TARGETS['alphaflow']:.2f}: {verdict(af <= TARGETS['alphaflow'])})",
-        f"- MeanFlow (tangent pass) / FM step: {mf:.2f} (target ≤ {TARGETS['meanflow']:.2f}: {verdict(mf <= TARGETS['meanflow'])})",
+        f"- MeanFlow (tangent pass) / FM step: {mf:.2f} "
+        f"(target ≤ {TARGETS['meanflow']:.2f}: {verdict(mf <= TARGETS['meanflow'])})",
         f"- speed-up over the official formulation: {official:.2f}× (target ≥ {TARGETS['official_speedup']:.1f}×: "
         f"{verdict(official >= TARGETS['official_speedup'])}); over torch.func.jvp split: {split:.2f}×",
     ]

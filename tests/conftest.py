@@ -118,5 +118,6 @@ def run_cli(*args, check=True, **kw):
     proc = subprocess.run([sys.executable, "-m", "alphaflow", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, **kw)
     if check and proc.returncode != 0:
-        raise AssertionError(f"alphaflow {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"alphaflow {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
     return proc

@@ -14,7 +14,7 @@ from alphaflow.models.dit import sincos_2d_pos_embed
 def official_wrapper_state(depth, hidden, patch=2, channels=4, size=32, rows=1001, seed=0):
     """The wrapper state dict (`net` or `ema`) of a DiT with these shapes."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, std=0.05: torch.randn(*shape, generator=g) * std  # noqa: E731
+    rnd = lambda *shape, std=0.05: torch.randn(*shape, generator=g) * std
     s = {"model.pos_embed": sincos_2d_pos_embed(hidden, size // patch)[None],
          "model.x_embedder.proj.weight": rnd(hidden, channels, patch, patch, std=0.2),
          "model.x_embedder.proj.bias": rnd(hidden),

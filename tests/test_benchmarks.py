@@ -51,7 +51,8 @@ def test_step_cost_prints_every_row_and_writes_json(tmp_path):
          "--warmup", "1", "--iters", "1", "--repeats", "2", "--no-cfg", "--threads", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout
-    for row in ("FM step", "α-Flow step", "MeanFlow step, tangent pass", "torch.func.jvp split", "official formulation"):
+    rows = ("FM step", "α-Flow step", "MeanFlow step, tangent pass", "torch.func.jvp split", "official formulation")
+    for row in rows:
         assert row in out, out
     assert "speed-up over the official formulation" in out and "target ≤ 1.25" in out
     record = json.loads((tmp_path / "cpu-N4-b8-fp32-t1.json").read_text())
@@ -65,7 +66,8 @@ def test_step_cost_prints_every_row_and_writes_json(tmp_path):
 
 def test_a_failing_row_is_recorded_and_the_table_goes_on():
     bench = load_benchmark("step_cost")
-    rows = [("FM step", "fm", None, False), ("broken", "official", None, False), ("after", "meanflow", "tangent", False)]
+    rows = [("FM step", "fm", None, False), ("broken", "official", None, False),
+            ("after", "meanflow", "tangent", False)]
 
     def broken():
         raise RuntimeError("expected input and grad types to match\nmore")

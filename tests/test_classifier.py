@@ -124,7 +124,8 @@ def test_classifier_through_torch_fidelity_calculate_metrics(trained):
             return self.x[i]
 
     out = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, isc=True, cuda=False,
-                                           feature_extractor="classifier-local", feature_extractor_weights_path=str(path),
+                                           feature_extractor="classifier-local",
+                                           feature_extractor_weights_path=str(path),
                                            save_cpu_ram=True, verbose=False)
     fa = M.extract_features("classifier-local", a, weights_path=path, progress=False)
     fb = M.extract_features("classifier-local", b, weights_path=path, progress=False)

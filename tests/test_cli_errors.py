@@ -172,7 +172,8 @@ def test_params_snakefile_and_launcher_paths_do_not_import_torch():
     import re
 
     sources = [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
-    modules = sorted({m for f in sources for m in re.findall(r"^\s*from (alphaflow[\w.]*) import", f.read_text(), re.M)})
+    pattern = r"^\s*from (alphaflow[\w.]*) import"
+    modules = sorted({m for f in sources for m in re.findall(pattern, f.read_text(), re.M)})
     assert "alphaflow.config" in modules and "alphaflow.provenance" in modules
     # Peak RSS from /proc (ru_maxrss would count the forking pytest process's peak too).
     code = (f"import re, sys\nimport {', '.join(modules + ['alphaflow.cli', 'alphaflow.launch'])}\n"

@@ -46,7 +46,8 @@ def test_main_work_failure_reaches_every_rank(tmp_path):
     assert (tmp_path / "rank0.txt").read_text().splitlines() == ["idle False", "works True",
                                                                  "OSError: disk full (from worker)"]
     assert (tmp_path / "rank1.txt").read_text().splitlines() == [
-        "idle False", "works False", "RankFailed: rank 0 failed in the checkpoint at step 7: OSError: disk full (from main_work)"]
+        "idle False", "works False",
+        "RankFailed: rank 0 failed in the checkpoint at step 7: OSError: disk full (from main_work)"]
 
 
 def test_main_work_without_process_group_is_plain():

@@ -137,7 +137,8 @@ def test_inception_ts_through_torch_fidelity_calculate_metrics():
                                            feature_extractor="inception-fid-ts", save_cpu_ram=True, verbose=False,
                                            feature_extractor_weights_path=str(F.packaged_inception_ts()))
     fa = M.extract_features("inception-fid-ts", a, progress=False)["features"]
-    mu_b, sigma_b = (torch.from_numpy(s) for s in M.stats(M.extract_features("inception-fid-ts", b, progress=False)["features"]))
+    fb = M.extract_features("inception-fid-ts", b, progress=False)["features"]
+    mu_b, sigma_b = (torch.from_numpy(s) for s in M.stats(fb))
     # The bootstrap's FD (one 3×3 eigendecomposition instead of a 2048² eigvals, which takes seconds here).
     ours = M._fd_against(fa, fa @ M._sqrt_psd(sigma_b), mu_b, torch.trace(sigma_b))
     assert out["frechet_inception_distance"] == pytest.approx(ours, rel=1e-3)
@@ -330,7 +331,9 @@ def original_dinov2_features(state, images, resize):
             (224, 224), PIL.Image.Resampling.BICUBIC))).permute(2, 0, 1) for im in rgb]).float()
     else:
         x = torch.nn.functional.interpolate(rgb.float(), size=(224, 224), mode="bicubic", antialias=True)
-    x = (x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x / 255 - mean) / std
     with torch.no_grad():
         return net(x)
 
@@ -420,7 +423,8 @@ def original_clip_preprocess(images, resize):
     norm = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
     rgb = images.expand(-1, 3, -1, -1)
     if resize == "pil":
-        tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(), norm])
+        tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                        norm])
         return torch.stack([tf(PIL.Image.fromarray(im.permute(1, 2, 0).numpy())) for im in rgb])
     x = TF.resize(rgb.float(), 224, interpolation=T.InterpolationMode.BICUBIC, antialias=True).clamp(0, 255)
     return norm(TF.center_crop(x, [224, 224]) / 255)
@@ -433,7 +437,7 @@ def original_clip_visual(state, x, heads):
     class token, @ proj. Un-normalised, as `encode_image`."""
     v = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
     width = v["conv1.weight"].shape[0]
-    ln = lambda t, name: torch.nn.functional.layer_norm(t, (width,), v[f"{name}.weight"], v[f"{name}.bias"], 1e-5)  # noqa: E731
+    ln = lambda t, name: torch.nn.functional.layer_norm(t, (width,), v[f"{name}.weight"], v[f"{name}.bias"], 1e-5)
     with torch.no_grad():
         t = torch.nn.functional.conv2d(x, v["conv1.weight"], stride=v["conv1.weight"].shape[-1])   # [N, w, g, g]
         t = t.reshape(t.shape[0], width, -1).permute(0, 2, 1)                                       # [N, g², w]

@@ -44,7 +44,8 @@ def test_bootstrap_fd_engine_matches_torch_fidelity(n):
     mu_r, sigma_r = M.stats(ref)
     idx = first_resample(n, seed=7)
     one = M.bootstrap_fd(x, mu_r, sigma_r, n_boot=1, seed=7, method="percentile")
-    assert one["value"] == pytest.approx(M.fd_from_stats(*M.stats(x), mu_r, sigma_r), rel=1e-6)  # fast exact formula vs torch-fidelity eigvals
+    # the fast exact formula vs torch-fidelity's eigvals
+    assert one["value"] == pytest.approx(M.fd_from_stats(*M.stats(x), mu_r, sigma_r), rel=1e-6)
     assert one["low"] == one["high"] == pytest.approx(M.fd_from_stats(*M.stats(x[idx]), mu_r, sigma_r), rel=1e-6)
 
 

@@ -102,7 +102,8 @@ def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, t
     run = runs[0]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert "fd_classifier_1nfe_ema" in metrics and metrics["fd_classifier_1nfe_ema"] > 0
-    assert metrics["fd_classifier_1nfe_ema_ci_low"] <= metrics["fd_classifier_1nfe_ema"] <= metrics["fd_classifier_1nfe_ema_ci_high"]
+    key = "fd_classifier_1nfe_ema"
+    assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
     params_logged = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params_logged.get("method") == "alphaflow"
     run_id = run["info"]["run_id"]

@@ -214,7 +214,8 @@ def test_the_sd_vae_official_encoder_decodes_with_the_released_file(tmp_path, mo
     torch.save({"ema": {"model.model." + k: v for k, v in vae.state_dict().items()}}, tmp_path / "sd_vae_ft_ema.pt")
     monkeypatch.setenv("ALPHAFLOW_RELEASED", str(tmp_path))
     encoder = build_encoder("sd-vae-official")  # path null: sd_vae_ft_ema.pt in $ALPHAFLOW_RELEASED
-    assert encoder.fingerprint.startswith("sd-vae-ft-ema:official:") and encoder.latent_shape((3, 256, 256)) == (4, 32, 32)
+    assert encoder.fingerprint.startswith("sd-vae-ft-ema:official:")
+    assert encoder.latent_shape((3, 256, 256)) == (4, 32, 32)
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         expected = to_uint8(vae.decode(z).sample)

@@ -25,7 +25,7 @@ def test_sigma_rel_and_gamma_are_inverse_and_match_edm2():
 
 def test_profile_inner_products_match_numerical_integration():
     tau = np.linspace(0, 1, 2_000_001)[1:]
-    density = lambda t, g: np.where(tau <= t, (g + 1) * tau ** g / t ** (g + 1), 0.0)  # noqa: E731
+    density = lambda t, g: np.where(tau <= t, (g + 1) * tau ** g / t ** (g + 1), 0.0)
     for (ta, ga, tb, gb) in [(0.6, 7.0, 1.0, 17.0), (1.0, 3.0, 0.4, 12.0), (0.8, 5.0, 0.8, 5.0)]:
         numeric = np.trapezoid(density(ta, ga) * density(tb, gb), tau)
         assert profile_inner(ta, ga, tb, gb) == pytest.approx(numeric, rel=1e-4)
@@ -128,7 +128,8 @@ def test_a_training_runs_snapshots_reconstruct_its_brute_force_ema(tiny_project)
         out = run_cli("phema", "--params", params_path, "--run", "alphaflow-tiny", "--sigma-rel", "0.07",
                       *(["--step", str(upto)] if upto != steps else []))
         assert "σ_rel 0.07" in out.stdout
-        path = results / "runs" / "alphaflow-tiny" / "phema" / f"phema-0.07{'' if upto == steps else f'-step{upto:07d}'}.safetensors"
+        suffix = "" if upto == steps else f"-step{upto:07d}"
+        path = results / "runs" / "alphaflow-tiny" / "phema" / f"phema-0.07{suffix}.safetensors"
         rebuilt_state = load_file(str(path))
         rebuilt = torch.cat([rebuilt_state[n].double().reshape(-1) for n in floats])
         target = brute_force(raw, batch, 0.07, upto)
@@ -197,8 +198,9 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
 
     out = report(params, mlflow=False)
     phema_md = out["phema"].read_text()
-    values = {w: json.loads(params.eval_file("alphaflow-tiny", w, "1nfe").read_text())["metrics"]["fd_classifier"]["value"]
-              for w in ("phema-0.05", "phema-0.15")}
+    evals = {w: json.loads(params.eval_file("alphaflow-tiny", w, "1nfe").read_text())
+             for w in ("phema-0.05", "phema-0.15")}
+    values = {w: e["metrics"]["fd_classifier"]["value"] for w, e in evals.items()}
     best = min(values, key=values.get)
     assert f"**{values[best]:.2f}** ★" in phema_md and "| 1nfe | FD_clf |" in phema_md
     assert f"{best} ★" in out["table1"].read_text()

@@ -97,8 +97,8 @@ def test_the_workflow_profile_applies_from_the_repository_root():
 
 
 def test_fine_tune_waits_for_its_source_run():
-    out = run([BIN / "snakemake", "-n", "--forceall", "results/paper/runs/alphaflow-XL-2-plus-cfg/checkpoints/final/state.json",
-               "--config", "params=params/paper.yaml"]).stdout
+    target = "results/paper/runs/alphaflow-XL-2-plus-cfg/checkpoints/final/state.json"
+    out = run([BIN / "snakemake", "-n", "--forceall", target, "--config", "params=params/paper.yaml"]).stdout
     assert job_counts(out)["train"] == 2
 
 
@@ -164,7 +164,8 @@ def test_each_profiles_dvc_pipeline_is_current_and_declares_snakemakes_stages_an
         checked += 1
     assert checked >= len(stages)
     code = ("import json, sys; from dvc.repo import Repo; r = Repo('.'); print(json.dumps(sorted({k for s in "
-            "r.index.stages if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1] for d in s.deps "
+            "r.index.stages if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1] "
+            "for d in s.deps "
             "if type(d).__name__ == 'ParamsDependency' for k in d.params})))")
     profile_raw = yaml.safe_load((ROOT / params_file).read_text())
     for key in json.loads(run([sys.executable, "-c", code, dvcfile]).stdout):
@@ -172,7 +173,8 @@ def test_each_profiles_dvc_pipeline_is_current_and_declares_snakemakes_stages_an
             continue  # the report watches the whole file
         node = profile_raw
         for part in key.split("."):
-            assert isinstance(node, dict) and part in node, f"{dvcfile} names params key {key!r}, missing in {params_file}"
+            assert isinstance(node, dict) and part in node, \
+                f"{dvcfile} names params key {key!r}, missing in {params_file}"
             node = node[part]
 
 

@@ -305,7 +305,7 @@ def test_adm_protocol_takes_fid_against_the_adm_reference(official_run, tmp_path
     np.savez(tmp_path / "VIRTUAL_tiny.npz", mu=mu, sigma=sigma, arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     params = load_params(official_run.path, ["eval.protocol=adm", f"eval.adm_reference={tmp_path / 'VIRTUAL_tiny.npz'}",
                                              "eval.metrics=[fid]"])
-    features = lambda name, images, **kw: {"features": images.float().flatten(1)[:, :6]}  # noqa: E731
+    features = lambda name, images, **kw: {"features": images.float().flatten(1)[:, :6]}
     monkeypatch.setattr(M, "extract_features", features)  # no Inception weights here: any 6-d features
     monkeypatch.setattr(E, "metric_plan", lambda p: [("fid", "inception-fid-ts", None)])
     images, _ = E.load_samples(E.samples_dir(official_run, "alphaflow-tiny", "ema", "2nfe-cons-0.5"))

@@ -225,7 +225,7 @@ def test_a_changed_sampler_resamples(sampled, tmp_path):
 def test_changed_eval_settings_resample(sampled, change):
     write, results = sampled
     params = load_params(write(steps=2))
-    before = sample_images(params)
+    sample_images(params)  # the set of the old settings, on disk
     params.raw["eval"].update(change)
     after = sample_images(params)
     out = E.samples_dir(params, RUN, "ema", "1nfe")

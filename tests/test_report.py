@@ -15,6 +15,11 @@ from alphaflow.report import paired_interval, report, t_interval, welch_interval
 from conftest import tiny_params_dict
 
 
+def seeded_runs(seeds):
+    """α-Flow and MeanFlow runs, one per seed, grouped by method."""
+    return {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in seeds}
+
+
 def write_eval(params, run, weights, sampler, value):
     path = params.run_dir(run) / "eval" / weights / f"{sampler}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +32,7 @@ def write_eval(params, run, weights, sampler, value):
 @pytest.fixture
 def seeded(tmp_path):
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
-    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in (1, 2, 3)}
+    d["runs"] = seeded_runs((1, 2, 3))
     d["comparisons"] = [["alphaflow", "meanflow"]]
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(d))
@@ -130,7 +135,7 @@ def test_detectable_difference_matches_the_power_of_a_paired_t_test():
 
 def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
-    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in range(1, 5)}
+    d["runs"] = seeded_runs(range(1, 5))
     d["runs"]["fm-s1"] = {"method": "fm", "seed": 1, "group": "fm"}  # an arm not evaluated yet
     d["preregistered"] = {"statement": "Declared before the run.",
                           "primary": {"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier",
@@ -147,7 +152,8 @@ def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
         for weights in ("ema", "raw"):
             for sampler in ("1nfe", "2nfe-cons-0.5"):
                 write_eval(params, f"meanflow-s{seed}", weights, sampler, 50.0 + seed)
-                write_eval(params, f"alphaflow-s{seed}", weights, sampler, 50.0 + seed + (dd if sampler == "1nfe" else 1.0))
+                value = 50.0 + seed + (dd if sampler == "1nfe" else 1.0)
+                write_eval(params, f"alphaflow-s{seed}", weights, sampler, value)
     out = report(params, mlflow=False)
     table = pd.read_csv(out["preregistered_csv"])
     assert list(table.role) == ["primary", "secondary", "secondary", "post hoc", "post hoc", "post hoc"]
@@ -169,7 +175,7 @@ def test_matched_time_contrast_interpolates_the_slower_arm(tmp_path):
     from alphaflow.report import matched_time_endpoint, training_seconds, with_groups
 
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
-    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in (1, 2, 3)}
+    d["runs"] = seeded_runs((1, 2, 3))
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(d))
     params = load_params(path)
@@ -232,7 +238,7 @@ def test_a_report_on_partial_results_says_so_and_leaves_no_complete_marker(seede
 def test_best_ema_verdicts_compare_each_group_at_its_own_best_sigma_rel(tmp_path):
     """Item 4 of issue 19: α-Flow is best at σ_rel 0.15, MeanFlow at 0.05; the verdict pairs those per seed."""
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images", phema_every=2)
-    d["runs"] = {f"{m}-s{s}": {"method": m, "seed": s, "group": m} for m in ("alphaflow", "meanflow") for s in (1, 2, 3)}
+    d["runs"] = seeded_runs((1, 2, 3))
     d["comparisons"] = [["alphaflow", "meanflow"]]
     d["eval"]["weights"] = ["ema", "phema-0.05", "phema-0.15"]
     d["eval"]["phema_samplers"] = ["1nfe"]

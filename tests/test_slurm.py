@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 STAGES = Path(__file__).parent / "slurm"
 PY = sys.executable
-SIGTERM_IGNORING_STAGE = [PY, "-c", "import json, os, pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+SIGTERM_IGNORING_STAGE = [PY, "-c", "import json, os, pathlib, signal, sys, time; "
+                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                           "pathlib.Path(sys.argv[1]).write_text(json.dumps({'job': os.environ['SLURM_JOB_ID']})); "
                           "time.sleep(600)"]
 
@@ -129,7 +130,8 @@ def _node_gpus():
 
 def test_ddp_two_tasks_on_fake_gpus(slurm, log_dir, tmp_path):
     if _node_gpus() < 2:
-        pytest.skip("the node has fewer than 2 (fake) GPUs; setup.sh configures 2 unless SLURM_FAKE_GPUS says otherwise")
+        pytest.skip("the node has fewer than 2 (fake) GPUs; setup.sh configures 2 unless SLURM_FAKE_GPUS says "
+                    "otherwise")
     t0 = time.monotonic()
     out = tmp_path / "ddp"
     assert run([PY, str(STAGES / "ddp_check.py"), str(out)], log_dir, resources=resources(gpus_per_node=2)) == 0
@@ -195,12 +197,13 @@ def test_submitit_interrupt_requeues_and_resumes(slurm, log_dir, tmp_path):
     # submitit's own preemption simulation: SIGTERM, then SIGUSR2, to every process of the job.
     started, state = tmp_path / "started.json", tmp_path / "state.json"
     cmd = [PY, str(STAGES / "ckpt_counter.py"), str(state), "30", "--step-s", "0.2", "--started", str(started)]
-    interrupt = lambda job: submitit.SlurmJob(folder=log_dir / "%j", job_id=job)._interrupt()  # noqa: E731
+    interrupt = lambda job: submitit.SlurmJob(folder=log_dir / "%j", job_id=job)._interrupt()
     thread, times = in_background(interrupt, started)
     t0 = time.monotonic()
     assert run(cmd, log_dir) == 0
     restart_at = _check_resumed(tmp_path, state, 30, "SIGTERM")
-    report("submitit _interrupt -> requeue", wall=time.monotonic() - t0, restart_delay=restart_at - times["action_wall"])
+    report("submitit _interrupt -> requeue", wall=time.monotonic() - t0,
+           restart_delay=restart_at - times["action_wall"])
 
 
 def test_time_limit_signal_requeues_and_resumes(slurm, log_dir, tmp_path):

@@ -112,4 +112,5 @@ def test_two_nodes_train_like_one_node_and_one_process_and_resume_exactly(two_no
     state, resumed = final_weights(results)
     assert state["step"] == STEPS
     assert_same(resumed, weights["2 nodes × 1 task"])
-    print(f"\n[timing] two layouts + one process {t1 - t0:.1f}s; 2-node preempted + requeued {time.monotonic() - t1:.1f}s")
+    print(f"\n[timing] two layouts + one process {t1 - t0:.1f}s; "
+          f"2-node preempted + requeued {time.monotonic() - t1:.1f}s")

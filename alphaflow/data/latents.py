@@ -14,8 +14,9 @@ Layout of a latent directory:
 
 Storage dtype is float16 (STORE_DTYPE): ImageNet's 1.28M × 4×32×32 mean + logvar is 21 GB
 (42 GB in float32), which LatentLoader memory-maps: the ranks of a node share one copy in the
-page cache, and each rank reads the samples its micro-batches need. float16 keeps 11 significant bits (relative error ≤ 4.9e-4, e.g. ≤ 0.004 at
-|z| ≈ 8); pixel-space values k/127.5 − 1 still decode back to the exact uint8.
+page cache, and each rank reads the samples its micro-batches need. float16 keeps 11 significant bits
+(relative error ≤ 4.9e-4, e.g. ≤ 0.004 at |z| ≈ 8); pixel-space values k/127.5 − 1 still decode back to the
+exact uint8.
 """
 
 from __future__ import annotations

@@ -138,13 +138,14 @@ class DiTBlock(nn.Module):
             return x2, None
         with torch.no_grad():
             rows, dx, dc = tan
-            at = lambda a: rows_of(a, rows)  # noqa: E731
+            at = lambda a: rows_of(a, rows)
             dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = jvp.linear(
                 self.adaLN_modulation[1], jvp.silu(at(c), dc)).chunk(6, dim=1)
             dh = jvp.modulate(at(xn), jvp.layer_norm(at(x), dx), at(scale_msa), dshift_msa, dscale_msa)
             dq, dk, dv = self.heads(jvp.linear(self.attn.qkv, dh))
             do = jvp.attention(at(q), at(k), at(v), dq, dk, dv)
-            dx1 = dx + jvp.gated(at(gate_msa), dgate_msa, at(a), jvp.linear(self.attn.proj, do.transpose(1, 2).flatten(2)))
+            da = jvp.linear(self.attn.proj, do.transpose(1, 2).flatten(2))
+            dx1 = dx + jvp.gated(at(gate_msa), dgate_msa, at(a), da)
             dh1 = jvp.modulate(at(xn1), jvp.layer_norm(at(x1), dx1), at(scale_mlp), dshift_mlp, dscale_mlp)
             dm = jvp.linear(self.mlp.fc2, jvp.gelu_tanh(at(f), jvp.linear(self.mlp.fc1, dh1)))
             dx2 = dx1 + jvp.gated(at(gate_mlp), dgate_mlp, at(m), dm)

@@ -2,9 +2,10 @@
 
     python ckpt_counter.py STATE N [--step-s S] [--resume-step-s S] [--stop-at K] [--started FILE]
 
-STATE may contain "{rank}" (one state file per DDP rank). State (JSON, written atomically): the counter, a running checksum of the steps done and the list of
-starts. On SIGUSR2 or SIGTERM it saves and exits with REQUEUE_EXIT_CODE (the launch contract); with
---stop-at K it does the same by itself once the counter reaches K (a stage asking for a requeue).
+STATE may contain "{rank}" (one state file per DDP rank). State (JSON, written atomically): the counter, a
+running checksum of the steps done and the list of starts. On SIGUSR2 or SIGTERM it saves and exits with
+REQUEUE_EXIT_CODE (the launch contract); with --stop-at K it does the same by itself once the counter reaches
+K (a stage asking for a requeue).
 Run to completion with or without interruptions, the final counter and checksum are the same.
 --resume-step-s makes every start after the first faster (a test waiting for a real time limit needs a
 first run longer than the signal delay, but no second interruption).
@@ -34,7 +35,8 @@ def main():
     p.add_argument("--step-s", type=float, default=0.2)
     p.add_argument("--resume-step-s", type=float, default=None, help="step time after a restart (default: --step-s)")
     p.add_argument("--stop-at", type=int, default=None)
-    p.add_argument("--started", type=Path, default=None, help="written once the loop runs: job id and pid (tests wait on it)")
+    p.add_argument("--started", type=Path, default=None,
+                   help="written once the loop runs: job id and pid (tests wait on it)")
     args = p.parse_args()
     rank = os.environ.get("RANK", "0")
     args.state = Path(str(args.state).format(rank=rank))

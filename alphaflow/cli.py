@@ -153,12 +153,14 @@ def cmd_track_replay(args, params):
 
 
 def cmd_plan(args, params):
-    from alphaflow.plan import BENCH_DIR, format_plan, plan
+    from alphaflow.plan import BENCH_DIR, format_plan, plan, profile_device
 
-    device = args.device if args.device in ("cpu", "cuda") else ("cuda" if args.gpu else "cpu")
+    # --device cpu|cuda, else a GPU when --gpu names one or the profile's resources request GPUs
+    device = args.device if args.device in ("cpu", "cuda") else ("cuda" if args.gpu else profile_device(params))
     rows, notes = plan(params, device_type=device, gpu=args.gpu, gpus=args.gpus, threads=args.threads,
                        bench_dir=args.bench or BENCH_DIR)
-    print(format_plan(rows, notes, f"{device} {args.gpu or ''}".strip()))
+    what = args.gpu or ("(no --gpu: a measured GPU, named under 'step costs')" if device == "cuda" else "")
+    print(format_plan(rows, notes, f"{device} {what}".strip()))
 
 
 def cmd_launch(args, params):

@@ -72,8 +72,10 @@ def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None,
             and (gpu is None or gpu.lower() in r["device"].lower())
             and (threads is None or r.get("threads") == threads)]
     if not pool:
+        measured = sorted({f"{r['device']} ({r['device_type']}, {r['dtype']})" for r in records})
         raise LookupError(f"no step-cost measurement for device {device_type!r} {gpu or ''} {dtype}"
-                          f"{f', {threads} threads' if threads else ''}; run benchmarks/step_cost.py there first")
+                          f"{f', {threads} threads' if threads else ''}; measured: {', '.join(measured) or 'none'}. "
+                          "Pass --gpu with a measured name, --device cpu, or run benchmarks/step_cost.py there first")
     largest = lambda records: max(records, key=lambda r: r["batch"])
     exact = [r for r in pool if r["model"] == model]
     same_batch = [r for r in exact if r["batch"] == batch]
@@ -168,6 +170,13 @@ def plan(params, *, device_type, gpu=None, gpus=None, threads=None, dtype=None, 
         if rows[-1]["cfg"] and ms["cfg"] is None:
             notes.add("training-time CFG teachers are not measured on this device: their cost is not counted")
     return rows, sorted(notes)
+
+
+def profile_device(params):
+    """"cuda" when the profile's training or sampling jobs request GPUs (its SLURM resources), else "cpu": a
+    plan prices the hardware the profile asks for, not the machine it is typed on."""
+    stages = [params.resources("train", r) for r in params.run_names] + [params.resources("sample")]
+    return "cuda" if any(res.get("gpus_per_node", 0) > 0 for res in stages) else "cpu"
 
 
 def hours(h):

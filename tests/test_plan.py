@@ -82,7 +82,7 @@ def test_requeues_and_the_short_time_limit_warning(tmp_path):
 
 def test_no_measurement_for_the_device_is_a_clear_error(tmp_path):
     (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(json.dumps(bench_record()))
-    with pytest.raises(LookupError, match="run benchmarks/step_cost.py there first"):
+    with pytest.raises(LookupError, match=r"measured: cpu.*Pass --gpu with a measured name.*step_cost.py there first"):
         plan(load_params(ROOT / "params" / "default.yaml"), device_type="cuda", gpu="H100", bench_dir=tmp_path)
 
 
@@ -101,3 +101,19 @@ def test_the_measurement_at_the_runs_batch_is_preferred():
     assert pick_measurement(records, "cpu", "N/7", "fp32", batch=32)[0]["batch"] == 32
     assert pick_measurement(records, "cpu", "N/7", "fp32", batch=16)[0]["batch"] == 64   # the largest measured
     assert pick_measurement(records, "cpu", "S/2", "fp32", batch=32) == (records[2], "scaled from T/4")
+
+
+def test_plan_prices_the_hardware_the_profile_asks_for():
+    """No --gpu, no --device: the paper profile (8 GPUs per run) is priced on a measured GPU, not this CPU."""
+    from alphaflow.plan import profile_device
+
+    assert profile_device(load_params(ROOT / "params" / "paper.yaml")) == "cuda"
+    assert profile_device(load_params(ROOT / "params" / "released.yaml")) == "cuda"  # imports on CPU, sampling on GPUs
+    assert profile_device(load_params(ROOT / "params" / "default.yaml")) == "cpu"
+    out = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("Cost plan on cuda") and "step costs: NVIDIA H200 bf16" in out
+    assert "time limit shorter than one checkpoint interval" not in out
+    cpu = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--device",
+                          "cpu"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert cpu.startswith("Cost plan on cpu")

@@ -1,4 +1,4 @@
-"""Feature extractors for FID / IS / FDD / FCD / FD_classifier as torch-fidelity plug-ins (paper.md §7).
+"""Feature extractors for FID / IS / FDD / FCD / FD_classifier as torch-fidelity plug-ins (the paper's metrics).
 
 Each class subclasses `torch_fidelity.FeatureExtractorBase` and is registered under its name, so both
 `alphaflow.metrics.extract_features(name, images)` and

@@ -59,21 +59,18 @@ def net_from_state(state, model=None, model_overrides=None, device="cpu"):
     """A DiT from this project's state dict (latent_mean/latent_std included): the preset `model`, else the
     preset whose shapes the state dict has."""
     from alphaflow.models import build_model
-    from alphaflow.presets import PRESETS
+    from alphaflow.presets import preset_of, state_shapes
 
     if "latent_mean" not in state or "y_embedder.table.weight" not in state:
         raise InvalidInputError("not this project's DiT weights (no latent_mean / y_embedder.table.weight)")
     c, h, _ = state["latent_mean"].shape[1:]
     num_classes = state["y_embedder.table.weight"].shape[0] - 1
     if model is None:
-        hidden, _, patch, _ = state["x_embedder.proj.weight"].shape
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        matches = [n for n, p in PRESETS.items()
-                   if (p["hidden_size"], p["depth"], p["patch_size"]) == (hidden, depth, patch)]
-        if not matches:
+        model = preset_of(state)
+        if model is None:
+            hidden, depth, patch = state_shapes(state)
             raise InvalidInputError(f"weights of a DiT with hidden size {hidden}, {depth} blocks, patch {patch}: no "
                                     "preset has these shapes; give --model (and --model-overrides)")
-        model = matches[0]
     net = build_model(model, num_classes=num_classes, input_size=h, in_channels=c, **(model_overrides or {}))
     try:
         net.load_state_dict(state)
@@ -101,29 +98,17 @@ def load_checkpoint_net(path, *, weights="ema", model=None, model_overrides=None
     return net_from_state(state, model, model_overrides, device)
 
 
-class _PixelDecoder:
-    """Pixel-space latents (1 or 3 channels) → uint8."""
-
-    def decode(self, latents, rounding="round"):
-        from alphaflow.data.encoders import to_uint8
-
-        return to_uint8(latents, rounding)
-
-
 def checkpoint_decoder(net, vae=None, device="cpu"):
     """The decoder for a checkpoint: the SD-VAE at `vae` (a diffusers directory, or an official .pt file), or pixel
     space when the latent has 1 or 3 channels."""
+    from alphaflow.data import build_encoder
+
     if vae is not None:
-        from alphaflow.data.encoders import VAEEncoder, load_vae
-
         if Path(vae).is_file():  # a released .pt (sd_vae_ft_ema.pt or a snapshot holding the VAE)
-            from alphaflow.official import load_official_vae  # lazily: only for official files
-
-            return VAEEncoder(load_official_vae(str(vae)), device, f"official:{Path(vae).name}")
-        model, fingerprint = load_vae(vae)
-        return VAEEncoder(model, device, fingerprint)
+            return build_encoder("sd-vae-official", path=str(Path(vae).resolve()), device=device)
+        return build_encoder("sd-vae-ft-ema", path=vae, device=device)
     if net.in_channels in (1, 3):
-        return _PixelDecoder()
+        return build_encoder("identity", device=device)
     raise ParamsError(f"the latents have {net.in_channels} channels: give the SD-VAE with --vae DIR "
                       "(pixel space only for 1 or 3 channels)")
 

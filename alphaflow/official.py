@@ -18,7 +18,6 @@ other Python object is refused before anything in it runs, except numpy scalars/
 `DATA_ONLY_GLOBALS`), which statistics dictionaries sometimes hold.
 """
 
-import hashlib
 import json
 import pickle
 from importlib import resources
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from alphaflow.errors import MissingInputError, UserError
-from alphaflow.presets import PRESETS
+from alphaflow.presets import PRESETS, preset_of, state_shapes
 
 WEIGHTS = {"ema": "ema", "raw": "net"}      # this project's weight-set names → the snapshot's keys
 STD_EPS = 1e-16                             # x = (z − μ) / √(σ² + eps), as the official wrapper
@@ -107,14 +106,6 @@ def _resolve_global(name):
     return getattr(importlib.import_module(module), attr)
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def wrapper_state(snapshot, weights, path):
     """snapshot['ema'] or snapshot['net'] (the wrapper's state dict)."""
     if weights not in WEIGHTS:
@@ -188,11 +179,10 @@ def latent_statistics(state, path):
 
 def official_preset(state, path="<state>"):
     """The preset name ("B/2", …, "XL/2") whose shapes this DiT state dict has; one clear error otherwise."""
-    hidden, _, patch, _ = state["x_embedder.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    for name, p in PRESETS.items():
-        if (p["hidden_size"], p["depth"], p["patch_size"]) == (hidden, depth, patch):
-            return name
+    name = preset_of(state)
+    if name is not None:
+        return name
+    hidden, depth, patch = state_shapes(state)
     known = ", ".join(f"{n} (D={p['hidden_size']}, depth {p['depth']}, patch {p['patch_size']})"
                       for n, p in PRESETS.items() if n in ("B/2", "M/2", "L/2", "XL/2"))
     raise OfficialCheckpointError(f"{path}: a DiT with hidden size {hidden}, {depth} blocks and patch {patch}: no "

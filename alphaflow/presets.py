@@ -18,3 +18,16 @@ PRESETS = {
     "N/4": dict(depth=3, hidden_size=96, num_heads=3, patch_size=4),
     "N/7": dict(depth=3, hidden_size=96, num_heads=3, patch_size=7),   # 16 tokens: the CPU decisive test
 }
+
+
+def state_shapes(state):
+    """(hidden size, depth, patch size) of a DiT state dict (this project's key names)."""
+    hidden, _, patch, _ = state["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    return hidden, depth, patch
+
+
+def preset_of(state):
+    """The first preset whose (hidden size, depth, patch size) a DiT state dict has, or None."""
+    shapes = state_shapes(state)
+    return next((n for n, p in PRESETS.items() if (p["hidden_size"], p["depth"], p["patch_size"]) == shapes), None)

@@ -137,9 +137,9 @@ def paper_table(params, results, table="1", labels=None):
     rows = []
     for run_name in runs:
         paper = paper_results.get(run_name, {})
-        if labels is not None:
-            paper = {**paper, **paper.get(labels, {})} if isinstance(paper.get(labels), dict) else \
-                {k: v for k, v in paper.items() if not k.endswith(("_1nfe", "_2nfe"))}
+        if labels is not None:  # the paper's numbers for these labels only (none where it has none)
+            numbers = paper.get(labels) or {}
+            paper = {**{k: v for k, v in paper.items() if not k.endswith(("_1nfe", "_2nfe"))}, **numbers}
         samplers = nfe_samplers(params, run_name, labels)
         for weights in params.raw["eval"]["weights"]:
             row = {"run": run_name, "paper row": paper.get("row", "–"), "weights": weights,

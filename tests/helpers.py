@@ -48,3 +48,29 @@ def write_snapshot(path, depth, hidden, rows=1001, extra=None, seed=0, **kw):
     torch.save(snap, path)
     return snap
 
+
+
+#----------------------------------------------------------------------------
+# A tiny project with one trained run.
+
+
+def trained_tiny_project(base, tiny_latents, **eval_keys):
+    """Params of a copy of the tiny data under `base` with one α-Flow run ("alphaflow-tiny"), trained; eval_keys
+    update the profile's eval section (e.g. protocol="alphaflow")."""
+    import shutil
+
+    import yaml
+
+    from alphaflow.config import load_params
+    from alphaflow.train import train
+    from conftest import tiny_params_dict
+
+    shutil.copytree(tiny_latents / "results", base / "results")
+    d = tiny_params_dict(base / "results", tiny_latents / "images")
+    d["runs"] = {"alphaflow-tiny": {"method": "alphaflow"}}
+    d["eval"].update(eval_keys)
+    path = base / "params.yaml"
+    path.write_text(yaml.safe_dump(d))
+    params = load_params(path)
+    train(params, "alphaflow-tiny", device="cpu", quiet=True, tracking=False)
+    return params

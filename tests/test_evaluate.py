@@ -24,22 +24,10 @@ def test_labels_follow_the_two_protocols_of_table_6():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_latents):
     """A tiny project with one finished α-Flow run, its classifier and reference statistics."""
-    import shutil
-
-    import yaml
-
     from alphaflow.stages import classifier, reference
-    from alphaflow.train import train
-    from conftest import tiny_params_dict
+    from helpers import trained_tiny_project
 
-    base = tmp_path_factory.mktemp("eval")
-    shutil.copytree(tiny_latents / "results", base / "results")
-    d = tiny_params_dict(base / "results", tiny_latents / "images")
-    d["runs"] = {"alphaflow-tiny": {"method": "alphaflow"}}
-    path = base / "params.yaml"
-    path.write_text(yaml.safe_dump(d))
-    params = load_params(path)
-    train(params, "alphaflow-tiny", device="cpu", quiet=True, tracking=False)
+    params = trained_tiny_project(tmp_path_factory.mktemp("eval"), tiny_latents)
     classifier(params, device="cpu")
     reference(params, device="cpu")
     return params

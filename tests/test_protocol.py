@@ -189,22 +189,9 @@ def test_adm_sample_batch_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def official_run(tmp_path_factory, tiny_latents):
     """A tiny project (eval.protocol alphaflow) with one finished run and its 2-NFE consistency samples."""
-    import shutil
+    from helpers import trained_tiny_project
 
-    import yaml
-
-    from alphaflow.train import train
-    from conftest import tiny_params_dict
-
-    base = tmp_path_factory.mktemp("protocol")
-    shutil.copytree(tiny_latents / "results", base / "results")
-    d = tiny_params_dict(base / "results", tiny_latents / "images")
-    d["runs"] = {"alphaflow-tiny": {"method": "alphaflow"}}
-    d["eval"]["protocol"] = "alphaflow"
-    path = base / "params.yaml"
-    path.write_text(yaml.safe_dump(d))
-    params = load_params(path)
-    train(params, "alphaflow-tiny", device="cpu", quiet=True, tracking=False)
+    params = trained_tiny_project(tmp_path_factory.mktemp("protocol"), tiny_latents, protocol="alphaflow")
     E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", device="cpu", quiet=True)
     return params
 
@@ -279,7 +266,7 @@ def test_generate_from_an_official_snapshot(tmp_path):
     import contextlib
 
     from alphaflow.cli import main
-    from alphaflow.generate import _PixelDecoder
+    from alphaflow.data import IdentityEncoder
     from alphaflow.official import build_official_model
     from helpers import write_snapshot
 
@@ -289,7 +276,7 @@ def test_generate_from_an_official_snapshot(tmp_path):
                  "--nfe", "2", "--out", str(tmp_path / "out") + "/", "--quiet"]) == 0
     net, preset = build_official_model(path, "raw")
     assert preset == "T/2"
-    expected = E.generate(net, _PixelDecoder(), [0, 1, 2, 3], [207, 360, 207, 360],
+    expected = E.generate(net, IdentityEncoder(), [0, 1, 2, 3], [207, 360, 207, 360],
                           {"t_steps": [1.0, 0.5, 0.0], "mode": "ode"}, torch.device("cpu"), contextlib.nullcontext,
                           "alphaflow")
     for s in range(4):

@@ -190,12 +190,13 @@ def build_encoder(kind: str, *,
         return VAEEncoder(vae, device, fingerprint)
     if kind == "sd-vae-official":  # the authors' file: no diffusers folder needed (config kept in the package)
         from alphaflow.config import released_path
-        from alphaflow.official import load_official_vae, sha256_of
+        from alphaflow.data.shards import sha256_file
+        from alphaflow.official import load_official_vae
 
         file = released_path(path or OFFICIAL_VAE_FILE)
         if not file.is_file():
             raise MissingInputError(f"{file}: the released SD-VAE ({OFFICIAL_VAE_FILE} of Hugging Face "
                                     "snap-research/alphaflow) is not there; put it in released/ or in "
                                     "$ALPHAFLOW_RELEASED, or give encoder.path")
-        return VAEEncoder(load_official_vae(file), device, f"{VAEEncoder.name}:official:{sha256_of(file)}")
+        return VAEEncoder(load_official_vae(file), device, f"{VAEEncoder.name}:official:{sha256_file(file)}")
     raise ValueError(f"unknown encoder {kind!r}; choose one of {ENCODERS}")

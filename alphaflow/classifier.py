@@ -1,9 +1,9 @@
 """Small CNN classifier for the fast demo metric (Fréchet distance / IS in its own feature space).
 
-The paper's metrics (paper.md §7) need ImageNet networks: too slow on a CPU for a few-minute demo,
-and meaningless on 28×28 grey images. Like the measured probe in datasets.md ("What a few CPU minutes
-buy"), the demo scores samples in the 128-d penultimate features of a tiny CNN trained on the same
-dataset; its logits give an Inception-Score analogue. `alphaflow.features` wraps it for torch-fidelity.
+The paper's metrics (Table 1) need ImageNet networks: too slow on a CPU for a few-minute demo, and
+meaningless on 28×28 grey images. So the demo scores samples in the 128-d penultimate features of a
+tiny CNN trained on the same dataset; its logits give an Inception-Score analogue.
+`alphaflow.features` wraps it for torch-fidelity.
 
 Files: `<out_path>` (safetensors weights) + `<out_path>.json` (architecture, shape, accuracy),
 both written atomically so a killed job never leaves a half-written classifier.

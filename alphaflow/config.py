@@ -29,7 +29,7 @@ class ParamsError(UserError, ValueError):
 
 
 #----------------------------------------------------------------------------
-# Training settings of one run (paper.md §6 defaults)
+# Training settings of one run (paper Table 3 defaults)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class RunConfig:
     batch_size: int = 256                # global batch
     micro_batch_size: int | None = None  # per-device micro-batch; None = batch_size / world size
     lr: float = 1e-4                     # Adam learning rate
-    warmup_steps: int = 10_000           # linear warm-up from lr/1e4 (code-only, paper.md §6)
+    warmup_steps: int = 10_000           # linear warm-up from lr/1e4 (official code only)
     betas: tuple = (0.9, 0.95)
     adam_eps: float = 1e-8
     grad_clip: float | None = 16.0       # global-norm clip; None = off

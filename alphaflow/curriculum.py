@@ -1,4 +1,4 @@
-"""The α curriculum (paper Alg. 2, paper.md §2.4): α as a function of the optimiser step.
+"""The α curriculum (paper Alg. 2, §4.2): α as a function of the optimiser step.
 
 Plain Python (no torch), so the params loader and the launcher on a login node stay light;
 `alphaflow.objectives` re-exports it.

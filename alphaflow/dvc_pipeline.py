@@ -1,4 +1,4 @@
-"""DVC pipelines: the Snakefile's DAG of one profile as a dvc.yaml (issue 20).
+"""DVC pipelines: the Snakefile's DAG of one profile as a dvc.yaml.
 
     alphaflow dvc-pipeline --params params/small.yaml      # writes pipelines/small/dvc.yaml
     dvc repro pipelines/small/dvc.yaml                     # runs the small profile under DVC

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights with a half-life in steps (paper.md §6).
+"""Exponential moving average of the weights with a half-life in steps (paper Table 3).
 
 β = 0.5^(1/h) with h = min(halflife, rampup · step): at step 0 the EMA equals the network, and the full
 half-life (6931 steps) is reached at step 138,620. Float buffers are averaged too.

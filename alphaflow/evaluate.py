@@ -1,4 +1,4 @@
-"""Sampling at scale and metrics of generated images (paper.md §4.2, §7).
+"""Sampling at scale and metrics of generated images (paper Alg. 3; the official evaluation code).
 
     alphaflow sample   --params P --run R --weights ema --sampler 1nfe [--part I --num-parts N]
     alphaflow evaluate --params P --run R --weights ema --sampler 1nfe

@@ -278,7 +278,7 @@ class TimmViTFeatures(FeatureExtractorBase):
 
 class DinoV2TimmLocal(TimmViTFeatures):
     """DINOv2 ViT (timm's implementation) at 224 px, CLS features, as the paper's FDD detector computes them
-    (paper.md §7; EDM2's `DINOv2Detector`): bicubic antialiased resize to 224, [0, 1], ImageNet mean/std, and
+    (EDM2's `DINOv2Detector`): bicubic antialiased resize to 224, [0, 1], ImageNet mean/std, and
     the original model's position embeddings for a 16 × 16 grid (dinov2_pos_embed), not timm's resample.
     tests/test_features.py checks the features against an independent forward done the original's way."""
 

@@ -1,4 +1,4 @@
-"""Fréchet distances and Inception Score with bootstrap intervals, on torch-fidelity (paper.md §7).
+"""Fréchet distances and Inception Score with bootstrap intervals, on torch-fidelity (paper Table 1).
 
 Evaluation runs in stages: features (`extract_features`) → statistics (`stats`, cached
 for the real reference by `reference_stats`) → metric from statistics (`fd_from_stats`). The metric

@@ -1,4 +1,4 @@
-"""The α-Flow objective family (paper.md §1–§4; arXiv 2510.20771 Def. 1, Alg. 1–2, Thm. 1).
+"""The α-Flow objective family (arXiv 2510.20771 Eq. 5, Def. 1, Eq. 8, Alg. 1–2, Thm. 1).
 
 Conventions: t = 0 is data, t = 1 is noise; z_t = (1 − t)·x + t·ε, v = ε − x. The network
 u_θ(z, r, t, y) predicts the average velocity over [r, t] (r ≤ t).
@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from alphaflow.curriculum import alpha_schedule  # noqa: F401  (the α curriculum, paper Alg. 2; torch-free)
 
 #----------------------------------------------------------------------------
-# Time sampling (paper.md §1.2 step 1)
+# Time sampling (paper Table 3: logit-normal(−0.4, 1.0); official code: sample_traj_params)
 
 
 def logit_normal(n, loc, scale, generator=None, device=None):
@@ -48,7 +48,7 @@ def sample_times(n, fm_ratio, loc=-0.4, scale=1.0, generator=None):
 
 
 #----------------------------------------------------------------------------
-# Training-time classifier-free guidance (paper.md §4.1)
+# Training-time classifier-free guidance (paper §4.2; official code: _compute_velocity_cfg)
 
 
 def in_cfg_interval(t, cfg_interval):
@@ -120,7 +120,7 @@ def meanflow_target(net, z_t, r, t, y, v_tilde):
 def alpha_flow_target(net, z_t, r, t, y, v_tilde, alpha, clamp_target=4.0):
     """α ṽ + (1 − α) sg(u(z_s, r, s)), z_s = z_t − (t − s) ṽ, s = t − α (t − r) (paper Def. 1, Alg. 1).
 
-    At α = 1 the second forward is skipped (target = ṽ). Clipped to ±clamp_target (paper.md §2.1).
+    At α = 1 the second forward is skipped (target = ṽ). Clipped to ±clamp_target (official code: clamp_target).
     """
     target = v_tilde
     if alpha < 1.0:
@@ -158,7 +158,7 @@ def contiguous(index):
 
 @dataclass
 class LossTerms:
-    """Per-sample values [B]. Only `loss` carries gradient; the rest are logged (paper.md §1.2 step 8)."""
+    """Per-sample values [B]. Only `loss` carries gradient; the rest are logged (paper App. E)."""
 
     loss: torch.Tensor        # sg(w) · Δ², what the optimiser minimises (batch mean)
     delta_sq: torch.Tensor    # Δ² = mean over elements of (u − sg(target))², unweighted, with gradient
@@ -187,7 +187,7 @@ def alpha_flow_loss(
     teacher=None,            # module for the no-grad passes (teachers, JVP, u(z_s)); None = net.
                              # Under DDP pass the DDP wrapper as net and its .module here.
 ):
-    """All of paper §1–§4 for one micro-batch; returns LossTerms. See module docstring."""
+    """The whole α-Flow objective (paper Def. 1, Alg. 1, §4.2) for one micro-batch; returns LossTerms."""
     if shift not in ("velocity", "shortcut"):
         raise ValueError(f"shift must be 'velocity' or 'shortcut', got {shift!r}")
     if jvp_mode not in JVP_MODES:
@@ -246,7 +246,7 @@ def alpha_flow_loss(
 
 def per_sample_loss(net, x, y, t, r, noise, alpha, *, omega=1.0, kappa=0.0, cfg_interval=(0.0, 1.0),
                     null_label=None, clamp_target=4.0, weight_eps=1e-3, **options):
-    """Stable API (design.md §3): the per-sample α-Flow loss sg(w_i)·Δ²_i, a Tensor [B]."""
+    """Stable API (docs/architecture.md): the per-sample α-Flow loss sg(w_i)·Δ²_i, a Tensor [B]."""
     return alpha_flow_loss(
         net, x, y, t, r, noise, alpha, omega=omega, kappa=kappa, cfg_interval=cfg_interval,
         null_label=null_label, clamp_target=clamp_target, weight_eps=weight_eps, **options,
@@ -254,7 +254,7 @@ def per_sample_loss(net, x, y, t, r, noise, alpha, *, omega=1.0, kappa=0.0, cfg_
 
 
 #----------------------------------------------------------------------------
-# Gradient conflict analysis (paper.md §3, App. E)
+# Gradient conflict analysis (paper Eq. 6, App. D.1, App. E)
 
 
 def flat_grad(loss, params):

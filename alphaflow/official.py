@@ -4,7 +4,7 @@ The official trainer writes one `torch.save`d dict per snapshot: `net` (raw weig
 the state dict of its latent-diffusion wrapper, beside optimizer, scheduler, config and statistics. In `net`/`ema`:
 
     model.*                      the DiT (names below), model.pos_embed the fixed 2-D sin-cos table
-    autoencoder_mean, _var       per-element latent statistics, float64 [1, C, H, W] (μ and σ² of §5.3)
+    autoencoder_mean, _var       per-element latent statistics, float64 [1, C, H, W] (μ and σ²)
     are_ldm_stats_inited         whether they were estimated
     autoencoder.model.model.*    the SD-VAE (diffusers AutoencoderKL names)
 

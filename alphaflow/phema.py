@@ -1,5 +1,5 @@
 """Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
-§3 and App. C; issue 19): choose the EMA length after training.
+§3 and App. C): choose the EMA length after training.
 
 A power-function EMA averages the weights seen up to time t with density ∝ τ^γ on [0, t]; its relative
 width σ_rel (standard deviation / t) depends on γ only:

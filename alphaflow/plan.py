@@ -1,4 +1,4 @@
-"""A cost plan before launch (issue 20): estimated device-hours and wall time of every training run and of
+"""A cost plan before launch: estimated device-hours and wall time of every training run and of
 sampling, from the step costs `benchmarks/step_cost.py` measured (its JSON in benchmarks/results/).
 
     alphaflow plan --params params/paper.yaml --gpu H200

@@ -3,7 +3,7 @@
 # DiT configs: name -> (depth, hidden_size, num_heads, patch_size)
 
 PRESETS = {
-    # Paper scales (paper.md §5.2; M/2 and L/2 use MeanFlow's sizes).
+    # Paper scales (paper Table 3; M/2 and L/2 use MeanFlow's sizes).
     "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),  # ≈ 676M
     "L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),   # ≈ 459M
     "M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),   # ≈ 308M

@@ -1,4 +1,4 @@
-"""Tables and plots: the paper's tables with this project's numbers beside them (paper.md §8).
+"""Tables and plots: the paper's tables with this project's numbers beside them (paper Tables 1–6).
 
     alphaflow report --params P
 
@@ -150,7 +150,7 @@ def paper_table(params, results, table="1", labels=None):
                     hit = results[(results.run == run_name) & (results.weights == weights)
                                   & (results.sampler == samplers[nfe]) & (results.metric == metric)]
                     ours = hit.iloc[0] if len(hit) else None
-                    # The paper evaluates EMA weights only (paper.md §7).
+                    # The paper evaluates EMA weights only (paper Table 1).
                     theirs = paper.get(f"{metric}_{nfe}nfe") if weights == "ema" else None
                     row[f"{col} ours"] = None if ours is None else float(ours.value)
                     row[f"{col} low"] = None if ours is None else float(ours.low)
@@ -684,7 +684,7 @@ def seeds_report(params, results, tables, plots):
 
 
 #----------------------------------------------------------------------------
-# Post-hoc EMA (issue 19): the metric against σ_rel, with raw and the training EMA as references
+# Post-hoc EMA: the metric against σ_rel, with raw and the training EMA as references
 
 
 def lower_is_better(metric):

@@ -1,4 +1,4 @@
-"""Few-step samplers for u_θ(z, r, t) (paper.md §4.2, paper Alg. 3 as the official code implements it).
+"""Few-step samplers for u_θ(z, r, t) (paper Alg. 3, as the official code implements it).
 
   "ode":         z_{t_m} = z_{t_n} − (t_n − t_m) · u_θ(z_{t_n}, r = t_m, t = t_n)
   "consistency": x̂₀ = z_{t_n} − t_n · u_θ(z_{t_n}, 0, t_n);  z_{t_m} = (1 − t_m) x̂₀ + t_m ε′, fresh ε′

@@ -1,7 +1,7 @@
 """Data-side stages from a params profile: prepare, encode, classifier, reference; and `launch`.
 
 Each function reads what it needs from the validated params and calls the library (alphaflow.data,
-alphaflow.metrics, alphaflow.launch). Paths follow design.md §5.
+alphaflow.metrics, alphaflow.launch). Paths follow docs/architecture.md.
 """
 
 import os
@@ -93,7 +93,7 @@ def classifier(params, device=None):
 
 def reference_split(params):
     """Split whose images give the reference statistics: the held-out split, except for a folder
-    source without `ref_path`, where it is the full train set (the paper's choice, paper.md §7)."""
+    source without `ref_path`, where it is the full train set (the official code's choice)."""
     data = params.raw["data"]
     return "train" if data["source"] == "folder" and not data.get("ref_path") else "test"
 

@@ -1,4 +1,4 @@
-"""MLflow tracking that never stops training (design.md §6).
+"""MLflow tracking that never stops training.
 
 Every record goes to `metrics.jsonl` first (the local, complete copy DVC reads). MLflow calls run on a
 background thread behind a queue: a slow or dead tracking server never blocks the training step. What

@@ -1,4 +1,4 @@
-"""One training run from a params entry, as the paper trains (paper.md §6).
+"""One training run from a params entry, as the paper trains (paper Table 3).
 
     alphaflow train --params params/default.yaml --run alphaflow-T-4
 
@@ -42,7 +42,7 @@ class Preempted(SystemExit):
 
 
 def learning_rate(run, step):
-    """Linear warm-up from lr/1e4 to lr over warmup_steps, then constant (paper.md §6)."""
+    """Linear warm-up from lr/1e4 to lr over warmup_steps, then constant (official code: num_warmup_steps)."""
     if step >= run.warmup_steps:
         return run.lr
     return run.lr * (1e-4 + (1 - 1e-4) * step / run.warmup_steps)
@@ -85,7 +85,7 @@ def micro_batch_draws(gen, x, y, run, null_label, info):
 
 @torch.no_grad()
 def estimate_latent_stats(latent_dir, n, seed, device):
-    """Per-element mean/std from n posterior samples (paper.md §5.3: 2048 at the start of training)."""
+    """Per-element mean/std from n posterior samples (official code: 2048 at the start of training)."""
     loader = LatentLoader(latent_dir, min(n, 256), seed=seed + 7919, device=device)
     xs, count = [], 0
     while count < n:
@@ -262,7 +262,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
     net.latent_mean.copy_(mean)
     net.latent_std.copy_(std)
     ema = EMA(net, run.ema_halflife, run.ema_rampup)
-    # Post-hoc EMA (issue 19): power-function EMAs of the raw weights, snapshotted every phema_every steps.
+    # Post-hoc EMA: power-function EMAs of the raw weights, snapshotted every phema_every steps.
     phema = PowerEMA(net, run.phema_sigma_rels) if run.phema_every else None
     fused = dev.type == "cuda"
     opt = torch.optim.Adam(net.parameters(), lr=run.lr, betas=tuple(run.betas), eps=run.adam_eps, weight_decay=0.0,
@@ -370,7 +370,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
                     sums["L_TC"] += terms.tc.mean() / accum
                     sums["L_sum"] += (terms.tfm + terms.tc).mean() / accum
                     sums["delta_sq"] += terms.delta_sq.detach().mean() / accum
-            # NaN/Inf gradients → zero and count (paper.md §9); then the global-norm clip.
+            # NaN/Inf gradients → zero and count (official code: grad_nan_to_num); then the global-norm clip.
             norm = torch.nn.utils.get_total_norm([p.grad for p in params_list if p.grad is not None])
             if not bool(torch.isfinite(norm)):
                 for p in params_list:

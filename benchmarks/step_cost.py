@@ -1,4 +1,4 @@
-"""Cost of one training step per objective, side by side (issue 17: fast JVP).
+"""Cost of one training step per objective, side by side (the fast JVP).
 
     python benchmarks/step_cost.py --model T/4 --input-size 28 --channels 1 --batch 64      # CPU demo scale
     python benchmarks/step_cost.py --model B/2 --batch 256 --bf16                          # one GPU
@@ -31,7 +31,7 @@ from alphaflow.objectives import alpha_flow_loss, sample_times
 from official_meanflow import official_meanflow_loss  # benchmarks/ is on sys.path when run as a script
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-TARGETS = {"alphaflow": 1.20, "meanflow": 1.25, "official_speedup": 1.4}  # issue 17
+TARGETS = {"alphaflow": 1.20, "meanflow": 1.25, "official_speedup": 1.4}
 FM_RATIO = 0.5  # r = t share of the α-Flow and MeanFlow rows (the paper's α-Flow ratio is 0.25–0.5)
 
 # (label, objective, jvp_mode, cfg): objective ∈ forward | fm | alphaflow | meanflow | official

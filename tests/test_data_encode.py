@@ -1,4 +1,4 @@
-"""Encoders and latent extraction (alphaflow/data/encoders.py, latents.py; paper.md §5.3)."""
+"""Encoders and latent extraction (alphaflow/data/encoders.py, latents.py; latents as the official code stores them)."""
 
 import json
 
@@ -76,7 +76,7 @@ def test_sd_vae_from_local_dir(tiny_vae_dir):
     images = torch.randint(0, 256, (2, 3, RES, RES), dtype=torch.uint8)
     mean, logvar = enc.encode(images)
     assert mean.shape == logvar.shape == (2, 4, RES // 2, RES // 2) and mean.dtype == torch.float32
-    # No 0.18215 scaling: the raw posterior mean (paper §5.3 normalises per element instead).
+    # No 0.18215 scaling: the raw posterior mean (the official code normalises per element instead).
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
     with torch.no_grad():
         direct = vae.encode(images.float() / 127.5 - 1).latent_dist
@@ -134,7 +134,7 @@ def test_encode_two_parts_then_finalize(prepared, tmp_path):
     assert manifest["num_classes"] == 3 and len(manifest["shards"]) == 6
     assert json.loads((out / "manifest.json").read_text()) == manifest
     mean, std = load_latent_stats(out)
-    assert mean.shape == std.shape == (1, 3, RES, RES)  # per element (paper §5.3)
+    assert mean.shape == std.shape == (1, 3, RES, RES)  # per element, as the official code
     images, _, _ = load_prepared(prepared)
     x = images.double() / 127.5 - 1
     torch.testing.assert_close(mean.double(), x.mean(0, keepdim=True), atol=2e-3, rtol=0)  # float16 storage

@@ -1,4 +1,4 @@
-"""LatentLoader: determinism, exact resume, one global stream dealt to DDP ranks, fresh posterior noise (§5.3)."""
+"""LatentLoader: determinism, exact resume, one global stream dealt to DDP ranks, fresh posterior noise per epoch."""
 
 import json
 

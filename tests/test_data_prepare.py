@@ -47,7 +47,7 @@ def make_image_folder(root):
 
 
 def reference_pixels(path, resolution):
-    """Paper §5.3 via torchvision (the official code's path): centre crop, Lanczos resize."""
+    """The official preprocessing via torchvision (the official code's path): centre crop, Lanczos resize."""
     image = Image.open(path).convert("RGB")
     image = TF.center_crop(image, min(image.size))
     image = TF.resize(image, [resolution, resolution], interpolation=InterpolationMode.LANCZOS)

@@ -3,7 +3,7 @@ import torch
 
 from alphaflow.models import PRESETS, build_model
 
-PAPER_SIZES = {"B/2": 131e6, "M/2": 308e6, "L/2": 459e6, "XL/2": 676e6}  # paper.md §5.2 / MeanFlow
+PAPER_SIZES = {"B/2": 131e6, "M/2": 308e6, "L/2": 459e6, "XL/2": 676e6}  # paper Table 3 / MeanFlow Table 4
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_SIZES))

@@ -173,7 +173,7 @@ def test_inception_ts_ranks_real_blur_noise():
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    """A state_dict file for FeatureExtractorInceptionV3 with random weights (toolnotes §6)."""
+    """A state_dict file for FeatureExtractorInceptionV3 with random weights."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
     path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"

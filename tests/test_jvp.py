@@ -1,4 +1,4 @@
-"""The DiT's forward-with-tangent pass (models/jvp.py) against torch.func.jvp (issue 17)."""
+"""The DiT's forward-with-tangent pass (models/jvp.py) against torch.func.jvp."""
 
 import pytest
 import torch

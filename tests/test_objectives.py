@@ -60,7 +60,7 @@ def test_alpha_schedule_values_and_clamps():
     assert alpha_schedule(900_000, s, e) == 0.0                                 # < η → 0
     assert alpha_schedule(1_200_000, s, e) == 0.0
     assert alpha_schedule(900_000, s, e, discrete_only=True) == 5e-3            # never a JVP
-    # Window of 0 < α < 1: about k_mid ± 0.21 (k_e − k_s) (paper.md §2.4).
+    # Window of 0 < α < 1: about k_mid ± 0.21 (k_e − k_s) (paper Alg. 2).
     inside = [k for k in range(s, e, 1000) if 0 < alpha_schedule(k, s, e) < 1]
     assert abs(inside[0] - 716_000) <= 2000 and abs(inside[-1] - 884_000) <= 2000
     # Step schedule 200K→200K.

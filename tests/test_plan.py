@@ -1,4 +1,4 @@
-"""`alphaflow plan`: the curriculum's step mix, the FLOP scaling and the cost arithmetic (issue 20)."""
+"""`alphaflow plan`: the curriculum's step mix, the FLOP scaling and the cost arithmetic."""
 
 import json
 import subprocess

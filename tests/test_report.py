@@ -1,4 +1,4 @@
-"""Report aggregation over training seeds: t-intervals, Welch verdicts, per-seed CSV (issue 11 machinery).
+"""Report aggregation over training seeds: t-intervals, Welch verdicts, per-seed CSV.
 
 The evaluation JSONs here are written by the test with chosen values, so the expected intervals and
 verdicts can be computed by hand; the real pipeline writes the same files (tests/test_evaluate.py).
@@ -236,7 +236,7 @@ def test_a_report_on_partial_results_says_so_and_leaves_no_complete_marker(seede
 
 
 def test_best_ema_verdicts_compare_each_group_at_its_own_best_sigma_rel(tmp_path):
-    """Item 4 of issue 19: α-Flow is best at σ_rel 0.15, MeanFlow at 0.05; the verdict pairs those per seed."""
+    """α-Flow is best at σ_rel 0.15, MeanFlow at 0.05; the verdict pairs those per seed."""
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images", phema_every=2)
     d["runs"] = seeded_runs((1, 2, 3))
     d["comparisons"] = [["alphaflow", "meanflow"]]

@@ -1,4 +1,4 @@
-"""Training across two real SLURM nodes (issue 20): `bash tests/slurm/setup.sh` adds the partition `twonode`,
+"""Training across two real SLURM nodes: `bash tests/slurm/setup.sh` adds the partition `twonode`,
 two more slurmd daemons on this machine, each in its own network and UTS namespace (hosts afn1, afn2 on a
 bridge), so a 2-node job's ranks meet over TCP like on a cluster (gloo, CPU).
 

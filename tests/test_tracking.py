@@ -56,7 +56,7 @@ def test_without_mlflow_installed_tracking_warns_once_and_does_nothing(tmp_path,
 
 
 #----------------------------------------------------------------------------
-# A store that is locked or refuses an item: nothing is lost, nothing is logged twice (issue 16).
+# A store that is locked or refuses an item: nothing is lost, nothing is logged twice.
 
 URI = os.environ["MLFLOW_TRACKING_URI"]  # conftest's SQLite store: created (and migrated) once per session
 DB = URI[len("sqlite:///"):]

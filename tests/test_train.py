@@ -163,7 +163,7 @@ def test_two_process_ddp_training_keeps_ranks_in_sync(tiny_project):
     state = json.loads((results / "runs" / "meanflow-tiny" / "checkpoints" / "final" / "state.json").read_text())
     assert state["world_size"] == 2
     # One process with the same global batch, accumulating the two micro-batches the two ranks trained on,
-    # ends with the same weights: the data and the draws depend on the global batch only (issue 20).
+    # ends with the same weights: the data and the draws depend on the global batch only.
     ddp = final_tensors(results, "meanflow-tiny")
     train(load_params(write(runs={"meanflow-tiny": {"method": "meanflow", "micro_batch_size": 4}},
                             steps=4, batch_size=8)), "meanflow-tiny", tracking=False, quiet=True)

@@ -1,7 +1,7 @@
 """Data: prepared image shards, embedded datasets, encoders, latent shards, training loader.
 
-prepare_folder / prepare_embedded -> load_prepared        (images + labels, design.md §5)
-build_encoder -> encode_dataset (per part) -> finalize_latents -> LatentLoader   (paper.md §5.3)
+prepare_folder / prepare_embedded -> load_prepared        (images + labels)
+build_encoder -> encode_dataset (per part) -> finalize_latents -> LatentLoader
 
 Names are re-exported lazily (PEP 562) so that the spawned image-decoding workers of
 prepare_folder import only prepare.py's numpy/PIL dependencies, not torch (~2 s and ~300 MB

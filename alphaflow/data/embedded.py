@@ -1,4 +1,4 @@
-"""Small real datasets that ship inside packages: the embedded demo (design.md §1, datasets.md).
+"""Small real datasets that ship inside packages: the embedded demo.
 
 - "fashion-mnist": Debian package `dataset-fashion-mnist` (70K 28×28 garments, 10 classes, MIT).
   Looked up in $ALPHAFLOW_FASHION_MNIST, /usr/share/datasets/fashion-mnist, then `cache_dir`;

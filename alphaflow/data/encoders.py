@@ -1,8 +1,8 @@
-"""Image encoders: pixel-space identity and the SD-VAE (paper.md §5.3).
+"""Image encoders: pixel-space identity and the SD-VAE (paper Table 3: sd-vae-ft-ema).
 
 An encoder maps uint8 images [B,C,H,W] to a diagonal Gaussian posterior (mean, logvar) and
 decodes latents back to uint8 images. There is no 0.18215 scale: latents are normalised per
-element from dataset statistics instead (paper §5.3, latents.finalize_latents).
+element from dataset statistics instead (latents.finalize_latents).
 
 The SD-VAE weights (`stabilityai/sd-vae-ft-ema`) always come from a local directory: the
 `path` argument or $ALPHAFLOW_VAE_PATH. Nothing is downloaded at run time.
@@ -76,7 +76,7 @@ class IdentityEncoder:
 # SD-VAE (diffusers AutoencoderKL).
 
 class VAEEncoder:
-    """diffusers AutoencoderKL: posterior mean/logvar, unscaled (paper §5.3: no 0.18215)."""
+    """diffusers AutoencoderKL: posterior mean/logvar, unscaled (no 0.18215, as the official code)."""
 
     name = "sd-vae-ft-ema"
 
@@ -89,7 +89,7 @@ class VAEEncoder:
         self.in_channels = int(vae.config.in_channels)                       # 3
 
     def _autocast(self):
-        # bf16 autocast only on CUDA (design.md §6); CPU stays float32.
+        # bf16 autocast only on CUDA ; CPU stays float32.
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()

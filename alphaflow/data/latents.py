@@ -1,6 +1,6 @@
 """Pre-extracted latents: encode in parts, finalize (checksums + per-element stats), load for training.
 
-Paper.md §5.3: each image is encoded once and its posterior mean and log-variance are stored;
+As in the official code, each image is encoded once and its posterior mean and log-variance are stored;
 training draws a fresh posterior sample every epoch, z = mean + exp(logvar/2)·N(0,1); latents
 are normalised per element with mean/std arrays of shape [1,c,h,w] estimated from 2048 samples,
 z_norm = (z − μ)/√(var + 1e-16). Data loading: one shuffled stream of micro-batches per epoch
@@ -38,7 +38,7 @@ STORE_DTYPE = np.float16
 SHARD_NAME = "latents-{:05d}.safetensors"
 PART_NAME = "part-{:03d}-of-{:03d}.json"
 STATS = "stats.safetensors"
-STATS_EPS = 1e-16               # paper §5.3: (z − μ)/√(var + 1e-16); std below includes it
+STATS_EPS = 1e-16               # official code: (z − μ)/√(var + 1e-16); std below includes it
 STD_FLOOR = 0.1                 # std >= STD_FLOOR · median(std); see _estimate_stats
 NOISE_STREAM, SHUFFLE_STREAM, STATS_STREAM = 1, 2, 3   # independent seed streams
 
@@ -153,7 +153,7 @@ def _previous_part_shards(path: Path, record: dict, data: dict) -> dict:
 
 
 #----------------------------------------------------------------------------
-# Finalize: verify everything, write manifest.json and per-element stats (paper §5.3).
+# Finalize: verify everything, write manifest.json and per-element stats.
 
 def _read_parts(out_dir: Path, num_parts: int) -> list[dict]:
     parts = []
@@ -304,7 +304,7 @@ def read_latent_manifest(latent_dir) -> dict:
 
 
 #----------------------------------------------------------------------------
-# Training loader (paper §5.3 data loading).
+# Training loader (the official code's latent sampling).
 
 class LatentLoader:
     """Infinite iterator of micro-batches (x float32 [B,c,h,w], y int64 [B]) for one DDP rank.

@@ -1,6 +1,6 @@
-"""Prepare images + labels as checksummed uint8 shards (design.md §5: results/data/<dataset>/).
+"""Prepare images + labels as checksummed uint8 shards (results/data/<dataset>/).
 
-Image preprocessing follows paper.md §5.3 (and §7, the FID reference uses the same images):
+Image preprocessing follows the official code (the FID reference uses the same images):
 convert to RGB, centre-crop to a square, resize with Lanczos (PIL). No augmentation. Class
 ids come from the sorted class-folder order (the ImageNet synset order).
 
@@ -45,7 +45,7 @@ def rebuild_hint(out_dir) -> str:
 
 
 #----------------------------------------------------------------------------
-# Pixels (paper §5.3): centre crop to square, then Lanczos resize.
+# Pixels (as the official code): centre crop to square, then Lanczos resize.
 
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     """Centre-crop to the short side (torchvision's rounding), then PIL Lanczos to resolution²."""

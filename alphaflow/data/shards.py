@@ -1,4 +1,4 @@
-"""Checksummed shard files: atomic writes, sha256, manifests (design.md §5, §6).
+"""Checksummed shard files: atomic writes, sha256, manifests.
 
 Every file the data stages write goes through `atomic_write_bytes`: a temporary file in the
 same directory, flushed and fsync'ed, then `os.replace`d over the final name, so a reader sees

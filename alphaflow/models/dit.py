@@ -1,4 +1,4 @@
-"""DiT backbone with (t, t − r) conditioning, as used by MeanFlow and α-Flow (paper.md §5.1).
+"""DiT backbone with (t, t − r) conditioning, as used by MeanFlow and α-Flow (the paper uses MeanFlow's DiT unchanged).
 
 References:
   DiT   — Peebles & Xie, "Scalable Diffusion Models with Transformers" (adaLN-Zero blocks).
@@ -6,7 +6,7 @@ References:
 
 The network is u_θ(z_t, r, t | y): the average velocity over [r, t]. It receives t and t − r; the
 conversion happens inside `forward`, so a JVP taken with respect to (z, t) with r held fixed is the
-total derivative d/dt of paper Eq. 5 (paper.md §10.2, gotcha 1).
+total derivative d/dt of paper Eq. 5 (see docs/architecture.md, the JVP tangent pass).
 """
 
 import math
@@ -42,7 +42,7 @@ class TimestepEmbedder(nn.Module):
         return t[:, None].to(dtype) * freqs[None], freqs
 
     def frequency_embedding(self, t):
-        # Sinusoidal features, cos first then sin (paper.md §5.1).
+        # Sinusoidal features, cos first then sin (official code: src/training/dit.py).
         args, _ = self.frequency_args(t)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, frequency_size)
 
@@ -95,7 +95,7 @@ def modulate(x, shift, scale):
 
 
 def layer_norm_fp32(x):
-    # Pre-LayerNorm without affine, eps 1e-6, computed in fp32 even under autocast (paper.md §5.1).
+    # Pre-LayerNorm without affine, eps 1e-6, computed in fp32 even under autocast (official code).
     xf = x if x.dtype == torch.float64 else x.float()
     return F.layer_norm(xf, x.shape[-1:], eps=1e-6).to(x.dtype)
 
@@ -206,7 +206,7 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", sincos_2d_pos_embed(hidden_size, grid)[None], persistent=False)
-        # Per-element latent statistics (paper.md §5.3), estimated by the trainer and saved with the weights.
+        # Per-element latent statistics (as the official code), estimated by the trainer and saved with the weights.
         self.register_buffer("latent_mean", torch.zeros(1, in_channels, input_size, input_size))
         self.register_buffer("latent_std", torch.ones(1, in_channels, input_size, input_size))
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])

@@ -1,4 +1,4 @@
-"""Forward-mode (tangent) rules for the DiT's layers, for MeanFlow's du/dt (paper Eq. 5, issue 17).
+"""Forward-mode (tangent) rules for the DiT's layers, for MeanFlow's du/dt (paper Eq. 5).
 
 MeanFlow's target needs du_θ/dt = ∂_z u · ṽ + ∂_t u, the JVP of u_θ(z, r, t) along (ż, ṙ, ṫ) = (ṽ, 0, 1).
 `torch.func.jvp` traces every op with dual numbers (about seven forwards' worth of work on CPU, and the

@@ -5,7 +5,7 @@
 #   snakemake --config params=params/x.yaml executor=local all
 #
 # Every rule calls the `alphaflow` CLI; GPU stages go through `alphaflow launch` (submitit) when an
-# executor is set. Params are validated (workflow/schemas/params.schema.yaml) before anything runs.
+# executor is set. Params are validated (alphaflow/schemas/params.schema.yaml) before anything runs.
 from alphaflow.config import load_params
 
 PARAMS_FILE = config.get("params", "params/default.yaml")

@@ -1,4 +1,4 @@
-"""Params profiles: load, validate against workflow/schemas/params.schema.yaml, resolve runs.
+"""Params profiles: load, validate against the package's schemas/params.schema.yaml, resolve runs.
 
 A profile (params/*.yaml) holds `defaults` (training settings every run inherits) and `runs` (each
 overriding any default). Every experiment of the paper is an entry here, not code. Errors name the key,
@@ -7,6 +7,7 @@ the bad value and what is allowed.
 
 import copy
 import dataclasses
+import importlib.resources
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from alphaflow.curriculum import alpha_schedule
 from alphaflow.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
+SCHEMA = importlib.resources.files("alphaflow") / "schemas" / "params.schema.yaml"  # package data, works installed
 RELEASED_ENV = "ALPHAFLOW_RELEASED"     # folder of the released checkpoints; default <project>/released
 RELEASED_SUFFIXES = (".pt", ".pth")     # a released (official-layout) snapshot file
 
@@ -114,9 +115,8 @@ def parse_t_steps(t_steps):
     return t_steps
 
 
-def load_schema(path=SCHEMA_PATH):
-    with open(path) as f:
-        return yaml.safe_load(f)
+def load_schema(resource=SCHEMA):
+    return yaml.safe_load(resource.read_text(encoding="utf-8"))
 
 
 def format_error(err):

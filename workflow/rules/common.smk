@@ -71,4 +71,29 @@ def stage_cmd(stage, args="", run=None, parts=1):
 
 def stage_shell(cmd, threads=True):
     """The rule's shell line: the command with its log (and the rule's thread count for OpenMP)."""
-    return ("OMP_NUM_THREADS={threads} " if threads else "") + cmd + " > {log} 2>&1"
+    omp = "OMP_NUM_THREADS={threads} " if threads else ""
+    return f"{omp}{cmd} > {{log}} 2>&1"
+
+
+# Inputs and outputs of the train, sample and evaluate rules.
+def train_inputs(w):
+    released = P.checkpoint_file(w.run)
+    if released is not None:
+        return [str(released), data_manifest("train")]
+    inputs = [LATENTS]
+    if P.run(w.run).eval_every:  # in-training FD_clf needs the classifier and its reference statistics
+        inputs += [CLASSIFIER, REFERENCE]
+    source = P.run(w.run).init_from
+    if P.init_file(w.run) is not None:
+        inputs.append(str(P.init_file(w.run)))
+    elif source:
+        inputs.append(final_state(source))
+    return inputs
+
+
+def samples_done(run, weights, sampler):
+    return f"{P.run_dir(run)}/samples/{weights}/{sampler}/done.json"
+
+
+def eval_json(run, weights, sampler):
+    return str(P.eval_file(run, weights, sampler))

@@ -4,14 +4,6 @@ SAMPLE_PARTS = P.raw["eval"].get("parts", 1)
 CELL_ARGS = "--run {wildcards.run} --weights {wildcards.weights} --sampler {wildcards.sampler}"
 
 
-def samples_done(run, weights, sampler):
-    return f"{P.run_dir(run)}/samples/{weights}/{sampler}/done.json"
-
-
-def eval_json(run, weights, sampler):
-    return str(P.eval_file(run, weights, sampler))
-
-
 EVAL_WILDCARDS = dict(
     run="|".join(map(re.escape, RUNS)),
     weights="|".join(map(re.escape, WEIGHTS)),

@@ -5,21 +5,6 @@
 # manifest (for the label count), and `alphaflow train` re-imports only when the file's sha256 changed.
 
 
-def train_inputs(w):
-    released = P.checkpoint_file(w.run)
-    if released is not None:
-        return [str(released), data_manifest("train")]
-    inputs = [LATENTS]
-    if P.run(w.run).eval_every:  # in-training FD_clf needs the classifier and its reference statistics
-        inputs += [CLASSIFIER, REFERENCE]
-    source = P.run(w.run).init_from
-    if P.init_file(w.run) is not None:
-        inputs.append(str(P.init_file(w.run)))
-    elif source:
-        inputs.append(final_state(source))
-    return inputs
-
-
 rule train:
     input:
         train_inputs,

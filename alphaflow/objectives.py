@@ -58,7 +58,7 @@ def in_cfg_interval(t, cfg_interval):
 
 
 def drop_labels(y, t, p, null_label, cfg_interval=(0.0, 1.0), generator=None):
-    """Label dropout with probability p, only for samples inside the CFG interval (gotcha 6)."""
+    """Label dropout with probability p, only for samples inside the CFG interval (as the official code)."""
     if p <= 0:
         return y
     u = torch.rand(y.shape[0], generator=generator, device=generator.device if generator else y.device)
@@ -104,7 +104,7 @@ def total_derivative(net, z_t, r, t, y, v_tilde):
     """sg(du/dt) with du/dt = ∂_z u · ṽ + ∂_t u: a JVP with tangent (ṽ, 0, 1) (paper Eq. 5).
 
     The function differentiated takes (z, t) with r fixed; net converts (r, t) → (t, t − r) inside,
-    so the derivative is the total one of gotcha 1. Forward-mode AD is not implemented for the fused
+    so the derivative is the total one, with r held fixed. Forward-mode AD is not implemented for the fused
     SDPA kernels, so the JVP runs on the math attention path; the gradient forward keeps fast kernels.
     """
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):

@@ -6,7 +6,7 @@ References:
 
 The network is u_θ(z_t, r, t | y): the average velocity over [r, t]. It receives t and t − r; the
 conversion happens inside `forward`, so a JVP taken with respect to (z, t) with r held fixed is the
-total derivative d/dt of paper Eq. 5 (see docs/architecture.md, the JVP tangent pass).
+total derivative d/dt of paper Eq. 5 (docs/architecture.md, "The JVP tangent pass").
 """
 
 import math

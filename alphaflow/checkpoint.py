@@ -19,8 +19,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from alphaflow.data.shards import _fsync_dir, atomic_write_json, sha256_file
 from alphaflow.errors import UserError
+from alphaflow.io import atomic_write_json, fsync_file, publish_dir, sha256_file
 
 LATEST = "latest.json"
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
@@ -37,8 +37,7 @@ class CheckpointError(UserError):
 
 def _save_tensors(tensors, path):
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_file(path)
     return sha256_file(path)
 
 
@@ -76,11 +75,7 @@ def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state, phema=No
     if phema is not None:
         _save_tensors(phema.state_dict(), tmp / PHEMA_FILE)
     atomic_write_json(tmp / "state.json", {**state, "sha256": files, "param_groups": param_groups})
-    final = ckpt_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    final = publish_dir(tmp, ckpt_dir / name)
     atomic_write_json(ckpt_dir / LATEST, {"dir": name, "step": state["step"]})
     return final
 
@@ -95,10 +90,7 @@ def write_final(ckpt_dir, weight_sets, state):
     tmp.mkdir()
     files = {w: _save_tensors(weight_sets[w], tmp / WEIGHT_FILES[w]) for w in ("raw", "ema")}
     atomic_write_json(tmp / "state.json", {**state, "sha256": files})
-    shutil.rmtree(ckpt_dir / "final", ignore_errors=True)
-    os.replace(tmp, ckpt_dir / "final")
-    _fsync_dir(ckpt_dir)
-    return ckpt_dir / "final"
+    return publish_dir(tmp, ckpt_dir / "final")
 
 
 def publish_final(ckpt_dir, name):
@@ -113,8 +105,7 @@ def publish_final(ckpt_dir, name):
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(ckpt_dir / "final", ignore_errors=True)
-    os.replace(tmp, ckpt_dir / "final")
+    publish_dir(tmp, ckpt_dir / "final")
     atomic_write_json(ckpt_dir / "final" / "state.json", read_state(src))
     return ckpt_dir / "final"
 

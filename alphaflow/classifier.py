@@ -10,8 +10,6 @@ both written atomically so a killed job never leaves a half-written classifier.
 """
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 from alphaflow.errors import InvalidInputError, MissingInputError
+from alphaflow.io import atomic_write_bytes, atomic_write_text
 
 ARCHITECTURE = "alphaflow-smallcnn-v1"
 
@@ -85,26 +85,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.features_and_logits(x)[1]
-
-
-#----------------------------------------------------------------------------
-# Atomic file helpers.
-
-
-def _atomic_write(path, write_fn):
-    """Write via a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _meta_path(path):
@@ -205,8 +185,8 @@ def save_classifier(model, out_path, meta=None):
     """Weights (safetensors) then metadata JSON, each atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = dict(model.config(), **(meta or {}))
-    _atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata={"architecture": ARCHITECTURE}))
-    _atomic_write(_meta_path(out_path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write_bytes(out_path, st_save(state, metadata={"architecture": ARCHITECTURE}))
+    atomic_write_text(_meta_path(out_path), json.dumps(meta, indent=2))
 
 
 RETRAIN = "delete it and retrain the classifier (`alphaflow classifier --params ...`)"

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
 from alphaflow.config import ParamsError, eval_protocol, phema_sigma_rel, protocol_rounding
-from alphaflow.data.shards import ShardError, atomic_write_bytes, atomic_write_json, sha256_file
+from alphaflow.data.shards import ShardError
+from alphaflow.io import atomic_write_bytes, atomic_write_json, sha256_file
 from alphaflow.phema import ensure_posthoc
 from alphaflow.sampling import protocol_noise, sample
 from alphaflow.stages import build_params_encoder, classifier_path, resolve_device

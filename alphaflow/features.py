@@ -22,7 +22,6 @@ a swapped pickle holds); the others load TorchScript, safetensors, or .pth/.bin 
 All take uint8 [N, C, H, W] with C = 1 or 3 and any H, W; grey images are repeated to RGB.
 """
 
-import hashlib
 import importlib.util
 import io
 import os
@@ -38,6 +37,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from alphaflow.errors import MissingInputError, UserError
+from alphaflow.io import sha256_bytes
 
 ENV_INCEPTION_TS      = "ALPHAFLOW_INCEPTION_TS"        # FID Inception TorchScript (default_1.pt)
 ENV_INCEPTION_NVIDIA  = "ALPHAFLOW_INCEPTION_NVIDIA"    # NVIDIA's inception-2015-12-05.pt (StyleGAN2-ADA)
@@ -202,7 +202,7 @@ def load_inception_state(path, sha256_prefix=None):
 
 def check_sha256_prefix(data, path, expected_prefix):
     """Raises WeightsMismatchError unless sha256(data) starts with `expected_prefix` (torch.hub.check_hash)."""
-    found = hashlib.sha256(data).hexdigest()
+    found = sha256_bytes(data)
     if not found.startswith(expected_prefix):
         raise WeightsMismatchError(
             f"{path} is not torch-fidelity's Inception checkpoint {INCEPTION_FILE}: its sha256 is {found}, "

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from alphaflow.config import ParamsError
-from alphaflow.data.shards import atomic_write_bytes
+from alphaflow.io import atomic_write_bytes
 from alphaflow.errors import InvalidInputError
 
 NFE_T_STEPS = {1: [1.0, 0.0], 2: [1.0, 0.5, 0.0]}

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alphaflow.data.shards import atomic_write_bytes
+from alphaflow.io import atomic_write_bytes
 
 
 def make_grid(images, nrow, pad=2):

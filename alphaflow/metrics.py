@@ -28,7 +28,8 @@ from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
 from alphaflow import features as F
-from alphaflow.data.shards import atomic_write_json, read_shard, sha256_file, write_shard
+from alphaflow.data.shards import read_shard, write_shard
+from alphaflow.io import atomic_write_json, sha256_file
 
 #----------------------------------------------------------------------------
 # Features.
@@ -328,6 +329,6 @@ def adm_npz_bytes(images, labels=None):
 
 def write_adm_npz(path, images, labels=None):
     """Writes an ADM evaluator sample batch (adm_npz_bytes) atomically; returns its sha256."""
-    from alphaflow.data.shards import atomic_write_bytes
+    from alphaflow.io import atomic_write_bytes
 
     return atomic_write_bytes(path, adm_npz_bytes(images, labels))

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from alphaflow.data.shards import atomic_write_bytes
+from alphaflow.io import atomic_write_bytes
 from alphaflow.errors import MissingInputError
 
 

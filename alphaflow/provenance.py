@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from alphaflow.config import eval_protocol
-from alphaflow.data.shards import sha256_file, sha256_json
+from alphaflow.io import sha256_file, sha256_json
 
 # Bump when a change of the code changes the stage's output for the same params and inputs.
 CODE_VERSION = {"prepare": 1, "encode": 1, "classifier": 1, "reference": 1, "train": 2, "sample": 2,

@@ -12,7 +12,7 @@ import json
 import shutil
 
 from alphaflow import checkpoint as ckpt
-from alphaflow.data.shards import sha256_file
+from alphaflow.io import sha256_file
 from alphaflow.errors import MissingInputError, UserError
 from alphaflow.provenance import fingerprint, stage_reads
 

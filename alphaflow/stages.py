@@ -113,7 +113,7 @@ def reference_marker(params):
 
 def reference(params, device=None):
     """Caches reference statistics for every metric of the profile; writes a summary for the DAG."""
-    from alphaflow.data.shards import atomic_write_json
+    from alphaflow.io import atomic_write_json
     from alphaflow.evaluate import metric_plan, reference_cache_stem, reference_stats_for
     from alphaflow.features import EXTRACTORS
     from alphaflow.provenance import file_hash, fingerprint, stage_reads

@@ -23,8 +23,8 @@ import urllib.parse
 import warnings
 from pathlib import Path
 
-from alphaflow.data.shards import atomic_write_bytes
 from alphaflow.errors import UserError
+from alphaflow.io import atomic_write_bytes, atomic_write_text
 
 
 def git_commit(cwd=None):
@@ -428,3 +428,45 @@ class Tracker:
         if self._thread.is_alive():  # stuck in a call (a store locked past its busy timeout, a slow server)
             self._warn_unsent(f"MLflow did not answer within {timeout} s; {len(self.pending)} item(s) of run "
                               f"{self.run_name} may not be sent")
+
+
+#----------------------------------------------------------------------------
+# The report's evaluations on each run's MLflow run
+
+
+def mlflow_metrics(values):
+    """{name: value, name_ci_low: low, name_ci_high: high} of (name, value, low, high) evaluation rows."""
+    out = {}
+    for name, value, low, high in values:
+        out.update({name: value, f"{name}_ci_low": low, f"{name}_ci_high": high})
+    return out
+
+
+def log_to_mlflow(uri, experiment, runs, run_id_files, out_md):
+    """Each run's evaluation metrics (at its last step), sample grids and rows as an MLflow table, on its own run;
+    writes `out_md` with the UI links to the runs table and to the compare view of every run of `run_id_files`.
+
+    runs: one dict per run with an MLflow run: run (name), run_id_file, step, table ({column: [values]}, logged
+    as fid_table.json) and cells, one per weights × sampler: weights, values ([(name, value, low, high)]),
+    timestamp (the evaluation file's time) and grid (its sample grid PNG, or None).
+
+    One connection per run. Metrics carry the time of their evaluation file, so logging an unchanged
+    evaluation again (a re-run report) adds nothing to the run's history. Returns out_md, or None when no run
+    id is recorded or the store has no such experiment."""
+    for run in runs:
+        tracker = Tracker(uri, experiment, run["run"], run_id_file=run["run_id_file"])
+        for cell in run["cells"]:
+            tracker.log_metrics(mlflow_metrics(cell["values"]), step=run["step"], timestamp=cell["timestamp"])
+            if cell["grid"] is not None:
+                tracker.log_artifact(cell["grid"], f"samples/{cell['weights']}")
+        tracker.log_table(run["table"], "fid_table.json")
+        tracker.close()
+    run_ids = [i for i in map(read_run_id, run_id_files) if i]
+    links = ui_links(uri, experiment, run_ids) if run_ids else None
+    if links is None:
+        return None
+    local = "" if uri.startswith("http") else "Start `mlflow ui` in the project root, then open\n"
+    return atomic_write_text(out_md, f"# MLflow — {experiment}\n\n{local}"
+                             f"- the runs table (model-training view): {links['runs']}\n"
+                             "- every run compared, FD/FID with their intervals among the metrics: "
+                             f"{links['compare']}\n")

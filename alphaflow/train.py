@@ -25,7 +25,7 @@ from alphaflow import checkpoint as ckpt
 from alphaflow import distributed
 from alphaflow.config import ParamsError
 from alphaflow.data import LatentLoader
-from alphaflow.data.shards import atomic_write_bytes, sha256_file
+from alphaflow.io import atomic_write_bytes, sha256_file
 from alphaflow.ema import EMA
 from alphaflow.phema import PowerEMA, save_snapshot
 from alphaflow.models import build_model
@@ -460,7 +460,7 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
         with distributed.main_work("the final checkpoint, sample grid and training curves") as mine:
             if mine:
                 ckpt.publish_final(ckpt_dir, step_name(run.steps))
-                from alphaflow.report import plot_training_curves
+                from alphaflow.plots import plot_training_curves
 
                 grid = log_grid(ema.module, params, run_dir / "samples" / "grid-final.png", tracker, loader)
                 curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png",

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import platform
 import resource
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from alphaflow.io import atomic_write_text
 from alphaflow.models import PRESETS, build_model
 from alphaflow.objectives import alpha_flow_loss, sample_times
 from official_meanflow import official_meanflow_loss  # benchmarks/ is on sys.path when run as a script
@@ -266,9 +266,7 @@ def main(argv=None):
                   "fm_ratio": FM_RATIO, "forward_flops_per_image": flops_img, "repeats": args.repeats,
                   "iters": args.iters, "rows": table}
         for suffix, content in ((".md", text + "\n"), (".json", json.dumps(record, indent=1) + "\n")):
-            tmp = args.out / f".{stem}{suffix}.tmp"
-            tmp.write_text(content)
-            os.replace(tmp, args.out / f"{stem}{suffix}")
+            atomic_write_text(args.out / f"{stem}{suffix}", content)
         print(f"\nwrote {args.out / stem}.md and .json")
 
 

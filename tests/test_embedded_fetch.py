@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from alphaflow.data.embedded import FASHION_ENV, FASHION_FILES, FASHION_SYSTEM_DIR, fetch_once
-from alphaflow.data.shards import sha256_file
+from alphaflow.io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 STEMS = [stem for pair in FASHION_FILES.values() for stem in pair]

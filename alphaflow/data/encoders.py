@@ -190,7 +190,7 @@ def build_encoder(kind: str, *,
         return VAEEncoder(vae, device, fingerprint)
     if kind == "sd-vae-official":  # the authors' file: no diffusers folder needed (config kept in the package)
         from alphaflow.config import released_path
-        from alphaflow.data.shards import sha256_file
+        from alphaflow.io import sha256_file
         from alphaflow.official import load_official_vae
 
         file = released_path(path or OFFICIAL_VAE_FILE)

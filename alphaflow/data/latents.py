@@ -29,10 +29,11 @@ import torch
 from tqdm import tqdm
 
 from alphaflow.errors import InvalidInputError
+from alphaflow.io import atomic_write_json, sha256_file
 
 from .prepare import iter_prepared_shards
-from .shards import (FORMAT, MANIFEST, ShardError, atomic_write_json, read_json, read_manifest,
-                     map_shard, read_shard, sha256_file, shard_is_current, write_shard)
+from .shards import (FORMAT, MANIFEST, ShardError, map_shard, read_json, read_manifest, read_shard, shard_is_current,
+                     write_shard)
 
 STORE_DTYPE = np.float16
 SHARD_NAME = "latents-{:05d}.safetensors"

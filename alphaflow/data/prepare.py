@@ -25,10 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from alphaflow.errors import InvalidInputError, MissingInputError
+from alphaflow.io import atomic_write_json, sha256_json
 
 from .embedded import load_embedded
-from .shards import (FORMAT, MANIFEST, ShardError, atomic_write_json, read_json, read_manifest,
-                     read_shard, sha256_json, shard_is_current, write_shard)
+from .shards import FORMAT, MANIFEST, ShardError, read_json, read_manifest, read_shard, shard_is_current, write_shard
 
 if TYPE_CHECKING:  # torch is imported inside load_prepared only (see __init__.py)
     import torch

@@ -1,18 +1,14 @@
-"""Checksummed shard files: atomic writes, sha256, manifests.
+"""Checksummed shard files and manifests.
 
-Every file the data stages write goes through `atomic_write_bytes`: a temporary file in the
-same directory, flushed and fsync'ed, then `os.replace`d over the final name, so a reader sees
-either the old file or the new one, never half of one, even after kill -9 or a power loss.
+Every file the data stages write goes through `alphaflow.io.atomic_write_bytes` (temporary file,
+fsync, rename, fsync of the folder), so a reader sees either the old file or the new one.
 Tensor shards are safetensors (no pickle anywhere) and every shard's sha256 is recorded in a
 JSON manifest; readers verify it and fail with the file name and the command that rebuilds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,74 +16,14 @@ from safetensors.numpy import load as st_load_bytes
 from safetensors.numpy import save as st_save_bytes
 
 from alphaflow.errors import UserError
+from alphaflow.io import atomic_write_bytes, sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"      # the finished dataset's manifest
 FORMAT = 1                      # manifest["format"]; bump on incompatible layout changes
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)                # read the process umask once (there is no getter)
-
-
 class ShardError(UserError, ValueError):
     """A shard or manifest is missing, unreadable or fails its checksum."""
-
-
-#----------------------------------------------------------------------------
-# Atomic writes and hashing.
-
-def atomic_write_bytes(path, data: bytes) -> str:
-    """Write `data` to `path` atomically; returns its sha256 (hex)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-    return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform / filesystem
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path, obj) -> str:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_json(obj) -> str:
-    """Hash of a JSON-able object in a canonical encoding (plan fingerprints)."""
-    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
 
 
 #----------------------------------------------------------------------------

@@ -80,13 +80,13 @@ def cmd_classifier(args, params):
 
 
 def cmd_reference(args, params):
-    from alphaflow.stages import reference
+    from alphaflow.reference import reference
 
     reference(params, device=device_of(args, params))
 
 
 def cmd_sample(args, params):
-    from alphaflow.evaluate import sample_run
+    from alphaflow.samples import sample_run
 
     sample_run(params, args.run, args.weights, args.sampler, part=args.part, num_parts=args.num_parts,
                device=device_of(args, params), quiet=args.quiet)
@@ -106,7 +106,7 @@ def cmd_generate(args, params):
 
 
 def cmd_export_npz(args, params):
-    from alphaflow.evaluate import export_npz
+    from alphaflow.samples import export_npz
 
     path, count = export_npz(params, args.run, args.weights, args.sampler, args.out, labels=not args.no_labels)
     if not args.quiet:

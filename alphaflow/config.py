@@ -271,6 +271,20 @@ class Params:
     def latent_dir(self):
         return self.results / "latents" / f"{self.raw['data']['name']}-{self.raw['encoder']['kind']}"
 
+    def classifier_path(self):
+        """The small CNN of the FD_classifier metric (the classifier stage writes it)."""
+        return self.results / "classifier" / f"{self.raw['data']['name']}.safetensors"
+
+    def reference_split(self):
+        """The split whose images give the reference statistics: the held-out split, except for a folder
+        source without `ref_path`, where it is the full train set (the official code's choice)."""
+        data = self.raw["data"]
+        return "train" if data["source"] == "folder" and not data.get("ref_path") else "test"
+
+    def reference_marker(self):
+        """The reference stage's summary (metrics, dimensions, fingerprint); the statistics lie beside it."""
+        return self.results / "reference" / f"{self.raw['data']['name']}.json"
+
     def run_dir(self, run):
         if run in ("", ".", "..") or "/" in run or "\\" in run:  # the schema's pattern says so too
             raise ParamsError(f"run name {run!r} is not a plain folder name: results/runs/<run> must stay inside "
@@ -307,6 +321,10 @@ class Params:
     @property
     def samplers(self):
         return {s["name"]: s for s in self.raw["eval"]["samplers"]}
+
+    def samples_dir(self, run, weights, sampler):
+        """The generated images of one cell (the sample stage writes them, in checksummed chunks)."""
+        return self.run_dir(run) / "samples" / weights / sampler
 
     def eval_file(self, run, weights, sampler):
         """The evaluation JSON of one cell (the evaluate stage writes it; report, Snakemake and DVC read it)."""

@@ -44,7 +44,7 @@ ENV_INCEPTION_NVIDIA  = "ALPHAFLOW_INCEPTION_NVIDIA"    # NVIDIA's inception-201
 ENV_INCEPTION_WEIGHTS = "ALPHAFLOW_INCEPTION_WEIGHTS"   # torch-fidelity weights-inception-2015-12-05-*.pth
 ENV_DINOV2_WEIGHTS    = "ALPHAFLOW_DINOV2_WEIGHTS"      # timm / Meta DINOv2 checkpoint (.safetensors/.pth)
 ENV_DINOV2_MODEL      = "ALPHAFLOW_DINOV2_MODEL"        # timm model name, default below
-ENV_CLASSIFIER        = "ALPHAFLOW_CLASSIFIER_WEIGHTS"  # SmallCNN safetensors (stages.classifier_path)
+ENV_CLASSIFIER        = "ALPHAFLOW_CLASSIFIER_WEIGHTS"  # SmallCNN safetensors (Params.classifier_path)
 ENV_CLIP_WEIGHTS      = "ALPHAFLOW_CLIP_WEIGHTS"        # OpenAI CLIP ViT-B/32 (open_clip .pt/.bin or timm .safetensors)
 
 DINOV2_DEFAULT_MODEL = "vit_large_patch14_dinov2.lvd142m"  # FDD of the paper (DINOv2 ViT-L/14)

@@ -116,7 +116,7 @@ def checkpoint_decoder(net, vae=None, device="cpu"):
 def generate_images(net, decoder, seeds, labels, *, nfe=1, mode="ode", protocol="alphaflow", device="cpu",
                     batch_size=64):
     """uint8 [N,C,H,W] for seeds/labels, batch by batch (a sample depends on its seed only)."""
-    from alphaflow.evaluate import generate
+    from alphaflow.samples import generate
 
     device = torch.device(device)
     sampler = {"t_steps": NFE_T_STEPS[nfe], "mode": mode}
@@ -169,7 +169,7 @@ def run_generate(args, params, device=None):
                                   device=device)
         decoder = checkpoint_decoder(net, args.vae, device)
     elif args.run:
-        from alphaflow.evaluate import load_run_net
+        from alphaflow.samples import load_run_net
 
         if params is None:
             raise ParamsError("--run needs --params P (the profile the run belongs to)")

@@ -1,4 +1,4 @@
-"""Data-side stages from a params profile: prepare, encode, classifier, reference; and `launch`.
+"""Data-side stages from a params profile: prepare, encode, classifier; and `launch`.
 
 Each function reads what it needs from the validated params and calls the library (alphaflow.data,
 alphaflow.metrics, alphaflow.launch). Paths follow docs/architecture.md.
@@ -70,11 +70,7 @@ def encode(params, part=0, num_parts=1, finalize=False, device=None):
 
 
 #----------------------------------------------------------------------------
-# Metric networks and reference statistics
-
-
-def classifier_path(params):
-    return params.results / "classifier" / f"{params.raw['data']['name']}.safetensors"
+# The FD_classifier network
 
 
 def classifier(params, device=None):
@@ -84,62 +80,11 @@ def classifier(params, device=None):
 
     images, labels, _ = load_prepared(params.data_dir("train"))
     val_images, val_labels, _ = load_prepared(params.data_dir("test"))
-    info = train_classifier(images, labels, out_path=classifier_path(params),
+    info = train_classifier(images, labels, out_path=params.classifier_path(),
                             epochs=params.raw["eval"].get("classifier_epochs", 2), seed=params.raw["seed"],
                             device=resolve_device(device), val_images=val_images, val_labels=val_labels)
     print(f"[alphaflow] classifier: {info}")
     return info
-
-
-def reference_split(params):
-    """Split whose images give the reference statistics: the held-out split, except for a folder
-    source without `ref_path`, where it is the full train set (the official code's choice)."""
-    data = params.raw["data"]
-    return "train" if data["source"] == "folder" and not data.get("ref_path") else "test"
-
-
-def reference_images(params):
-    """Real images for reference statistics (see reference_split), capped at eval.ref_samples."""
-    from alphaflow.data import load_prepared
-
-    images, labels, manifest = load_prepared(params.data_dir(reference_split(params)))
-    n = params.raw["eval"].get("ref_samples") or len(images)
-    return images[:n], labels[:n], manifest
-
-
-def reference_marker(params):
-    return params.results / "reference" / f"{params.raw['data']['name']}.json"
-
-
-def reference(params, device=None):
-    """Caches reference statistics for every metric of the profile; writes a summary for the DAG."""
-    from alphaflow.io import atomic_write_json
-    from alphaflow.evaluate import metric_plan, reference_cache_stem, reference_stats_for
-    from alphaflow.features import EXTRACTORS
-    from alphaflow.provenance import file_hash, fingerprint, stage_reads
-
-    images, _, manifest = reference_images(params)
-    upstream = [file_hash(params.data_dir(reference_split(params)) / "manifest.json")]
-    if classifier_path(params).exists():
-        upstream.append(file_hash(classifier_path(params)))
-    fp = fingerprint("reference", stage_reads(params, "reference"), upstream)
-    summary = {"count": len(images), "fingerprint": fp, "metrics": {}}
-    for metric, extractor, weights_path in metric_plan(params):
-        if metric.startswith("is"):
-            continue  # Inception Score needs no reference
-        mu, sigma = reference_stats_for(params, extractor, images, manifest, resolve_device(device), weights_path)
-        summary["metrics"][metric] = {"extractor": extractor, "dim": int(mu.shape[-1])}
-        print(f"[alphaflow] reference {metric}: {extractor} statistics of {len(images)} held-out images cached")
-    # Statistics cached for other settings (another ref_samples, older data) go: the folder then holds what
-    # a from-scratch run with these params writes, and DVC sees the same output.
-    used = {reference_cache_stem(params, e, images, manifest)
-            for m, e, _ in metric_plan(params) if not m.startswith("is")}
-    for f in reference_marker(params).parent.iterdir():
-        stem = f.name.split(".")[0]
-        if stem.rsplit("-", 1)[0] in EXTRACTORS and stem not in used and f.suffix in (".safetensors", ".json"):
-            f.unlink()
-    atomic_write_json(reference_marker(params), summary)
-    return summary
 
 
 #----------------------------------------------------------------------------

@@ -184,6 +184,11 @@ def metric_key(key):
     return key.replace("'", "p").replace("(", "_").replace(")", "").replace(",", "_")
 
 
+def mlflow_metric_name(metric, sampler, weights):
+    """The MLflow name of one evaluation number: `fid_1nfe_ema`, `fd_classifier_2nfe_raw`, …"""
+    return f"{metric}_{sampler}_{weights}"
+
+
 def read_run_id(path):
     """The MLflow run id recorded in `path`; None when absent, empty or unreadable (a new run is made)."""
     try:

@@ -118,9 +118,7 @@ def train_fingerprint(params, run):
     (and with eval_every, the classifier and reference images of the in-training FD_clf)."""
     upstream = [latents_content_hash(params.latent_dir())]
     if run.eval_every:  # in-training FD_clf: the classifier and the held-out images it is measured against
-        from alphaflow.stages import classifier_path, reference_split
-
-        needed = (classifier_path(params), params.data_dir(reference_split(params)) / "manifest.json")
+        needed = (params.classifier_path(), params.data_dir(params.reference_split()) / "manifest.json")
         upstream += [file_hash(p) if p.exists() else None for p in needed]  # missing: the evaluation says so
     if params.init_file(run.name) is not None:  # a released file: its content
         from alphaflow.released import released_file

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from alphaflow import evaluate as E
+from alphaflow import samples as S
 from alphaflow.config import load_params
 from alphaflow.data.shards import ShardError
 from conftest import ROOT
@@ -14,17 +15,18 @@ from conftest import ROOT
 
 def test_labels_follow_the_two_protocols_of_table_6():
     seeds = list(range(20))
-    balanced = E.labels_for_seeds(seeds, 10, "balanced")
+    balanced = S.labels_for_seeds(seeds, 10, "balanced")
     assert np.bincount(balanced, minlength=10).tolist() == [2] * 10
-    random = E.labels_for_seeds(seeds, 1000, "random")
+    random = S.labels_for_seeds(seeds, 1000, "random")
     assert random[7] == np.random.RandomState(7).choice(1000)  # EDM convention, per seed
-    assert E.labels_for_seeds([7], 1000, "random")[0] == random[7]  # independent of batching
+    assert S.labels_for_seeds([7], 1000, "random")[0] == random[7]  # independent of batching
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_latents):
     """A tiny project with one finished α-Flow run, its classifier and reference statistics."""
-    from alphaflow.stages import classifier, reference
+    from alphaflow.reference import reference
+    from alphaflow.stages import classifier
     from helpers import trained_tiny_project
 
     params = trained_tiny_project(tmp_path_factory.mktemp("eval"), tiny_latents)
@@ -35,38 +37,38 @@ def trained(tmp_path_factory, tiny_latents):
 
 def test_sampling_is_the_same_whatever_the_partition_and_resumes_per_chunk(trained):
     params = trained
-    E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", device="cpu", quiet=True)
-    out = E.samples_dir(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5")
-    whole, labels = E.load_samples(out)
+    S.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", device="cpu", quiet=True)
+    out = params.samples_dir("alphaflow-tiny", "ema", "2nfe-cons-0.5")
+    whole, labels = S.load_samples(out)
     assert whole.dtype == torch.uint8 and len(whole) == params.raw["eval"]["num_samples"]
     # Two array tasks write different chunk boundaries but the same image per seed.
     import shutil
 
     shutil.rmtree(out)
     for part in (1, 0):
-        E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", part=part, num_parts=2, device="cpu", quiet=True)
-    parted, labels2 = E.load_samples(out)
+        S.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", part=part, num_parts=2, device="cpu", quiet=True)
+    parted, labels2 = S.load_samples(out)
     assert torch.equal(parted, whole) and torch.equal(labels2, labels)
     # A lost chunk is regenerated alone; finished chunks are not touched.
     chunks = sorted(out.glob("chunks-*/seeds-*.safetensors"))
     kept = {c.name: c.stat().st_mtime_ns for c in chunks[1:]}
     chunks[0].unlink()
     (out / "done.json").unlink()
-    E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", part=0, num_parts=2, device="cpu", quiet=True)
+    S.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", part=0, num_parts=2, device="cpu", quiet=True)
     assert {c.name: c.stat().st_mtime_ns for c in sorted(out.glob("chunks-*/seeds-*.safetensors"))[1:]} == kept
-    assert torch.equal(E.load_samples(out)[0], whole)
+    assert torch.equal(S.load_samples(out)[0], whole)
 
 
 def test_a_corrupt_sample_chunk_is_refused_by_name(trained):
     params = trained
-    E.sample_run(params, "alphaflow-tiny", "raw", "1nfe", device="cpu", quiet=True)
-    out = E.samples_dir(params, "alphaflow-tiny", "raw", "1nfe")
+    S.sample_run(params, "alphaflow-tiny", "raw", "1nfe", device="cpu", quiet=True)
+    out = params.samples_dir("alphaflow-tiny", "raw", "1nfe")
     chunk = sorted(out.glob("chunks-*/seeds-*.safetensors"))[0]
     data = bytearray(chunk.read_bytes())
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=chunk.name):
-        E.load_samples(out)
+        S.load_samples(out)
     chunk.unlink()
     (out / "done.json").unlink()
 
@@ -76,7 +78,7 @@ def test_evaluate_writes_metrics_with_intervals_and_the_report_tables(trained):
 
     params = trained
     for weights in ("ema", "raw"):
-        E.sample_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
+        S.sample_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
         record = E.evaluate_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
         m = record["metrics"]["fd_classifier"]
         assert m["low"] <= m["value"] <= m["high"] and m["n"] == params.raw["eval"]["num_samples"]

@@ -347,7 +347,7 @@ def test_dinov2_features_match_the_papers_detector(small_dinov2, monkeypatch):
     on 8 fixed Fashion-MNIST images: the same resize (EDM2's torch mode) gives the same features to float
     rounding; dgm-eval's uint8 PIL resize differs by a fraction of a percent; timm's default load-time
     resample of the position table (what this extractor did before) is further off. Random ViT-S/14
-    weights here (the real ViT-L/14 is not available offline); the printed numbers are in the README."""
+    weights here (the real ViT-L/14 is not available offline); the printed numbers are in docs/fdd-parity.md."""
     path, state = small_dinov2
     monkeypatch.setenv(F.ENV_DINOV2_MODEL, "vit_small_patch14_dinov2.lvd142m")
     images = fashion("test", 8)
@@ -542,14 +542,14 @@ def test_fcd_is_planned_capped_and_finite(tiny_clip, monkeypatch):
     of a few generated-like images against a reference set is finite and positive, and 0 against itself."""
     from types import SimpleNamespace
 
-    from alphaflow import evaluate as E
+    from alphaflow import reference as R
 
     path, _ = tiny_clip
     monkeypatch.setenv(F.ENV_CLIP_WEIGHTS, str(path))
     monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
     params = SimpleNamespace(raw={"eval": {"metrics": ["fdd", "fcd"], "fid_samples": 5}})
-    assert E.metric_plan(params)[1] == ("fcd", "clip-vit-b32-local", str(path))
-    assert "clip-vit-b32-local" in E.INCEPTION_LIKE and len(E.capped(params, "clip-vit-b32-local", fashion("test", 9),
+    assert R.metric_plan(params)[1] == ("fcd", "clip-vit-b32-local", str(path))
+    assert "clip-vit-b32-local" in R.INCEPTION_LIKE and len(R.capped(params, "clip-vit-b32-local", fashion("test", 9),
                                                                       "generated")) == 5
     ref = M.stats(M.extract_features("clip-vit-b32-local", fashion("train", 40), progress=False)["features"])  # env
     gen = M.stats(M.extract_features("clip-vit-b32-local", random_images(40), progress=False)["features"])

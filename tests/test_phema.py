@@ -163,9 +163,11 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
     import yaml
 
     from alphaflow import evaluate as E
+    from alphaflow import samples as S
     from alphaflow.phema import posthoc_path
     from alphaflow.report import report
-    from alphaflow.stages import classifier, reference
+    from alphaflow.reference import reference
+    from alphaflow.stages import classifier
 
     write, results = tiny_project
     path = write(steps=8)
@@ -186,13 +188,13 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
     classifier(params, device="cpu")
     reference(params, device="cpu")
     for weights in d["eval"]["weights"]:
-        E.sample_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
+        S.sample_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
         E.evaluate_run(params, "alphaflow-tiny", weights, "1nfe", device="cpu", quiet=True)
     rebuilt = posthoc_path(params, "alphaflow-tiny", 0.05)
     made = rebuilt.stat().st_mtime_ns
-    E.sample_run(params, "alphaflow-tiny", "phema-0.05", "2nfe-cons-0.5", device="cpu", quiet=True)
+    S.sample_run(params, "alphaflow-tiny", "phema-0.05", "2nfe-cons-0.5", device="cpu", quiet=True)
     assert rebuilt.stat().st_mtime_ns == made  # reused: reconstructed from this very training
-    ema, narrow, wide = (E.load_samples(E.samples_dir(params, "alphaflow-tiny", w, "1nfe"))[0]
+    ema, narrow, wide = (S.load_samples(params.samples_dir("alphaflow-tiny", w, "1nfe"))[0]
                          for w in ("ema", "phema-0.05", "phema-0.15"))
     assert not torch.equal(narrow, wide) and not torch.equal(narrow, ema)
 
@@ -214,5 +216,5 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
     params = load_params(path)
     train(params, "alphaflow-tiny", tracking=False, quiet=True)
     assert not rebuilt.exists()                       # the run folder's reconstructions went with the old training
-    E.sample_run(params, "alphaflow-tiny", "phema-0.05", "1nfe", device="cpu", quiet=True)
+    S.sample_run(params, "alphaflow-tiny", "phema-0.05", "1nfe", device="cpu", quiet=True)
     assert rebuilt.exists()

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from alphaflow import evaluate as E
+from alphaflow import samples as S
 from alphaflow.config import ParamsError, load_params
 from alphaflow.data.encoders import IdentityEncoder, to_uint8
 from alphaflow.errors import InvalidInputError, MissingInputError
@@ -73,7 +74,7 @@ def test_ode_sampling_draws_no_more_noise(net4):
 
 
 def old_generate(net, encoder, seeds, labels, sampler):
-    """evaluate.generate as it was before eval.protocol (the default protocol must stay bit-identical)."""
+    """samples.generate as it was before eval.protocol (the default protocol must stay bit-identical)."""
     shape = (net.in_channels, net.latent_mean.shape[-2], net.latent_mean.shape[-1])
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s % (1 << 63))) for s in seeds])
     fresh = SeededNoise([s + (1 << 40) for s in seeds])
@@ -87,9 +88,9 @@ def test_the_default_protocol_is_the_old_code_bit_for_bit(net4, mode):
 
     seeds, labels = [0, 3, 2**40, 2**33 + 2], [0, 1, 2, 4]
     sampler = {"t_steps": [1.0, 0.4, 0.0], "mode": mode}
-    new = E.generate(net4, IdentityEncoder(), seeds, labels, sampler, torch.device("cpu"), contextlib.nullcontext)
+    new = S.generate(net4, IdentityEncoder(), seeds, labels, sampler, torch.device("cpu"), contextlib.nullcontext)
     assert torch.equal(new, old_generate(net4, IdentityEncoder(), seeds, labels, sampler))
-    official = E.generate(net4, IdentityEncoder(), seeds, labels, sampler, torch.device("cpu"),
+    official = S.generate(net4, IdentityEncoder(), seeds, labels, sampler, torch.device("cpu"),
                           contextlib.nullcontext, "alphaflow")
     assert not torch.equal(official, new)
 
@@ -192,7 +193,7 @@ def official_run(tmp_path_factory, tiny_latents):
     from helpers import trained_tiny_project
 
     params = trained_tiny_project(tmp_path_factory.mktemp("protocol"), tiny_latents, protocol="alphaflow")
-    E.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", device="cpu", quiet=True)
+    S.sample_run(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5", device="cpu", quiet=True)
     return params
 
 
@@ -207,7 +208,7 @@ def test_export_npz_of_a_sample_set(official_run, tmp_path):
     out = tmp_path / "batch.npz"
     assert main(["export-npz", "--params", params.path, "--run", "alphaflow-tiny", "--weights", "ema",
                  "--sampler", "2nfe-cons-0.5", "--out", str(out), "--quiet"]) == 0
-    images, labels = E.load_samples(E.samples_dir(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5"))
+    images, labels = S.load_samples(params.samples_dir("alphaflow-tiny", "ema", "2nfe-cons-0.5"))
     with np.load(out, allow_pickle=False) as npz:
         assert np.array_equal(npz["arr_0"], images.permute(0, 2, 3, 1).numpy())
         assert np.array_equal(npz["arr_1"], labels.numpy())
@@ -220,7 +221,7 @@ def test_generate_equals_the_sample_stage_and_is_deterministic(official_run, tmp
     from alphaflow.cli import main
 
     params = official_run
-    images, labels = E.load_samples(E.samples_dir(params, "alphaflow-tiny", "ema", "2nfe-cons-0.5"))
+    images, labels = S.load_samples(params.samples_dir("alphaflow-tiny", "ema", "2nfe-cons-0.5"))
     n = len(images)
     # balanced labels: seed i → i mod 3, i.e. --classes 0,1,2 taken cyclically
     assert labels.tolist() == [i % 3 for i in range(n)]
@@ -276,7 +277,7 @@ def test_generate_from_an_official_snapshot(tmp_path):
                  "--nfe", "2", "--out", str(tmp_path / "out") + "/", "--quiet"]) == 0
     net, preset = build_official_model(path, "raw")
     assert preset == "T/2"
-    expected = E.generate(net, IdentityEncoder(), [0, 1, 2, 3], [207, 360, 207, 360],
+    expected = S.generate(net, IdentityEncoder(), [0, 1, 2, 3], [207, 360, 207, 360],
                           {"t_steps": [1.0, 0.5, 0.0], "mode": "ode"}, torch.device("cpu"), contextlib.nullcontext,
                           "alphaflow")
     for s in range(4):
@@ -295,7 +296,7 @@ def test_adm_protocol_takes_fid_against_the_adm_reference(official_run, tmp_path
     features = lambda name, images, **kw: {"features": images.float().flatten(1)[:, :6]}
     monkeypatch.setattr(M, "extract_features", features)  # no Inception weights here: any 6-d features
     monkeypatch.setattr(E, "metric_plan", lambda p: [("fid", "inception-fid-ts", None)])
-    images, _ = E.load_samples(E.samples_dir(official_run, "alphaflow-tiny", "ema", "2nfe-cons-0.5"))
+    images, _ = S.load_samples(official_run.samples_dir("alphaflow-tiny", "ema", "2nfe-cons-0.5"))
     got = E.evaluate_images(params, images, "cpu")["fid"]
     ev = params.raw["eval"]
     expected = M.bootstrap_fd(features("", images)["features"], mu, sigma, n_boot=ev["n_boot"], seed=params.raw["seed"])

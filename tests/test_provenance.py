@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alphaflow import checkpoint as ckpt
-from alphaflow import evaluate as E
+from alphaflow import samples as S
 from alphaflow.config import ParamsError, load_params
 from alphaflow.ema import ema_beta
 from alphaflow.train import train
@@ -198,9 +198,9 @@ def sampled(tiny_project):
 
 
 def sample_images(params, weights="ema", sampler="1nfe"):
-    E.sample_run(params, RUN, weights, sampler, device="cpu", quiet=True)
-    out = E.samples_dir(params, RUN, weights, sampler)
-    return E.load_samples(out, fingerprint=E.sample_fingerprint(params, RUN, weights, sampler))[0]
+    S.sample_run(params, RUN, weights, sampler, device="cpu", quiet=True)
+    out = params.samples_dir(RUN, weights, sampler)
+    return S.load_samples(out, fingerprint=S.sample_fingerprint(params, RUN, weights, sampler))[0]
 
 
 def with_sampler(write, t_steps, mode="ode", **defaults):
@@ -214,7 +214,7 @@ def test_a_changed_sampler_resamples(sampled, tmp_path):
     one = sample_images(with_sampler(write, [1.0, 0.0]))
     two = sample_images(with_sampler(write, [1.0, 0.3, 0.0]))  # same name "1nfe", other steps
     assert not torch.equal(one, two)
-    out = E.samples_dir(load_params(write(steps=2)), RUN, "ema", "1nfe")
+    out = load_params(write(steps=2)).samples_dir(RUN, "ema", "1nfe")
     assert len(list(out.glob("chunks-*"))) == 1  # the old set is gone once the new one is done
     # From scratch (no earlier samples) the new sampler gives the same images.
     shutil.rmtree(out)
@@ -228,10 +228,10 @@ def test_changed_eval_settings_resample(sampled, change):
     sample_images(params)  # the set of the old settings, on disk
     params.raw["eval"].update(change)
     after = sample_images(params)
-    out = E.samples_dir(params, RUN, "ema", "1nfe")
+    out = params.samples_dir(RUN, "ema", "1nfe")
     shutil.rmtree(out)
     assert torch.equal(sample_images(params), after)  # equals a from-scratch sample set
-    labels = E.load_samples(out)[1]
+    labels = S.load_samples(out)[1]
     if "labels" in change:  # the stale set had the balanced labels
         assert not torch.equal(labels, torch.arange(len(labels)) % 3)
 
@@ -240,19 +240,19 @@ def test_retrained_weights_resample_and_stale_samples_are_refused(sampled, tmp_p
     write, results = sampled
     params = load_params(write(steps=2))
     sample_images(params)
-    out = E.samples_dir(params, RUN, "ema", "1nfe")
+    out = params.samples_dir(RUN, "ema", "1nfe")
     shutil.copytree(out, tmp_path / "old-samples")
-    old_fp = E.sample_fingerprint(params, RUN, "ema", "1nfe")
+    old_fp = S.sample_fingerprint(params, RUN, "ema", "1nfe")
     retrained = load_params(write(steps=2, lr=5e-4))
     train(retrained, RUN, tracking=False, quiet=True)
     assert not (results / "runs" / RUN / "samples" / "ema").exists()  # the retrain cleared the run's samples
-    assert E.sample_fingerprint(retrained, RUN, "ema", "1nfe") != old_fp
+    assert S.sample_fingerprint(retrained, RUN, "ema", "1nfe") != old_fp
     # Old samples put back (a restored cache, a copied folder) are refused for the new weights.
     shutil.copytree(tmp_path / "old-samples", out)
-    with pytest.raises(E.ShardError, match="other weights or settings"):
-        E.load_samples(out, fingerprint=E.sample_fingerprint(retrained, RUN, "ema", "1nfe"))
+    with pytest.raises(S.ShardError, match="other weights or settings"):
+        S.load_samples(out, fingerprint=S.sample_fingerprint(retrained, RUN, "ema", "1nfe"))
     sample_images(retrained)  # … and replaced by a new set
-    assert [p.name for p in out.glob("chunks-*")] == [f"chunks-{E.sample_fingerprint(retrained, RUN, 'ema', '1nfe')}"]
+    assert [p.name for p in out.glob("chunks-*")] == [f"chunks-{S.sample_fingerprint(retrained, RUN, 'ema', '1nfe')}"]
 
 
 @pytest.mark.slow

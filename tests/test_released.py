@@ -16,7 +16,7 @@ import yaml
 
 from alphaflow.config import Params, ParamsError, load_params
 from alphaflow.errors import MissingInputError, UserError
-from alphaflow.evaluate import load_run_net
+from alphaflow.samples import load_run_net
 from alphaflow.official import build_official_model
 from alphaflow.train import train
 from conftest import ROOT, tiny_params_dict, write_class_folder
@@ -151,7 +151,7 @@ def test_a_released_profile_runs_through_snakemake_without_training(tmp_path, mo
     assert evals["1nfe-balanced.json"]["labels"] == "balanced" and evals["1nfe.json"]["labels"] == "random"
     balanced = (tmp_path / "results" / "tables" / "released-test" / "table1-balanced.md").read_text()
     assert "11.00" in balanced and "12.50" not in balanced  # the paper's balanced-label number, ours beside it
-    from alphaflow.evaluate import load_samples
+    from alphaflow.samples import load_samples
 
     _, labels = load_samples(run_dir / "samples" / "ema" / "1nfe-balanced")
     assert labels.tolist() == [i % 3 for i in range(24)]  # seed i → class i mod 3

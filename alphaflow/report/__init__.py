@@ -23,7 +23,6 @@ seeds, verdicts, the pre-registered test) → `posthoc` (the σ_rel sweep); this
 
 import json
 
-from alphaflow.evaluate import mlflow_metric_name
 from alphaflow.io import atomic_write_bytes, atomic_write_text, sha256_file
 from alphaflow.plots import (group_sample_sheet, plot_all_training, plot_gradient_conflict, plot_metric_bars,
                              plot_metric_vs_step, sample_sheet)
@@ -31,7 +30,7 @@ from alphaflow.report.collect import evaluation_files, load_results, other_label
 from alphaflow.report.posthoc import phema_report, sigma_sweep
 from alphaflow.report.seeds import seeds_report
 from alphaflow.report.tables import markdown, paper_table, provenance_notes, samplers_table, write_table
-from alphaflow.tracking import log_to_mlflow
+from alphaflow.tracking import log_to_mlflow, mlflow_metric_name
 
 
 def write_complete_marker(params, tables):

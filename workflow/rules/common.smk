@@ -9,7 +9,6 @@ import shlex
 
 from alphaflow.presets import PRESETS
 from alphaflow.provenance import stage_reads
-from alphaflow.stages import classifier_path, reference_marker
 
 GPU_STAGES = {"encode", "train", "classifier", "reference", "sample", "evaluate"}
 DATA = P.raw["data"]["name"]
@@ -39,8 +38,8 @@ def data_manifest(split):
 
 
 LATENTS = f"{P.latent_dir()}/manifest.json"
-CLASSIFIER = str(classifier_path(P))     # the paths the stages write (alphaflow.stages)
-REFERENCE = str(reference_marker(P))
+CLASSIFIER = str(P.classifier_path())    # the paths the stages write (alphaflow.config.Params)
+REFERENCE = str(P.reference_marker())
 
 
 def final_state(run):

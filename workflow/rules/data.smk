@@ -1,6 +1,5 @@
 # Images → checksummed shards (train + held-out split) → latents; the demo metric's classifier;
 # reference feature statistics of held-out real images.
-from alphaflow.stages import reference_split
 
 
 rule prepare:
@@ -53,7 +52,7 @@ rule classifier:
 
 rule reference:
     input:
-        data_manifest(reference_split(P)),
+        data_manifest(P.reference_split()),
         CLASSIFIER if NEEDS_CLASSIFIER else [],
     output:
         REFERENCE,

@@ -66,10 +66,12 @@ def cmd_encode(args, params):
 
 
 def cmd_train(args, params):
+    from alphaflow.evaluate import in_training_metrics
+    from alphaflow.plots import plot_training_curves
     from alphaflow.train import train
 
     summary = train(params, args.run, device=device_of(args, params), quiet=args.quiet, stop_after=args.stop_after,
-                    tracking=not args.no_tracking)
+                    tracking=not args.no_tracking, evaluate=in_training_metrics, plot_curves=plot_training_curves)
     print(f"[alphaflow] train {args.run}: {summary}")
 
 

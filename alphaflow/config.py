@@ -271,6 +271,11 @@ class Params:
     def latent_dir(self):
         return self.results / "latents" / f"{self.raw['data']['name']}-{self.raw['encoder']['kind']}"
 
+    def encoder_args(self):
+        """The keyword arguments of `alphaflow.data.build_encoder` for this profile's encoder."""
+        enc = self.raw["encoder"]
+        return {"kind": enc["kind"], "path": enc.get("path")}
+
     def classifier_path(self):
         """The small CNN of the FD_classifier metric (the classifier stage writes it)."""
         return self.results / "classifier" / f"{self.raw['data']['name']}.safetensors"

@@ -32,6 +32,13 @@ def env_info(environ=os.environ):
     return DistInfo()
 
 
+def resolve_device(device):
+    """The device a stage runs on: the one asked for, or for None / "auto" CUDA when there is a GPU, else the CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def init(device_kind=None):
     """Initialises the process group when world_size > 1; returns (DistInfo, torch.device)."""
     info = env_info()

@@ -2,7 +2,12 @@
 
 `alphaflow <stage>` prints such an error as one message naming the file/key and what to do, and exits 2;
 the traceback only with ALPHAFLOW_DEBUG=1. Anything else is an internal error and keeps its traceback.
+A stage that saved its state and wants to be started again exits with REQUEUE_EXIT_CODE.
 """
+
+import os
+
+REQUEUE_EXIT_CODE = os.EX_TEMPFAIL  # 75: "temporary failure, retry"; the launcher requeues the job
 
 
 class UserError(Exception):

@@ -13,13 +13,14 @@ import time
 import torch
 
 from alphaflow.config import eval_protocol
+from alphaflow.data import build_encoder
+from alphaflow.distributed import resolve_device
 
 from alphaflow.io import atomic_write_json
 from alphaflow.reference import (INCEPTION_LIKE, capped, is_score, metric_plan, reference_images,
                                  reference_stats_for)
 from alphaflow.samples import (generate, labels_for_seeds, load_samples, no_autocast, sample_fingerprint,
                                samples_parts)
-from alphaflow.stages import build_params_encoder, resolve_device
 from alphaflow.tracking import mlflow_metric_name
 
 
@@ -70,7 +71,7 @@ def in_training_metrics(params, nets, device):
     ref_images, _, manifest = reference_images(params)
     weights_path = str(params.classifier_path())
     mu, sigma = reference_stats_for(params, "classifier-local", ref_images, manifest, device, weights_path)
-    encoder = build_params_encoder(params, device)
+    encoder = build_encoder(**params.encoder_args(), device=device)
     seeds = list(range(n))
     out = {}
     for weights, net in nets.items():

@@ -156,7 +156,8 @@ def write_images(images, seeds, out, nrow=None):
 
 def run_generate(args, params, device=None):
     """The `alphaflow generate` command (argparse namespace from alphaflow.cli)."""
-    from alphaflow.stages import build_params_encoder, resolve_device
+    from alphaflow.data import build_encoder
+    from alphaflow.distributed import resolve_device
 
     device = torch.device(resolve_device(device))
     seeds = parse_int_list(args.seeds, "--seeds")
@@ -175,7 +176,7 @@ def run_generate(args, params, device=None):
             raise ParamsError("--run needs --params P (the profile the run belongs to)")
 
         net = load_run_net(params, args.run, args.weights, device)
-        decoder = build_params_encoder(params, device)
+        decoder = build_encoder(**params.encoder_args(), device=device)
     else:
         raise ParamsError("give --run R (with --params P) or --checkpoint FILE")
     bad = [c for c in classes if c >= net.num_classes]

@@ -29,9 +29,8 @@ from pathlib import Path
 import submitit
 from submitit.core import utils as submitit_utils
 
-from alphaflow.errors import UserError
+from alphaflow.errors import REQUEUE_EXIT_CODE, UserError
 
-REQUEUE_EXIT_CODE = os.EX_TEMPFAIL  # 75: "temporary failure, retry"; the stage saved its state and wants a requeue
 EXECUTORS = ("slurm", "local", "debug")
 NO_RESULT_EXIT_CODE = 1  # the job ended without reporting (cancelled, killed, vanished)
 _TERMINAL = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 
-from alphaflow.stages import resolve_device
+from alphaflow.distributed import resolve_device
 
 #----------------------------------------------------------------------------
 # Which network measures each metric

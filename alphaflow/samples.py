@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
 from alphaflow.config import ParamsError, eval_protocol, phema_sigma_rel, protocol_rounding
+from alphaflow.data import build_encoder
 from alphaflow.data.shards import ShardError
+from alphaflow.distributed import resolve_device
 from alphaflow.io import atomic_write_bytes, atomic_write_json, sha256_file
 from alphaflow.phema import ensure_posthoc
 from alphaflow.sampling import protocol_noise, sample
-from alphaflow.stages import build_params_encoder, resolve_device
 
 #----------------------------------------------------------------------------
 # Labels and seeds
@@ -128,7 +129,7 @@ def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, 
     n, batch = ev["num_samples"], ev.get("batch_size", 256)
     start, end = part_range(n, part, num_parts)
     net = load_run_net(params, run_name, weights, device)
-    encoder = build_params_encoder(params, device)
+    encoder = build_encoder(**params.encoder_args(), device=device)
     num_classes = net.num_classes
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else no_autocast
     chunks = [(s, min(s + batch, end)) for s in range(start, end, batch)]

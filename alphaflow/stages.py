@@ -12,14 +12,6 @@ from alphaflow.config import PROJECT_ROOT
 from alphaflow.errors import MissingInputError
 
 
-def resolve_device(device):
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 #----------------------------------------------------------------------------
 # prepare / encode
 
@@ -48,22 +40,16 @@ def prepare(params, split="train"):
     return manifest
 
 
-def build_params_encoder(params, device=None):
-    from alphaflow.data import build_encoder
-
-    enc = params.raw["encoder"]
-    return build_encoder(enc["kind"], path=enc.get("path"), device=resolve_device(device))
-
-
 def encode(params, part=0, num_parts=1, finalize=False, device=None):
-    from alphaflow.data import encode_dataset, finalize_latents
+    from alphaflow.data import build_encoder, encode_dataset, finalize_latents
+    from alphaflow.distributed import resolve_device
 
-    enc = params.raw["encoder"]
-    out = params.latent_dir()
+    # Lazy imports in the stage functions keep torch off the login node (the Snakefile imports this module).
+    out, device = params.latent_dir(), resolve_device(device)
     if not finalize:
-        encode_dataset(params.data_dir("train"), out, build_params_encoder(params, device),
-                       batch_size=enc.get("batch_size", 64), part=part, num_parts=num_parts,
-                       device=resolve_device(device))
+        encode_dataset(params.data_dir("train"), out, build_encoder(**params.encoder_args(), device=device),
+                       batch_size=params.raw["encoder"].get("batch_size", 64), part=part, num_parts=num_parts,
+                       device=device)
     if finalize or num_parts == 1:
         manifest = finalize_latents(out, num_parts=num_parts, seed=params.raw["seed"])
         print(f"[alphaflow] encode: {manifest['count']} latents {manifest['latent_shape']} → {out}")
@@ -77,6 +63,7 @@ def classifier(params, device=None):
     """Trains the small CNN whose features give the fast, clearly labelled demo metric (FD_classifier)."""
     from alphaflow.classifier import train_classifier
     from alphaflow.data import load_prepared
+    from alphaflow.distributed import resolve_device
 
     images, labels, _ = load_prepared(params.data_dir("train"))
     val_images, val_labels, _ = load_prepared(params.data_dir("test"))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from alphaflow import checkpoint as ckpt
 from alphaflow import distributed
 from alphaflow.config import ParamsError
+from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.data import LatentLoader
 from alphaflow.io import atomic_write_bytes, sha256_file
 from alphaflow.ema import EMA
@@ -34,7 +35,6 @@ from alphaflow.provenance import TRAIN_VOLATILE, file_hash, fingerprint, latents
 from alphaflow.tracking import Tracker, append_jsonl, git_commit, metric_key, truncate_jsonl
 
 LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
-REQUEUE_EXIT_CODE = os.EX_TEMPFAIL  # = alphaflow.launch.REQUEUE_EXIT_CODE, kept here so training needs no submitit
 
 
 class Preempted(SystemExit):
@@ -231,13 +231,22 @@ def sample_grid(net, encoder, num_classes, path, per_class=8, t_steps=(1.0, 0.5,
 # The loop
 
 
-def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracking=True):
-    """Trains (or resumes) `run_name`; returns a summary dict. stop_after: optional step at which to stop."""
+def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracking=True, evaluate=None,
+          plot_curves=None):
+    """Trains (or resumes) `run_name`; returns a summary dict. stop_after: optional step at which to stop.
+
+    The CLI passes the two pieces that belong to later stages: `evaluate(params, {"ema": net, "raw": net}, device)
+    -> {name: value}`, the in-training metrics every `eval_every` steps (evaluate.in_training_metrics), and
+    `plot_curves(metrics_jsonl, png, title=...) -> path`, the training curves at the end
+    (plots.plot_training_curves); without `plot_curves` no curves are drawn."""
     run = params.run(run_name)
     if run.checkpoint is not None:  # released weights: imported, not trained
         from alphaflow.released import import_released
 
         return import_released(params, run_name, quiet=quiet)
+    if run.eval_every and evaluate is None:
+        raise ParamsError(f"runs.{run_name}.eval_every is {run.eval_every}, but no in-training evaluator was "
+                          "given: train through `alphaflow train` or pass evaluate=")
     info, dev = distributed.init(device)
     run_dir = params.run_dir(run_name)
     ckpt_dir = run_dir / "checkpoints"
@@ -422,10 +431,8 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
             with distributed.main_work(f"the in-training evaluation at step {done}", when=eval_now) as mine:
                 if mine:
                     # In-training FD_clf (metric-vs-step curves); excluded from the images/s window.
-                    from alphaflow.evaluate import in_training_metrics
-
                     t_eval = time.perf_counter()
-                    scores = in_training_metrics(params, {"ema": ema.module, "raw": net}, str(dev))
+                    scores = evaluate(params, {"ema": ema.module, "raw": net}, str(dev))
                     append_jsonl(run_dir / "metrics.jsonl", {"step": done, **scores})
                     tracker.log_metrics(scores, step=done)
                     t0 += time.perf_counter() - t_eval
@@ -458,13 +465,12 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
         with distributed.main_work("the final checkpoint, sample grid and training curves") as mine:
             if mine:
                 ckpt.publish_final(ckpt_dir, step_name(run.steps))
-                from alphaflow.plots import plot_training_curves
-
                 grid = log_grid(ema.module, params, run_dir / "samples" / "grid-final.png", tracker, loader)
-                curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png",
-                                              title=run_name)
-                tracker.log_artifact(curves, "plots")
                 summary["grid"] = str(grid)
+                if plot_curves is not None:
+                    curves = plot_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png",
+                                         title=run_name)
+                    tracker.log_artifact(curves, "plots")
     tracker.close()
     distributed.barrier()
     return summary

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alphaflow.data import LatentLoader, ShardError, encode_dataset, finalize_latents, prepare_folder
+from alphaflow.data import LatentLoader, ShardError, encode_dataset, finalize_latents, load_latent_stats, prepare_folder
 
 N, RES, SIGMA = 48, 8, 0.1
 
@@ -53,7 +53,7 @@ def test_shapes_stats_and_metadata(latent_dir):
     x, y = next(loader)
     assert x.shape == (8, 3, RES, RES) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert loader.latent_shape == (3, RES, RES) and loader.num_classes == 4
-    mean, std = loader.stats
+    mean, std = load_latent_stats(latent_dir)  # finalize_latents' per-element statistics
     assert mean.shape == std.shape == (1, 3, RES, RES)
     assert loader.batches_per_epoch == N // 8
 

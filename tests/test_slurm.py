@@ -18,7 +18,8 @@ import pytest
 import submitit
 
 import alphaflow.launch as launch_mod
-from alphaflow.launch import REQUEUE_EXIT_CODE, Resources, launch
+from alphaflow.errors import REQUEUE_EXIT_CODE
+from alphaflow.launch import Resources, launch
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alphaflow.config import load_params
+from alphaflow.config import ParamsError, load_params
 from alphaflow.ema import ema_beta
-from alphaflow.launch import REQUEUE_EXIT_CODE
+from alphaflow.errors import REQUEUE_EXIT_CODE
+from alphaflow.plots import plot_training_curves
 from alphaflow.train import learning_rate, train
 from conftest import ROOT, run_cli
 
@@ -53,7 +54,7 @@ def test_schedules():
 def test_demo_run_trains_and_logs(tiny_project):
     write, results = tiny_project
     params = load_params(write(conflict_every=4, conflict_batch=8))
-    summary = train(params, "alphaflow-tiny", tracking=False, quiet=True)
+    summary = train(params, "alphaflow-tiny", tracking=False, quiet=True, plot_curves=plot_training_curves)
     run_dir = results / "runs" / "alphaflow-tiny"
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
@@ -66,6 +67,15 @@ def test_demo_run_trains_and_logs(tiny_project):
     assert summary["bad_steps"] == 0
     # A finished run is not retrained.
     assert train(params, "alphaflow-tiny", tracking=False, quiet=True)["step"] == 12
+
+
+def test_in_training_evaluation_needs_an_evaluator_passed_in(tiny_project):
+    """train() imports no evaluation code: with eval_every and no evaluator it names the key before any work."""
+    write, results = tiny_project
+    params = load_params(write(eval_every=2))
+    with pytest.raises(ParamsError, match=r"runs.alphaflow-tiny.eval_every is 2.*evaluate="):
+        train(params, "alphaflow-tiny", tracking=False, quiet=True)
+    assert not (results / "runs" / "alphaflow-tiny" / "metrics.jsonl").exists()
 
 
 def test_exact_resume_after_sigkill(tiny_project, tmp_path):

@@ -333,9 +333,7 @@ class LatentLoader:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.manifest = read_latent_manifest(self.latent_dir)
         self.num_classes = self.manifest["num_classes"]
-        self.class_names = self.manifest["class_names"]
         self.latent_shape = tuple(self.manifest["latent_shape"])             # (c, h, w)
-        self.stats = tuple(t.to(self.device) for t in load_latent_stats(self.latent_dir))  # [1,c,h,w] ×2
         self.num_samples = self.manifest["count"]                            # N, all ranks together
         self.batches_per_epoch = self.num_samples // batch_size              # of the global stream
         if self.batches_per_epoch == 0:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-REQUEUE_EXIT_CODE = 75  # alphaflow.launch.REQUEUE_EXIT_CODE (not imported: a stage needs no alphaflow)
+REQUEUE_EXIT_CODE = 75  # alphaflow.errors.REQUEUE_EXIT_CODE (not imported: a stage needs no alphaflow)
 
 
 def save(path, state):

@@ -12,11 +12,13 @@ import time
 
 import torch
 
+from alphaflow import metrics as M
 from alphaflow.config import eval_protocol
 from alphaflow.data import build_encoder
 from alphaflow.distributed import resolve_device
-
+from alphaflow.images import save_grid
 from alphaflow.io import atomic_write_json
+from alphaflow.provenance import file_hash, fingerprint, stage_reads
 from alphaflow.reference import (INCEPTION_LIKE, capped, is_score, metric_plan, reference_images,
                                  reference_stats_for)
 from alphaflow.samples import (generate, labels_for_seeds, load_samples, no_autocast, sample_fingerprint,
@@ -29,7 +31,6 @@ def evaluate_images(params, images, device, weights=None):
 
     The ImageNet-network metrics (FID, FDD, FCD, IS) are skipped for weights outside eval.slow_metric_weights.
     """
-    from alphaflow import metrics as M
 
     ev = params.raw["eval"]
     ref_images, _, manifest = reference_images(params)
@@ -64,7 +65,6 @@ def in_training_metrics(params, nets, device):
     nets: {"ema": module, "raw": module}. Uses per-seed noise generators, so the training RNG stream is
     untouched and resume stays exact. Keys are the MLflow names: `fd_classifier_<sampler>_<weights>`.
     """
-    from alphaflow import metrics as M
 
     ev = params.raw["eval"]
     n = ev.get("train_eval_samples", 500)
@@ -89,9 +89,6 @@ def in_training_metrics(params, nets, device):
 
 
 def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=False):
-    from alphaflow.images import save_grid
-    from alphaflow.provenance import file_hash, fingerprint, stage_reads
-
     device = resolve_device(device)
     out = params.samples_dir(run_name, weights, sampler_name)
     samples_fp = sample_fingerprint(params, run_name, weights, sampler_name, samples_parts(out))

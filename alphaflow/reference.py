@@ -13,7 +13,12 @@ import hashlib
 import json
 import os
 
+from alphaflow.data import load_prepared
 from alphaflow.distributed import resolve_device
+from alphaflow.features import EXTRACTORS
+from alphaflow.io import atomic_write_json
+from alphaflow.metrics import reference_stats
+from alphaflow.provenance import file_hash, fingerprint, stage_reads
 
 #----------------------------------------------------------------------------
 # Which network measures each metric
@@ -54,7 +59,6 @@ def metric_plan(params):
 
 def reference_images(params):
     """Real images for reference statistics (Params.reference_split), capped at eval.ref_samples."""
-    from alphaflow.data import load_prepared
 
     images, labels, manifest = load_prepared(params.data_dir(params.reference_split()))
     n = params.raw["eval"].get("ref_samples") or len(images)
@@ -78,8 +82,6 @@ def capped(params, extractor, images, kind):
 
 
 def reference_stats_for(params, extractor, images, manifest, device="cpu", weights_path=None):
-    from alphaflow.metrics import reference_stats
-
     if weights_path is None:
         weights_path = dict((e, w) for _, e, w in metric_plan(params)).get(extractor)
     images = capped(params, extractor, images, "reference")
@@ -99,9 +101,6 @@ def reference_cache_stem(params, extractor, images, manifest):
 
 def reference(params, device=None):
     """Caches reference statistics for every metric of the profile; writes a summary for the DAG."""
-    from alphaflow.features import EXTRACTORS
-    from alphaflow.io import atomic_write_json
-    from alphaflow.provenance import file_hash, fingerprint, stage_reads
 
     images, _, manifest = reference_images(params)
     upstream = [file_hash(params.data_dir(params.reference_split()) / "manifest.json")]

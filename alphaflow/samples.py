@@ -25,12 +25,15 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
+from alphaflow import runlock
 from alphaflow.config import ParamsError, eval_protocol, phema_sigma_rel, protocol_rounding
 from alphaflow.data import build_encoder
 from alphaflow.data.shards import ShardError
 from alphaflow.distributed import resolve_device
 from alphaflow.io import atomic_write_bytes, atomic_write_json, sha256_file
+from alphaflow.metrics import write_adm_npz
 from alphaflow.phema import ensure_posthoc
+from alphaflow.provenance import fingerprint, stage_reads
 from alphaflow.sampling import protocol_noise, sample
 
 #----------------------------------------------------------------------------
@@ -102,7 +105,6 @@ def sample_fingerprint(params, run_name, weights, sampler_name, num_parts=None):
     """What a sample set depends on: the weights file's sha256 (recorded at training), the sampler,
     labels, counts and batching (batch size, parts: batched kernels need not be bit-equal across batch
     shapes), the decoder. num_parts: the parts it is sampled in (None = params eval.parts)."""
-    from alphaflow.provenance import fingerprint, stage_reads
 
     final = params.run_dir(run_name) / "checkpoints" / "final"
     weights_sha = ckpt.read_state(final).get("sha256", {}).get(weights)
@@ -116,11 +118,22 @@ def sample_fingerprint(params, run_name, weights, sampler_name, num_parts=None):
 
 
 def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, device=None, quiet=False):
-    """Generates this part's seeds into checksummed chunks; writes done.json when every part is there."""
-    device = torch.device(resolve_device(device))
-    ev = params.raw["eval"]
+    """Generates this part's seeds into checksummed chunks; writes done.json when every part is there.
+
+    Holds the part's lock `<samples folder>/.lock-part-<i>-of-<n>` (alphaflow.runlock) meanwhile: the parts
+    of one cell write the folder in parallel, two writers of one part end with runlock.RunLocked (exit 2)."""
     if sampler_name not in params.samplers:
         raise ParamsError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")
+    lock = params.samples_dir(run_name, weights, sampler_name) / f".lock-part-{part}-of-{num_parts}"
+    with runlock.hold(lock, f"sample {run_name}/{weights}/{sampler_name} part {part} of {num_parts}"):
+        return _sample_part(params, run_name, weights, sampler_name, part=part, num_parts=num_parts, device=device,
+                            quiet=quiet)
+
+
+def _sample_part(params, run_name, weights, sampler_name, *, part, num_parts, device, quiet):
+    """sample_run's body, under the part's lock."""
+    device = torch.device(resolve_device(device))
+    ev = params.raw["eval"]
     sampler = params.samplers[sampler_name]
     out = params.samples_dir(run_name, weights, sampler_name)
     fp = sample_fingerprint(params, run_name, weights, sampler_name, num_parts)
@@ -209,7 +222,6 @@ def load_samples(out, fingerprint=None):
 def export_npz(params, run_name, weights, sampler_name, path, labels=True):
     """The finished sample set of one cell as an ADM evaluator batch .npz (arr_0 uint8 N×H×W×3, grey repeated
     to RGB; arr_1 int64 labels), written atomically; returns (path, count)."""
-    from alphaflow.metrics import write_adm_npz
 
     if sampler_name not in params.samplers:
         raise ParamsError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")

@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
-from alphaflow import distributed
+from alphaflow import distributed, runlock
 from alphaflow.config import ParamsError
 from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.data import LatentLoader
@@ -231,6 +231,17 @@ def sample_grid(net, encoder, num_classes, path, per_class=8, t_steps=(1.0, 0.5,
 # The loop
 
 
+@contextlib.contextmanager
+def run_lock(params, run_name):
+    """The run's lock `<run>/.lock` (alphaflow.runlock), held by the main process (the one that writes) only;
+    a refusal ends every rank (distributed.main_work)."""
+    with contextlib.ExitStack() as held:
+        with distributed.main_work(f"taking the lock of run {run_name}") as mine:
+            if mine:
+                held.enter_context(runlock.hold(params.run_dir(run_name) / ".lock", f"train {run_name}"))
+        yield
+
+
 def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracking=True, evaluate=None,
           plot_curves=None):
     """Trains (or resumes) `run_name`; returns a summary dict. stop_after: optional step at which to stop.
@@ -238,7 +249,20 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
     The CLI passes the two pieces that belong to later stages: `evaluate(params, {"ema": net, "raw": net}, device)
     -> {name: value}`, the in-training metrics every `eval_every` steps (evaluate.in_training_metrics), and
     `plot_curves(metrics_jsonl, png, title=...) -> path`, the training curves at the end
-    (plots.plot_training_curves); without `plot_curves` no curves are drawn."""
+    (plots.plot_training_curves); without `plot_curves` no curves are drawn.
+
+    Holds the run lock throughout, from before the checkpoints are read: a second writer of the run (a double
+    launch, a requeued job racing its predecessor) ends with runlock.RunLocked (exit 2) instead."""
+    params.run(run_name)  # an unknown run: its error, before a lock folder is made
+    if distributed.env_info().world_size > 1:
+        distributed.init(device)  # the process group run_lock's main_work needs (_train's own call finds it)
+    with run_lock(params, run_name):
+        return _train(params, run_name, device=device, quiet=quiet, stop_after=stop_after, tracking=tracking,
+                      evaluate=evaluate, plot_curves=plot_curves)
+
+
+def _train(params, run_name, *, device, quiet, stop_after, tracking, evaluate, plot_curves):
+    """train's body, under the run lock."""
     run = params.run(run_name)
     if run.checkpoint is not None:  # released weights: imported, not trained
         from alphaflow.released import import_released

@@ -99,6 +99,32 @@ def main_work(what, when=True):
     raise RankFailed(f"rank {rank} failed in {what}: {summary}")
 
 
+def any_rank(flag, device):
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def rank_spread(net):
+    """max − min over ranks of a float64 checksum of the weights: 0 when DDP keeps ranks in sync."""
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in net.parameters())
+        both = torch.stack([total, -total]).reshape(2)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return float(both[0] + both[1])
+
+
+def gather_states(tensor):
+    """Every rank's generator state, so rank 0 can checkpoint them all."""
+    if not dist.is_initialized():
+        return [tensor]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, tensor.cpu())
+    return out
+
+
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -128,9 +128,18 @@ def save_snapshot(folder, phema, step, images, dtype=torch.float32):
     path = snapshot_path(folder, step)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
                for k, v in phema.state_dict().items()}
-    atomic_write_bytes(path, st_save(tensors, metadata={"step": str(step), "images": str(images),
-                                                        "sigma_rels": json.dumps(list(phema.sigma_rels))}))
+    # One metadata key: safetensors writes a metadata map in no fixed order, so several keys would make the
+    # bytes of equal snapshots differ from run to run.
+    record = {"step": step, "images": images, "sigma_rels": list(phema.sigma_rels)}
+    atomic_write_bytes(path, st_save(tensors, metadata={"snapshot": json.dumps(record)}))
     return path
+
+
+def snapshot_record(meta):
+    """{step, images, sigma_rels} of a snapshot's metadata (also of the earlier three-key layout)."""
+    if "snapshot" in meta:
+        return json.loads(meta["snapshot"])
+    return {"step": int(meta["step"]), "images": int(meta["images"]), "sigma_rels": json.loads(meta["sigma_rels"])}
 
 
 def list_snapshots(folder, max_step=None):
@@ -138,10 +147,10 @@ def list_snapshots(folder, max_step=None):
     out = []
     for path in sorted(Path(folder).glob("phema-*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        if max_step is not None and int(meta["step"]) > max_step:
+            record = snapshot_record(f.metadata())
+        if max_step is not None and record["step"] > max_step:
             continue
-        out += [(int(meta["images"]), float(s), path) for s in json.loads(meta["sigma_rels"])]
+        out += [(int(record["images"]), float(s), path) for s in record["sigma_rels"]]
     return out
 
 

@@ -89,3 +89,16 @@ def sample(net, noise, y, t_steps, *, mode="ode", generator=None):
             x0 = z - t_n * u(z, 0.0, t_n)
             z = x0 if t_m == 0.0 else (1 - t_m) * x0 + t_m * randn_like(z, generator)
     return z
+
+
+@torch.no_grad()
+def class_grid(net, decoder, num_classes, per_class=8, t_steps=(1.0, 0.5, 0.0)):
+    """uint8 images of the first ≤ 10 classes, `per_class` each in class order (seeds 0…), from `t_steps`
+    (default: 2-NFE ODE): the sample grids of training snapshots."""
+    classes = min(num_classes, 10)
+    device = next(net.parameters()).device
+    y = torch.arange(classes, device=device).repeat_interleave(per_class)
+    shape = (net.in_channels, net.latent_mean.shape[-2], net.latent_mean.shape[-1])
+    noise = SeededNoise(range(len(y)), device=device).randn(shape)
+    x = net.denormalize(sample(net, noise, y, list(t_steps)).float())
+    return decoder.decode(x)

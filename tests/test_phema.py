@@ -108,6 +108,26 @@ def test_power_ema_state_round_trips():
     assert all(torch.equal(a[k], b[k]) for a, b in zip(ema.averages, other.averages) for k in a)
 
 
+def test_snapshots_of_equal_state_are_equal_bytes_and_earlier_snapshots_still_read(tmp_path):
+    """A resumed run must reproduce its snapshot files bit for bit; safetensors orders a metadata map at random,
+    so the step, images and σ_rels travel as one JSON key. Snapshots of the earlier three-key layout still read."""
+    from safetensors.torch import save as st_save
+
+    from alphaflow.phema import list_snapshots, save_snapshot
+
+    net = torch.nn.Linear(3, 2)
+    ema = PowerEMA(net, sigma_rels=(0.05, 0.1))
+    ema.update(net, t=8, dt=8)
+    files = [save_snapshot(tmp_path / f"try{i}", ema, 4, 32).read_bytes() for i in range(6)]
+    assert all(f == files[0] for f in files)
+    old = {k: v.contiguous() for k, v in ema.state_dict().items()}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "phema-0000004.safetensors").write_bytes(
+        st_save(old, metadata={"step": "4", "images": "32", "sigma_rels": "[0.05, 0.1]"}))
+    entries = lambda folder: [(images, sigma_rel) for images, sigma_rel, _ in list_snapshots(folder)]
+    assert entries(tmp_path / "old") == entries(tmp_path / "try0") == [(32, 0.05), (32, 0.1)]
+
+
 def test_a_training_runs_snapshots_reconstruct_its_brute_force_ema(tiny_project):
     """A real (tiny DiT) training run with snapshots every 2 steps, every step's raw weights kept
     (snapshot_every 1): `alphaflow phema` rebuilds σ_rel 0.07 (tracked: 0.05, 0.10) within 2 % of the gap

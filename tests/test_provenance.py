@@ -141,7 +141,7 @@ def test_finetune_continues_the_source_ema_with_its_half_life(tiny_project):
     state = ckpt.read_state(results / "runs" / "plus" / "checkpoints" / "final")
     assert state["ema_step_offset"] == 12
     # A retrained source invalidates the fine-tune (its fingerprint names the source's).
-    from alphaflow.train import train_fingerprint
+    from alphaflow.run_folder import train_fingerprint
 
     fp = train_fingerprint(params, params.run("plus"))
     train(load_params(write(runs={**runs, "base": {"method": "alphaflow", "lr": 5e-4}}, steps=12, ema_halflife=4,

@@ -108,7 +108,7 @@ def test_init_from_a_released_file_fine_tunes_from_its_weights(tiny_project, tmp
     w = "blocks.0.attn.qkv.weight"
     assert (trained[w] - source.state_dict()[w]).abs().max() < 0.05 < source.state_dict()[w].abs().max()
     # The file's content is part of the run's provenance: another file retrains.
-    from alphaflow.train import train_fingerprint
+    from alphaflow.run_folder import train_fingerprint
 
     before = train_fingerprint(params, params.run("plus"))
     tiny_snapshot(folder / "xl.pt", rows=4, seed=3)

@@ -400,3 +400,20 @@ class LatentLoader:
             raise InvalidInputError(f"loader state {state} comes from the per-rank loader of a {state['world_size']}-"
                                     f"process run, whose stream this version does not reproduce; start the run "
                                     f"again (delete its checkpoints)")
+
+
+@torch.no_grad()
+def estimate_latent_stats(latent_dir, n, seed, device):
+    """Per-element mean/std from n posterior samples (official code: 2048 at the start of training)."""
+    loader = LatentLoader(latent_dir, min(n, 256), seed=seed + 7919, device=device)
+    xs, count = [], 0
+    while count < n:
+        x, _ = next(loader)
+        xs.append(x.double())
+        count += x.shape[0]
+    x = torch.cat(xs)[:n]
+    std = x.std(0, keepdim=True)
+    # A pixel that happens to be constant in these n samples (Fashion-MNIST borders) would get std ≈ 0 and
+    # blow up on the images where it is not: floor at 0.1 × the median std, as finalize_latents does.
+    std = std.clamp_min(0.1 * float(std.median()))
+    return x.mean(0, keepdim=True).float(), std.float()

@@ -14,6 +14,8 @@ P = load_params(PARAMS_FILE, OVERRIDES)           # raises ParamsError naming ke
 EXECUTOR = config.get("executor") or P.raw.get("executor", "none")
 RESULTS = str(P.results)
 
+report: "workflow/report/workflow.rst"
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

@@ -414,6 +414,6 @@ def estimate_latent_stats(latent_dir, n, seed, device):
     x = torch.cat(xs)[:n]
     std = x.std(0, keepdim=True)
     # A pixel that happens to be constant in these n samples (Fashion-MNIST borders) would get std ≈ 0 and
-    # blow up on the images where it is not: floor at 0.1 × the median std, as finalize_latents does.
-    std = std.clamp_min(0.1 * float(std.median()))
+    # blow up on the images where it is not: floor at STD_FLOOR × the median std, as _estimate_stats does.
+    std = std.clamp_min(STD_FLOOR * float(std.median()))
     return x.mean(0, keepdim=True).float(), std.float()

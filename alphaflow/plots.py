@@ -30,9 +30,11 @@ def save_figure(fig, out_png):
 # Training
 
 
-def plot_training_curves(metrics_jsonl, out_png, title=""):
-    """Loss decomposition (L_TFM, L_TC, their sum), the weighted loss and α(k) against the step."""
-    records = [r for r in read_jsonl(metrics_jsonl) if "alpha" in r]  # training records (not in-training evals)
+def training_curves_figure(records, title=""):
+    """The Figure of plot_training_curves for metrics.jsonl records: left axes one line per logged key of
+    delta_sq, L_TFM, L_TC, L_sum (in that order) against the step, right axes α(k); records without an
+    "alpha" (in-training evaluations) are skipped."""
+    records = [r for r in records if "alpha" in r]  # training records (not in-training evals)
     fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = [r["step"] for r in records]
     for key in ("delta_sq", "L_TFM", "L_TC", "L_sum"):
@@ -46,7 +48,12 @@ def plot_training_curves(metrics_jsonl, out_png, title=""):
     ax_alpha.set_title("α(k)")
     ax_alpha.set_ylim(-0.05, 1.05)
     fig.tight_layout()
-    return save_figure(fig, out_png)
+    return fig
+
+
+def plot_training_curves(metrics_jsonl, out_png, title=""):
+    """Loss decomposition (L_TFM, L_TC, their sum), the weighted loss and α(k) against the step."""
+    return save_figure(training_curves_figure(read_jsonl(metrics_jsonl), title), out_png)
 
 
 def plot_all_training(params, out_png):
@@ -89,10 +96,13 @@ def plot_band(ax, runs, label):
         ax.fill_between(steps, vals.min(), vals.max(), alpha=0.2, color=line.get_color())
 
 
-def plot_gradient_conflict(params, out_png):
-    """cos(∇L_TFM, ∇L_TC), cos(∇L_FM′, ∇L_TC), cos(∇L_TFM, ∇L_FM′) against the step (paper Fig. 3 / App. E),
-    per group: mean over seeds, band = min–max."""
-    keys = ["cos(TFM,TC)", "cos(FM',TC)", "cos(TFM,FM')"]
+CONFLICT_KEYS = ("cos(TFM,TC)", "cos(FM',TC)", "cos(TFM,FM')")
+
+
+def gradient_conflict_figure(params):
+    """The Figure of plot_gradient_conflict, one axes per CONFLICT_KEYS entry, one line per group; None when
+    no run logged the first key."""
+    keys = list(CONFLICT_KEYS)
     curves = {key: curves_by_group(params, key) for key in keys}
     if not curves[keys[0]]:
         return None
@@ -104,7 +114,14 @@ def plot_gradient_conflict(params, out_png):
         ax.set(title=key.replace("cos", "cos ∇"), xlabel="step")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, out_png)
+    return fig
+
+
+def plot_gradient_conflict(params, out_png):
+    """cos(∇L_TFM, ∇L_TC), cos(∇L_FM′, ∇L_TC), cos(∇L_TFM, ∇L_FM′) against the step (paper Fig. 3 / App. E),
+    per group: mean over seeds, band = min–max."""
+    fig = gradient_conflict_figure(params)
+    return None if fig is None else save_figure(fig, out_png)
 
 
 def plot_metric_vs_step_by_group(params, metric_key, out_png):
@@ -126,8 +143,9 @@ def plot_metric_vs_step_by_group(params, metric_key, out_png):
 # Evaluated metrics
 
 
-def plot_metric_bars(results, metric, out_png):
-    """One bar per run × weights × sampler with its bootstrap interval."""
+def metric_bars_figure(results, metric):
+    """The Figure of plot_metric_bars: one bar container per (weights, sampler) in sorted order, one bar per
+    run in order of first appearance (NaN where that run lacks the cell); None when `metric` has no rows."""
     sub = results[results.metric == metric]
     if sub.empty:
         return None
@@ -149,7 +167,13 @@ def plot_metric_bars(results, metric, out_png):
     ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (lower is better)" if lower_is_better(metric) else metric)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, out_png)
+    return fig
+
+
+def plot_metric_bars(results, metric, out_png):
+    """One bar per run × weights × sampler with its bootstrap interval."""
+    fig = metric_bars_figure(results, metric)
+    return None if fig is None else save_figure(fig, out_png)
 
 
 def plot_metric_vs_step(params, results, metric, out_png):

@@ -1,10 +1,23 @@
-"""Helpers shared by test modules (imported as `from helpers import ...`; tests never import each other)."""
+"""Helpers shared by test modules (imported as `from helpers import ...`; tests never import each other).
 
+Light to import (no conftest, no pytest at the top): DDP tests' spawned workers may import it."""
+
+import json
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from alphaflow.models.dit import sincos_2d_pos_embed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #----------------------------------------------------------------------------
 # A snapshot in the official α-Flow layout (the wrapper's `model.*` names and shapes), random weights (none of
@@ -57,10 +70,6 @@ def write_snapshot(path, depth, hidden, rows=1001, extra=None, seed=0, **kw):
 def trained_tiny_project(base, tiny_latents, **eval_keys):
     """Params of a copy of the tiny data under `base` with one α-Flow run ("alphaflow-tiny"), trained; eval_keys
     update the profile's eval section (e.g. protocol="alphaflow")."""
-    import shutil
-
-    import yaml
-
     from alphaflow.config import load_params
     from alphaflow.train import train
     from conftest import tiny_params_dict
@@ -74,3 +83,89 @@ def trained_tiny_project(base, tiny_latents, **eval_keys):
     params = load_params(path)
     train(params, "alphaflow-tiny", device="cpu", quiet=True, tracking=False)
     return params
+
+
+#----------------------------------------------------------------------------
+# A run's final weights, compared bit for bit.
+
+
+def final_tensors(results, run):
+    d = results / "runs" / run / "checkpoints" / "final"
+    return {name: load_file(str(d / f"{name}.safetensors")) for name in ("model", "ema", "optimizer")}
+
+
+def assert_bit_identical(a, b):
+    for group in a:
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), f"{group}/{k} differs"
+
+
+#----------------------------------------------------------------------------
+# The pipeline's tools (snakemake, dvc, alphaflow) from this environment's bin/, as a user runs them.
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+
+def run(cmd, cwd=ROOT, check=True, timeout=1200, env=None):
+    """The command's CompletedProcess (text); check: an AssertionError with the output's tails on failure."""
+    proc = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def job_counts(output):
+    """{rule: count} from Snakemake's 'Job stats' table."""
+    block = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in block.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def changed_stages(repo):
+    """Stages `dvc status` lists as changed (directly or through an upstream dependency)."""
+    status = json.loads(run([BIN / "dvc", "status", "--json"], cwd=repo).stdout)
+    return set(status)
+
+
+#----------------------------------------------------------------------------
+# A tiny profile that runs its stages on SLURM.
+
+SLURM_RESOURCES = {"default": {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10}}
+
+
+def write_profile(tmp_path, tiny_latents, **defaults):
+    """(params path, results dir): a private copy of the tiny data with executor slurm."""
+    from conftest import tiny_params_dict
+
+    results = tmp_path / "results"
+    shutil.copytree(tiny_latents / "results", results)
+    d = tiny_params_dict(results, tiny_latents / "images", **defaults)
+    d["executor"] = "slurm"
+    d["resources"] = SLURM_RESOURCES
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path, results
+
+
+def job_ids(name):
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+#----------------------------------------------------------------------------
+# Local servers and process groups
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 teacher passes through `.module`; gradients must synchronise and equal the torch.func.jvp path."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from alphaflow.models import build_model
 from alphaflow.objectives import per_sample_loss, sample_times
+from helpers import free_port
 
 
 def make_net():
@@ -51,12 +51,6 @@ def worker(rank, port, out_dir):
         if rank == 0:
             torch.save(flat_grads(net), os.path.join(out_dir, f"g{alpha}.pt"))
     dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference_grads(alpha):

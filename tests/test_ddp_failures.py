@@ -38,7 +38,7 @@ def worker(rank, port, out_dir):
 
 
 def test_main_work_failure_reaches_every_rank(tmp_path):
-    from test_ddp_engine import free_port  # here, so that the spawned workers need not import the models
+    from helpers import free_port  # here, so that the spawned workers need not import the models
 
     t0 = time.monotonic()
     mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")

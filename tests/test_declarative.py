@@ -22,7 +22,7 @@ import yaml
 
 from alphaflow.provenance import latents_content_hash
 from conftest import ROOT, tiny_params_dict, write_class_folder
-from test_pipeline import BIN, ENV, changed_stages, job_counts, run
+from helpers import BIN, ENV, changed_stages, job_counts, run
 
 pytestmark = pytest.mark.slow
 

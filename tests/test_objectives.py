@@ -5,9 +5,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from alphaflow.objectives import (
-    alpha_flow_loss, alpha_schedule, drop_labels, guided_velocity, per_sample_loss, sample_times,
-    total_derivative, gradient_conflict,
+    alpha_flow_loss, alpha_schedule, drop_labels, gradient_conflict, guided_velocity, per_sample_loss, sample_times,
+    total_derivative,
 )
+from conftest import randomized
 
 f64 = torch.float64
 
@@ -25,6 +26,26 @@ def grads(net, loss):
     net.zero_grad()
     loss.backward()
     return torch.cat([p.grad.reshape(-1).clone() for p in net.parameters() if p.grad is not None])
+
+
+def b4(a):
+    """[B] -> [B, 1, 1, 1]."""
+    return a[:, None, None, None]
+
+
+def flat_autograd(loss, params):
+    """∇_θ loss as one vector (zeros for parameters the loss does not reach), by torch.autograd.grad."""
+    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])
+
+
+def dudt_forward_ad(net, z, r, t, y, v):
+    """du/dt along (dz, dr, dt) = (v, 0, 1) with dual tensors (torch.autograd.forward_ad), no gradient."""
+    import torch.autograd.forward_ad as fwad
+
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), fwad.dual_level():
+        out = net(fwad.make_dual(z, v), r, fwad.make_dual(t, torch.ones_like(t)), y)
+        return fwad.unpack_dual(out).tangent.clone()
 
 
 #----------------------------------------------------------------------------
@@ -152,15 +173,47 @@ def test_per_sample_loss_is_the_stable_api(tiny_net64):
 
 
 def test_decomposition_sums_to_meanflow_up_to_constant(tiny_net64):
-    """L_TFM + L_TC = Δ²_MF − C with C = mean(−2(t−r) v·du/dt + (t−r)²‖du/dt‖²) (paper Eq. 6)."""
-    x, y, t, r, noise = batch()
+    """Per sample, Δ²_MF = L_TFM + L_TC + C with C = mean(−2(t−r) v·du/dt + (t−r)²‖du/dt‖²) free of θ (du/dt
+    is stop-gradient; paper Eq. 6). The weighted loss sg(w)·Δ² is not L_TFM + L_TC: the identity is for the
+    unweighted Δ², and r = t samples have L_TC = 0 and C = 0."""
+    x, y, t, r, noise = batch(fm_ratio=0.5)
     terms = alpha_flow_loss(tiny_net64, x, y, t, r, noise, 0.0)
-    z = (1 - t)[:, None, None, None] * x + t[:, None, None, None] * noise
+    z = b4(1 - t) * x + b4(t) * noise
     v = noise - x
-    dudt = total_derivative(tiny_net64, z, r, t, y, v)
-    dt = (t - r)[:, None, None, None]
-    const = (-2 * dt * v * dudt + dt ** 2 * dudt ** 2).flatten(1).mean(1)
-    torch.testing.assert_close(terms.tfm + terms.tc, terms.delta_sq.detach() - const)
+    dudt = dudt_forward_ad(tiny_net64, z, r, t, y, v)
+    with torch.no_grad():
+        u = tiny_net64(z, r, t, y)
+    dt = b4(t - r)
+    per = lambda a: a.flatten(1).mean(1)
+    torch.testing.assert_close(terms.tfm, per((u - v) ** 2))
+    torch.testing.assert_close(terms.tc, per(2 * dt * u * dudt))
+    const = per(-2 * dt * v * dudt + dt ** 2 * dudt ** 2)
+    torch.testing.assert_close(terms.delta_sq.detach(), per((u - (v - dt * dudt)) ** 2))
+    torch.testing.assert_close(terms.tfm + terms.tc + const, terms.delta_sq.detach())
+    fm = terms.is_fm
+    assert bool(fm.any()) and bool((~fm).any())
+    assert torch.equal(terms.tc[fm], torch.zeros_like(terms.tc[fm]))
+    assert float(terms.tc[~fm].abs().min()) > 1e-6 and float(const[~fm].abs().min()) > 1e-6  # neither is vacuous
+
+
+def test_meanflow_gradient_is_the_tfm_plus_tc_gradient(tiny_net64):
+    """∇ mean Δ²_MF = ∇L_TFM + ∇L_TC, the identity gradient_conflict's "MF" = TFM + TC relies on; the
+    weighted loss's gradient is instead Σ sg(w_i) ∇Δ²_i / B."""
+    x, y, t, r, noise = batch(n=8)
+    params = [p for p in tiny_net64.parameters() if p.requires_grad]
+    terms = alpha_flow_loss(tiny_net64, x, y, t, r, noise, 0.0)
+    g_mf = flat_autograd(terms.delta_sq.mean(), params)
+    z = b4(1 - t) * x + b4(t) * noise
+    v = noise - x
+    dudt = dudt_forward_ad(tiny_net64, z, r, t, y, v)
+    u = tiny_net64(z, r, t, y)
+    g_tfm = flat_autograd(((u - v) ** 2).mean(), params)
+    g_tc = flat_autograd((2 * b4(t - r) * u * dudt).mean(), params)
+    torch.testing.assert_close(g_mf, g_tfm + g_tc, rtol=1e-9, atol=1e-12)
+    assert float((g_mf - g_tfm).norm()) > 1e-3 * float(g_mf.norm())  # L_TC's gradient is not negligible here
+    w = 1.0 / (terms.delta_sq.detach() + 1e-3)
+    g_weighted = flat_autograd(terms.loss.mean(), params)
+    torch.testing.assert_close(g_weighted, flat_autograd((w * terms.delta_sq).mean(), params))
 
 
 #----------------------------------------------------------------------------
@@ -214,16 +267,70 @@ def test_cfg_in_loss_uses_teacher_under_no_grad(tiny_net64):
     assert all(torch.isfinite(p.grad).all() for p in tiny_net64.parameters())
 
 
-def test_shortcut_variant_runs_and_differs(tiny_net64):
-    x, y, t, r, noise = batch()
-    a = per_sample_loss(tiny_net64, x, y, t, r, noise, 0.5)
-    b = per_sample_loss(tiny_net64, x, y, t, r, noise, 0.5, shift="shortcut")
-    assert not torch.allclose(a, b)
+def test_shortcut_target_is_the_two_half_step_target(tiny_net64):
+    """shift="shortcut", α = ½ (paper Thm. 1's Shortcut model): on r ≠ t the target is
+    sg(½ u(z_t, s, t) + ½ u(z_s, r, s)), s = (r + t)/2, z_s = z_t − (t − s) u(z_t, s, t), with weight ½/(Δ² + c);
+    on r = t it is v with weight 1/(Δ² + c)."""
+    x, y, t, r, noise = batch(n=8, fm_ratio=0.25)
+    net = tiny_net64
+    terms = alpha_flow_loss(net, x, y, t, r, noise, 0.5, shift="shortcut", clamp_target=None)
+    z_t = b4(1 - t) * x + b4(t) * noise
+    v = noise - x
+    s = (r + t) / 2
+    with torch.no_grad():
+        u_first = net(z_t, s, t, y)                   # the half step [s, t]
+        z_s = z_t - b4(t - s) * u_first
+        u_second = net(z_s, r, s, y)                  # the half step [r, s] from where the first one lands
+        shortcut = 0.5 * u_first + 0.5 * u_second
+    fm = t == r
+    assert bool(fm.any()) and bool((~fm).any())
+    target = torch.where(b4(fm), v, shortcut)
+    u = net(z_t, r, t, y)
+    delta_sq = ((u - target) ** 2).flatten(1).mean(1)
+    a = torch.where(fm, 1.0, 0.5).to(f64)
+    expected = (a / (delta_sq.detach() + 1e-3)) * delta_sq
+    torch.testing.assert_close(terms.delta_sq, delta_sq, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(terms.loss, expected, rtol=1e-9, atol=1e-12)
+    params = [p for p in net.parameters() if p.requires_grad]  # the target carries no gradient
+    torch.testing.assert_close(flat_autograd(terms.loss.mean(), params), flat_autograd(expected.mean(), params))
+    # Not vacuous: the velocity-shift α-Flow target at α = ½ is a different one on every r ≠ t sample.
+    velocity = alpha_flow_loss(net, x, y, t, r, noise, 0.5, clamp_target=None)
+    assert float((velocity.delta_sq - terms.delta_sq).detach()[~fm].abs().min()) > 1e-6
+    # clamp_target clips the shortcut target as any α > 0 target; the r = t target v is never clipped.
+    clipped = alpha_flow_loss(net, 10 * x, y, t, r, 10 * noise, 0.5, shift="shortcut", clamp_target=0.5)
+    with torch.no_grad():
+        z10 = b4(1 - t) * 10 * x + b4(t) * 10 * noise
+        first = net(z10, s, t, y)
+        sc10 = 0.5 * first + 0.5 * net(z10 - b4(t - s) * first, r, s, y)
+        want = ((net(z10, r, t, y) - torch.where(b4(fm), 10 * v, sc10.clamp(-0.5, 0.5))) ** 2).flatten(1).mean(1)
+    assert float(sc10[~fm].abs().max()) > 0.5  # the clip binds
+    torch.testing.assert_close(clipped.delta_sq.detach(), want, rtol=1e-9, atol=1e-12)
 
 
-def test_gradient_conflict_cosines(tiny_net64):
+def test_gradient_conflict_cosines_match_a_hand_computation(tiny_net64):
+    """Each cosine is cos(∇_θ L_a, ∇_θ L_b) of the losses written out here, with ∇L_MF = ∇L_TFM + ∇L_TC, and
+    the losses are their values: L_TFM = mean (u − v)², L_FM′ = mean (u(z_t, t, t) − v)²,
+    L_TC = mean 2 (t − r) u · sg(du/dt)."""
     x, y, t, r, noise = batch(n=8)
-    out = gradient_conflict(tiny_net64, x, y, t, r, noise)
-    assert set(out) >= {"cos(TFM,TC)", "cos(FM',TC)", "loss_TFM"}
-    assert all(-1.0 <= out[k] <= 1.0 for k in out if k.startswith("cos"))
-    assert out["cos(TFM,MF)"] != out["cos(TFM,TC)"]
+    net = randomized(tiny_net64, std=0.2, seed=2)  # larger weights: u depends on r, the cosines spread out
+    out = gradient_conflict(net, x, y, t, r, noise)
+    params = [p for p in net.parameters() if p.requires_grad]
+    z = b4(1 - t) * x + b4(t) * noise
+    v = noise - x
+    dudt = dudt_forward_ad(net, z, r, t, y, v)
+    u = net(z, r, t, y)
+    losses = {"TFM": ((u - v) ** 2).mean(), "FM'": ((net(z, t, t, y) - v) ** 2).mean(),
+              "TC": (2 * b4(t - r) * u * dudt).mean()}
+    g = {k: flat_autograd(loss, params) for k, loss in losses.items()}
+    g["MF"] = flat_autograd(losses["TFM"] + losses["TC"], params)
+    cos = lambda a, b: float(torch.dot(a, b) / (a.norm() * b.norm()))
+    pairs = [("TFM", "TC"), ("FM'", "TC"), ("TFM", "FM'"), ("TFM", "MF"), ("FM'", "MF"), ("TC", "MF")]
+    expected = {f"cos({a},{b})": cos(g[a], g[b]) for a, b in pairs}
+    expected.update({f"loss_{k}": float(loss) for k, loss in losses.items()})
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    # Not vacuous: L_TFM and L_FM′ (r versus r := t) and L_TC and L_MF differ visibly on this batch.
+    assert abs(expected["cos(TFM,TC)"] - expected["cos(FM',TC)"]) > 0.02, expected
+    assert abs(expected["cos(TFM,TC)"] - expected["cos(TC,MF)"]) > 0.03, expected
+    assert abs(expected["loss_TFM"] - expected["loss_FM'"]) > 0.1, expected

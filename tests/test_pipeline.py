@@ -5,40 +5,15 @@ Fast tests dry-run the real Snakefile and dvc.yaml; slow ones (-m slow) run the 
 """
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, tiny_params_dict
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-
-
-def run(cmd, cwd=ROOT, check=True, timeout=1200, env=None):
-    proc = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
-    return proc
-
-
-def job_counts(output):
-    """{rule: count} from Snakemake's 'Job stats' table."""
-    block = output.split("Job stats:", 1)[1]
-    counts = {}
-    for line in block.splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
+from helpers import BIN, changed_stages, job_counts, run
 
 
 def snakemake_commands(*args, cwd=ROOT, env=None):
@@ -264,9 +239,3 @@ def test_dvc_repro_runs_the_same_dag_in_a_git_repo(tiny_latents, tmp_path):
     (repo / "params" / "default.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     changed = changed_stages(repo)
     assert "encode" in changed and not any(s.startswith(("prepare", "reference", "train")) for s in changed)
-
-
-def changed_stages(repo):
-    """Stages `dvc status` lists as changed (directly or through an upstream dependency)."""
-    status = json.loads(run([BIN / "dvc", "status", "--json"], cwd=repo).stdout)
-    return set(status)

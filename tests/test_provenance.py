@@ -17,7 +17,7 @@ from alphaflow.config import ParamsError, load_params
 from alphaflow.ema import ema_beta
 from alphaflow.train import train
 from conftest import tiny_params_dict
-from test_train import assert_bit_identical, final_tensors
+from helpers import assert_bit_identical, final_tensors
 
 RUN = "alphaflow-tiny"
 

@@ -88,7 +88,10 @@ def test_group_sample_sheet_uses_each_groups_first_seed(seeded):
 
 
 def test_curves_by_group_collect_every_seed_and_plot(seeded):
-    from alphaflow.plots import curves_by_group, plot_gradient_conflict
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from alphaflow.plots import curves_by_group, gradient_conflict_figure, plot_gradient_conflict, save_figure
 
     keys = ("cos(TFM,TC)", "cos(FM',TC)", "cos(TFM,FM')")
     for method, sign in (("alphaflow", -1), ("meanflow", 1)):
@@ -96,13 +99,32 @@ def test_curves_by_group_collect_every_seed_and_plot(seeded):
             path = seeded.run_dir(f"{method}-s{seed}") / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             lines = [{"step": 10, "alpha": 1.0}]  # a training record without the key is skipped
-            lines += [{"step": k, **{key: sign * 0.1 * seed * k for key in keys}} for k in (250, 500)]
+            lines += [{"step": k, **{key: sign * 0.1 * seed ** 2 * k * (i + 1) for i, key in enumerate(keys)}}
+                      for k in (250, 500)]
             path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     curves = curves_by_group(seeded, "cos(TFM,TC)")
     assert sorted(curves) == ["alphaflow", "meanflow"] and len(curves["meanflow"]) == 3
-    assert [c[500] for c in curves["alphaflow"]] == pytest.approx([-50.0, -100.0, -150.0])
+    assert [c[500] for c in curves["alphaflow"]] == pytest.approx([-50.0, -200.0, -450.0])
+    # The figure: one axes per cosine, per group the mean over seeds as a line and the min–max band over seeds.
+    fig = gradient_conflict_figure(seeded)
+    assert [ax.get_title() for ax in fig.axes] == ["cos ∇(TFM,TC)", "cos ∇(FM',TC)", "cos ∇(TFM,FM')"]
+    for i, ax in enumerate(fig.axes):  # key i's values are (i + 1) × those of key 0
+        lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+        assert sorted(lines) == ["alphaflow (n=3)", "meanflow (n=3)"]
+        assert len(ax.collections) == 2
+        for method, sign in (("alphaflow", -1), ("meanflow", 1)):
+            line = lines[f"{method} (n=3)"]
+            assert list(line.get_xdata()) == [250, 500]
+            scale = sign * (i + 1)
+            assert list(line.get_ydata()) == pytest.approx([scale * 350 / 3, scale * 700 / 3])  # mean, not median
+            (band,) = [c for c in ax.collections if tuple(c.get_facecolor()[0][:3]) == to_rgb(line.get_color())]
+            ys = {round(float(v), 9) for v in band.get_paths()[0].vertices[:, 1]}
+            assert ys == {scale * 25.0, scale * 225.0, scale * 50.0, scale * 450.0}  # seeds 1, 3 at steps 250, 500
+    plt.close(fig)
     out = seeded.run_dir("alphaflow-s1").parent.parent / "conflict.png"
-    assert plot_gradient_conflict(seeded, out) == out and out.stat().st_size > 1000
+    assert plot_gradient_conflict(seeded, out) == out
+    reference = save_figure(gradient_conflict_figure(seeded), out.with_name("reference.png"))
+    assert out.read_bytes() == reference.read_bytes()
 
 
 def test_paired_interval_uses_the_seeds_both_groups_ran():

@@ -20,8 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from test_slurm import slurm  # noqa: F401 — skips (or fails under ALPHAFLOW_REQUIRE_SLURM=1) without a cluster
-from test_slurm_pipeline import ENV, job_ids, write_profile
+from helpers import ENV, job_ids, write_profile
 
 pytestmark = pytest.mark.slow
 RUN, STEPS = "alphaflow-tiny", 40
@@ -30,7 +29,7 @@ LAYOUTS = {"2 nodes × 1 task": {"nodes": 2, "tasks_per_node": 1, "partition": "
 
 
 @pytest.fixture(scope="module")
-def two_nodes(slurm):  # noqa: F811
+def two_nodes(slurm):
     out = subprocess.run(["sinfo", "-h", "-p", "twonode", "-o", "%D %T"], capture_output=True, text=True).stdout
     ready = out.split() and int(out.split()[0]) >= 2 and out.split()[1].rstrip("*~#") in ("idle", "mixed")
     if not ready:

@@ -6,7 +6,6 @@
 """
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,32 +17,13 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_params_dict
-from test_slurm import slurm  # noqa: F401 — the fixture that skips (or fails in CI) without a cluster
+from conftest import ROOT
+from helpers import BIN, ENV, job_ids, write_profile
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-SLURM_RESOURCES = {"default": {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10}}
 
 
-def write_profile(tmp_path, tiny_latents, **defaults):
-    results = tmp_path / "results"
-    shutil.copytree(tiny_latents / "results", results)
-    d = tiny_params_dict(results, tiny_latents / "images", **defaults)
-    d["executor"] = "slurm"
-    d["resources"] = SLURM_RESOURCES
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    return path, results
-
-
-def job_ids(name):
-    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout
-    return out.split()
-
-
-def test_train_preempted_on_slurm_resumes_to_the_uninterrupted_weights(slurm, tiny_latents, tmp_path):  # noqa: F811
+def test_train_preempted_on_slurm_resumes_to_the_uninterrupted_weights(slurm, tiny_latents, tmp_path):
     steps = 60
     params, results = write_profile(tmp_path, tiny_latents, steps=steps, checkpoint_every=10)
     run = "meanflow-tiny"
@@ -84,7 +64,7 @@ def test_train_preempted_on_slurm_resumes_to_the_uninterrupted_weights(slurm, ti
     print(f"\n[timing] train preempted + requeued on SLURM: {time.monotonic() - t0:.1f}s")
 
 
-def test_snakemake_slurm_profile_runs_the_tiny_dag_through_sbatch(slurm, tiny_latents, tmp_path):  # noqa: F811
+def test_snakemake_slurm_profile_runs_the_tiny_dag_through_sbatch(slurm, tiny_latents, tmp_path):
     params, results = write_profile(tmp_path, tiny_latents)
     d = yaml.safe_load(params.read_text())
     d["runs"] = {"alphaflow-tiny": {"method": "alphaflow"}}

@@ -20,11 +20,7 @@ from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.plots import plot_training_curves
 from alphaflow.train import learning_rate, train
 from conftest import ROOT, run_cli
-
-
-def final_tensors(results, run):
-    d = results / "runs" / run / "checkpoints" / "final"
-    return {name: load_file(str(d / f"{name}.safetensors")) for name in ("model", "ema", "optimizer")}
+from helpers import assert_bit_identical, final_tensors
 
 
 def phema_snapshots(results, run):
@@ -33,13 +29,6 @@ def phema_snapshots(results, run):
     out = {"phema": load_file(str(d / "final" / "phema.safetensors"))}
     out.update({f.name.split(".")[0]: load_file(str(f)) for f in (d / "phema").glob("phema-*.safetensors")})
     return out
-
-
-def assert_bit_identical(a, b):
-    for group in a:
-        assert a[group].keys() == b[group].keys()
-        for k in a[group]:
-            assert torch.equal(a[group][k], b[group][k]), f"{group}/{k} differs"
 
 
 def test_schedules():

@@ -10,6 +10,11 @@ and `latest.json` replaced atomically: after kill -9 the newest checkpoint is al
 only ever names a step-* folder, so deleting `final/state.json` (Snakemake does, before it re-runs a
 training job) never strands a resume. state.json records the sha256 of the weight files; loading checks it.
 Loading never unpickles: safetensors + JSON only.
+
+A full disk: a save first removes what an interrupted save left (`.tmp-*`), then refuses with OutOfSpace when
+the filesystem has less free than the checkpoint's tensors plus a margin; a disk that fills during the write
+ends in the same OutOfSpace, after the temporary folder is removed. Either way the previous checkpoint and
+latest.json are untouched, so re-running resumes from it.
 """
 
 import json
@@ -20,11 +25,13 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from alphaflow.errors import UserError
-from alphaflow.io import atomic_write_json, fsync_file, publish_dir, sha256_file
+from alphaflow.io import (atomic_write_json, ensure_space, fsync_file, is_out_of_space, publish_dir, remove_path,
+                          sha256_file, space_guard)
 
 LATEST = "latest.json"
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 PHEMA_FILE = "phema.safetensors"
+SPACE_MARGIN = 1 << 20  # bytes free beyond a checkpoint's tensors (plus 1 %): headers, state.json, latest.json
 
 
 def step_dir_name(step):
@@ -56,27 +63,47 @@ def load_optimizer(optimizer, tensors, param_groups):
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state, phema=None):
+def tensor_bytes(tensors) -> int:
+    """Bytes of the tensors of a {name: tensor} dict (what safetensors writes, less its header)."""
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def space_margin(needed) -> int:
+    return SPACE_MARGIN + needed // 100
+
+
+def clear_partial(ckpt_dir) -> None:
+    """Removes what an interrupted save left in `ckpt_dir`: `.tmp-*` folders and `.*.tmp` files (no reader
+    opens them; the run lock keeps a second writer out)."""
+    for leftover in (*Path(ckpt_dir).glob(".tmp-*"), *Path(ckpt_dir).glob(".*.tmp")):
+        remove_path(leftover)
+
+
+def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state, phema=None, what=None):
     """Writes checkpoint `name` (e.g. step-0001000 or final) atomically and points latest.json at it.
 
     rng: dict of named uint8 generator states; state: JSON-able dict (step, loader, fingerprint, …);
-    phema: the tracked post-hoc EMA profiles (alphaflow.phema.PowerEMA), kept in fp32 for exact resume.
+    phema: the tracked post-hoc EMA profiles (alphaflow.phema.PowerEMA), kept in fp32 for exact resume;
+    what: names the checkpoint in an OutOfSpace (default "checkpoint <name>").
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = {"raw": _save_tensors(net.state_dict(), tmp / WEIGHT_FILES["raw"]),
-             "ema": _save_tensors(ema.state_dict(), tmp / WEIGHT_FILES["ema"])}
+    clear_partial(ckpt_dir)
     opt_tensors, param_groups = optimizer_tensors(optimizer)
-    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-    _save_tensors(rng, tmp / "rng.safetensors")
+    files = {WEIGHT_FILES["raw"]: net.state_dict(), WEIGHT_FILES["ema"]: ema.state_dict(),
+             "optimizer.safetensors": opt_tensors, "rng.safetensors": rng}
     if phema is not None:
-        _save_tensors(phema.state_dict(), tmp / PHEMA_FILE)
-    atomic_write_json(tmp / "state.json", {**state, "sha256": files, "param_groups": param_groups})
-    final = publish_dir(tmp, ckpt_dir / name)
-    atomic_write_json(ckpt_dir / LATEST, {"dir": name, "step": state["step"]})
+        files[PHEMA_FILE] = phema.state_dict()
+    what, tmp = what or f"checkpoint {name}", ckpt_dir / f".tmp-{name}"
+    needed = sum(tensor_bytes(t) for t in files.values())
+    ensure_space(ckpt_dir / name, needed, what, space_margin(needed))
+    with space_guard(ckpt_dir / name, needed, what, cleanup=[tmp]):
+        tmp.mkdir()
+        sha = {f: _save_tensors(tensors, tmp / f) for f, tensors in files.items()}
+        weights = {w: sha[WEIGHT_FILES[w]] for w in ("raw", "ema")}
+        atomic_write_json(tmp / "state.json", {**state, "sha256": weights, "param_groups": param_groups})
+        final = publish_dir(tmp, ckpt_dir / name)
+        atomic_write_json(ckpt_dir / LATEST, {"dir": name, "step": state["step"]})
     return final
 
 
@@ -85,29 +112,40 @@ def write_final(ckpt_dir, weight_sets, state):
     written into a temporary folder and renamed, so a kill leaves the previous final/ or none."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    clear_partial(ckpt_dir)
     tmp = ckpt_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = {w: _save_tensors(weight_sets[w], tmp / WEIGHT_FILES[w]) for w in ("raw", "ema")}
-    atomic_write_json(tmp / "state.json", {**state, "sha256": files})
-    return publish_dir(tmp, ckpt_dir / "final")
+    needed = sum(tensor_bytes(weight_sets[w]) for w in ("raw", "ema"))
+    ensure_space(ckpt_dir / "final", needed, "the imported weights", space_margin(needed))
+    with space_guard(ckpt_dir / "final", needed, "the imported weights", cleanup=[tmp]):
+        tmp.mkdir()
+        files = {w: _save_tensors(weight_sets[w], tmp / WEIGHT_FILES[w]) for w in ("raw", "ema")}
+        atomic_write_json(tmp / "state.json", {**state, "sha256": files})
+        return publish_dir(tmp, ckpt_dir / "final")
 
 
 def publish_final(ckpt_dir, name):
     """`final/` = the complete checkpoint `name` (hard links, a copy where links fail); state.json last."""
     ckpt_dir = Path(ckpt_dir)
     src, tmp = ckpt_dir / name, ckpt_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for f in sorted(src.iterdir()):
-        if f.name != "state.json":
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    publish_dir(tmp, ckpt_dir / "final")
-    atomic_write_json(ckpt_dir / "final" / "state.json", read_state(src))
+    clear_partial(ckpt_dir)
+    needed = sum(f.stat().st_size for f in src.iterdir())  # what a copy needs; links need next to nothing
+    with space_guard(ckpt_dir / "final", needed, f"the final checkpoint (from {name})", cleanup=[tmp]):
+        tmp.mkdir()
+        for f in sorted(src.iterdir()):
+            if f.name != "state.json":
+                _link_or_copy(f, tmp / f.name)
+        publish_dir(tmp, ckpt_dir / "final")
+        atomic_write_json(ckpt_dir / "final" / "state.json", read_state(src))
     return ckpt_dir / "final"
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        if is_out_of_space(err):
+            raise
+        shutil.copy2(src, dst)
 
 
 def complete_checkpoints(ckpt_dir):

@@ -3,6 +3,7 @@
 `alphaflow <stage>` prints such an error as one message naming the file/key and what to do, and exits 2;
 the traceback only with ALPHAFLOW_DEBUG=1. Anything else is an internal error and keeps its traceback.
 A stage that saved its state and wants to be started again exits with REQUEUE_EXIT_CODE.
+A full disk or a spent quota is an OutOfSpace, raised by the writer after it removed its partial files.
 """
 
 import os
@@ -25,4 +26,13 @@ class InvalidInputError(UserError, ValueError):
     """An input file or folder has the wrong content (corrupt, wrong layout, wrong checkpoint).
 
     Also a ValueError, so code that catches that keeps working.
+    """
+
+
+class OutOfSpace(UserError):
+    """A write that found its filesystem full (ENOSPC) or the quota spent (EDQUOT), or a checkpoint that would not
+    fit; the message names the path, what was written, the space needed and free. The writer removed its partial
+    files first, so what was saved before is intact and re-running the same command resumes.
+
+    Not an OSError: code that catches OSError to try another way (a copy where a link fails) must not swallow it.
     """

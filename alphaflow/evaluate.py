@@ -103,7 +103,8 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
               "labels": params.samplers[sampler_name].get("labels") or params.raw["eval"].get("labels", "random"),
               "t_steps": params.samplers[sampler_name]["t_steps"],
               "mode": params.samplers[sampler_name]["mode"], "seconds": time.perf_counter() - t0, "metrics": metrics}
-    atomic_write_json(params.eval_file(run_name, weights, sampler_name), record)
+    atomic_write_json(params.eval_file(run_name, weights, sampler_name), record,
+                      what=f"the evaluation of {run_name}/{weights}/{sampler_name}")
     # A class-sorted grid (8 per class) for the report.
     order = torch.argsort(labels, stable=True)
     per_class = [order[labels[order] == c][:8] for c in range(min(10, int(labels.max()) + 1))]

@@ -131,7 +131,8 @@ def save_snapshot(folder, phema, step, images, dtype=torch.float32):
     # One metadata key: safetensors writes a metadata map in no fixed order, so several keys would make the
     # bytes of equal snapshots differ from run to run.
     record = {"step": step, "images": images, "sigma_rels": list(phema.sigma_rels)}
-    atomic_write_bytes(path, st_save(tensors, metadata={"snapshot": json.dumps(record)}))
+    atomic_write_bytes(path, st_save(tensors, metadata={"snapshot": json.dumps(record)}),
+                       what=f"the post-hoc EMA snapshot of step {step}")
     return path
 
 
@@ -220,7 +221,8 @@ def write_posthoc(params, run_name, sigma_rel, step=None):
     record["trained"] = trained_identity(params, run_name)
     out = posthoc_path(params, run_name, sigma_rel, step)
     atomic_write_bytes(out, st_save({k: v.contiguous() for k, v in weights.items()},
-                                    metadata={"phema": json.dumps(record)}))
+                                    metadata={"phema": json.dumps(record)}),
+                       what=f"the post-hoc EMA weights σ_rel={sigma_rel:g} of run {run_name}")
     return out, record
 
 

@@ -50,8 +50,8 @@ import time
 import uuid
 from pathlib import Path
 
-from alphaflow.errors import UserError
-from alphaflow.io import atomic_write_json
+from alphaflow.errors import OutOfSpace, UserError
+from alphaflow.io import atomic_write_json, space_guard, write_bytes
 
 HEARTBEAT_ENV = "ALPHAFLOW_LOCK_HEARTBEAT_S"
 HEARTBEAT_S = 30.0
@@ -162,19 +162,21 @@ def refusal(path, holder, stale_s, waited=None):
 def _create(path, record):
     """Links a complete lock file to `path`; False when a lock is there."""
     tmp = path.with_name(f"{path.name}.{record['token']}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+    data = json.dumps(record, indent=1).encode()
+    with space_guard(path, len(data), "the lock file"):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # held, unless the server linked and lost its reply: the link count tells
-        return os.stat(tmp).st_nlink == 2
-    finally:
-        os.unlink(tmp)
+            with os.fdopen(fd, "wb") as f:
+                write_bytes(f, data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # held, unless the server linked and lost its reply: the link count tells
+            return os.stat(tmp).st_nlink == 2
+        finally:
+            os.unlink(tmp)
 
 
 def _take_over(path, stale, record, stale_s):
@@ -284,8 +286,8 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s) and not self.lost:
             try:
                 self.beat()
-            except OSError:
-                pass  # a transient filesystem error: the next beat tries again
+            except (OSError, OutOfSpace):
+                pass  # a transient filesystem error or a full disk: the next beat tries again
 
     def release(self):
         """Stops the heartbeat and removes the lock if it is still ours (idempotent)."""

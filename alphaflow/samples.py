@@ -155,7 +155,8 @@ def _sample_part(params, run_name, weights, sampler_name, *, part, num_parts, de
         labels = labels_for_seeds(seeds, num_classes, sampler.get("labels") or ev.get("labels", "random"))
         images = generate(net, encoder, seeds, labels, sampler, device, autocast, eval_protocol(ev))
         atomic_write_bytes(path, st_save({"images": images.cpu().contiguous(),
-                                          "labels": torch.as_tensor(labels), "seeds": torch.as_tensor(seeds)}))
+                                          "labels": torch.as_tensor(labels), "seeds": torch.as_tensor(seeds)}),
+                           what=f"the sample chunk of seeds {lo}…{hi - 1} of {run_name}/{weights}/{sampler_name}")
     elapsed = time.perf_counter() - t0
     atomic_write_json(chunk_dir / f"part-{part}-of-{num_parts}.json", {"start": start, "end": end, "seconds": elapsed})
     if all((chunk_dir / f"part-{i}-of-{num_parts}.json").exists() for i in range(num_parts)):

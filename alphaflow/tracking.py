@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from alphaflow.errors import UserError
-from alphaflow.io import atomic_write_bytes, atomic_write_text
+from alphaflow.io import atomic_write_bytes, atomic_write_text, space_guard, write_bytes
 
 
 def git_commit(cwd=None):
@@ -118,10 +118,12 @@ def _repair_tail(path, f):
 
 
 def append_jsonl(path, record):
-    """Appends one record (fsync'ed) on a line of its own, repairing a tail torn earlier first."""
-    with open(path, "ab+") as f:
+    """Appends one record (fsync'ed) on a line of its own, repairing a tail torn earlier first. A full disk is an
+    OutOfSpace; the line it may leave torn is cut off by the next append or resume."""
+    line = (json.dumps(record) + "\n").encode()
+    with space_guard(path, len(line), f"a record of {Path(path).name}"), open(path, "ab+") as f:
         _repair_tail(path, f)
-        f.write((json.dumps(record) + "\n").encode())
+        write_bytes(f, line)
         f.flush()
         os.fsync(f.fileno())
 

@@ -331,7 +331,7 @@ def save(state, ckpt_dir):
                      "window": {**{k: float(v) for k, v in state.sums.items()}, "n": state.window_n}}
             rng = {f"gen.{r}": s for r, s in enumerate(states)}
             ckpt.save_checkpoint(ckpt_dir, name, net=state.net, ema=state.ema, optimizer=state.opt, rng=rng,
-                                 state=saved, phema=state.phema)
+                                 state=saved, phema=state.phema, what=f"checkpoint {name} of run {state.run.name}")
 
 
 def checkpoint(state, params, ckpt_dir, tracker):
@@ -409,8 +409,9 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
         if info.is_main and not quiet:
             print(f"[alphaflow] {run.name}: already finished ({ckpt_dir / 'final'}, fingerprint {fp})")
         return finished
-    with distributed.main_work("clearing outputs of other params") as mine:
+    with distributed.main_work("clearing outputs of other params and partial checkpoints") as mine:
         if mine:
+            ckpt.clear_partial(ckpt_dir)  # a save a kill interrupted: its space is needed now
             discard_stale(run_dir, ckpt.latest_checkpoint(ckpt_dir, max_step=run.steps), fp, run, quiet)
     latest = ckpt.latest_checkpoint(ckpt_dir, max_step=run.steps)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,22 @@
+"""Fixtures shared by the tests; plain helpers live in helpers.py (`from helpers import ...`)."""
+
 import os
+import shutil
+import subprocess
+import tempfile
 
 import pytest
 import torch
+import yaml
+from helpers import randomized, tiny_params_dict, write_class_folder
 
 # Deterministic, CPU-friendly defaults for every test.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Tests never write into the project's own MLflow store (subprocesses inherit this).
-import tempfile  # noqa: E402
-
 _MLFLOW_DIR = tempfile.mkdtemp(prefix="alphaflow-test-mlflow-")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_DIR}/mlflow.db"
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-
-
-def randomized(net, std=0.05, seed=0):
-    """Gives a zero-initialised DiT non-trivial outputs (adaLN and output layers are zero at init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return net
 
 
 @pytest.fixture
@@ -37,52 +33,6 @@ def tiny_net64():
 
 #----------------------------------------------------------------------------
 # A tiny real pipeline input: an ImageNet-style folder of PNGs → prepared shards → identity latents.
-
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_class_folder(root, classes=3, per_class=24, size=12, seed=0):
-    """Class-structured images: class k is a bright blob in quadrant k on noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for k in range(classes):
-        d = Path(root) / f"class{k}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-            r0, c0 = (k // 2) * size // 2, (k % 2) * size // 2
-            img[r0:r0 + size // 2, c0:c0 + size // 2] = 200 + rng.integers(0, 55)
-            Image.fromarray(img).save(d / f"img{i}.png")
-    return Path(root)
-
-
-def tiny_params_dict(results, folder, **defaults):
-    d = {
-        "profile": "test", "seed": 0, "results": str(results), "tracking_uri": None, "executor": "none",
-        "device": "cpu",
-        "data": {"name": "tiny", "source": "folder", "path": str(folder), "resolution": 8, "workers": 1},
-        "encoder": {"kind": "identity", "batch_size": 64, "parts": 1},
-        "defaults": {"model": "T/2", "model_overrides": {"depth": 1, "hidden_size": 32, "num_heads": 2},
-                     "steps": 12, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "ema_halflife": 4,
-                     "ema_rampup": 0.5, "fm_ratio": 0.5, "alpha_start": 2, "alpha_end": 8,
-                     "stats_samples": 32, "log_every": 2, "checkpoint_every": 2, "snapshot_every": 1000,
-                     "conflict_every": None, "seed": 3, **defaults},
-        "runs": {"alphaflow-tiny": {"method": "alphaflow"}, "meanflow-tiny": {"method": "meanflow"}},
-        "eval": {"num_samples": 24, "batch_size": 12, "labels": "balanced", "weights": ["ema", "raw"],
-                 "samplers": [{"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]},
-                              {"name": "2nfe-cons-0.5", "mode": "consistency", "t_steps": [1.0, 0.5, 0.0]}],
-                 "metrics": ["fd_classifier"], "n_boot": 20, "classifier_epochs": 1, "ref_samples": 24},
-    }
-    return d
 
 
 @pytest.fixture(scope="session")
@@ -115,16 +65,6 @@ def tiny_project(tiny_latents, tmp_path):
         return path
 
     return write, results
-
-
-def run_cli(*args, check=True, **kw):
-    """`python -m alphaflow ...` as a user types it."""
-    proc = subprocess.run([sys.executable, "-m", "alphaflow", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"alphaflow {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 #----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -72,7 +73,6 @@ def trained_tiny_project(base, tiny_latents, **eval_keys):
     update the profile's eval section (e.g. protocol="alphaflow")."""
     from alphaflow.config import load_params
     from alphaflow.train import train
-    from conftest import tiny_params_dict
 
     shutil.copytree(tiny_latents / "results", base / "results")
     d = tiny_params_dict(base / "results", tiny_latents / "images")
@@ -143,7 +143,6 @@ SLURM_RESOURCES = {"default": {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 
 
 def write_profile(tmp_path, tiny_latents, **defaults):
     """(params path, results dir): a private copy of the tiny data with executor slurm."""
-    from conftest import tiny_params_dict
 
     results = tmp_path / "results"
     shutil.copytree(tiny_latents / "results", results)
@@ -169,3 +168,62 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#----------------------------------------------------------------------------
+# A tiny real pipeline input and the CLI as a user types it
+
+
+def randomized(net, std=0.05, seed=0):
+    """Gives a zero-initialised DiT non-trivial outputs (adaLN and output layers are zero at init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+def write_class_folder(root, classes=3, per_class=24, size=12, seed=0):
+    """Class-structured images: class k is a bright blob in quadrant k on noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        d = Path(root) / f"class{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            r0, c0 = (k // 2) * size // 2, (k % 2) * size // 2
+            img[r0:r0 + size // 2, c0:c0 + size // 2] = 200 + rng.integers(0, 55)
+            Image.fromarray(img).save(d / f"img{i}.png")
+    return Path(root)
+
+
+def tiny_params_dict(results, folder, **defaults):
+    d = {
+        "profile": "test", "seed": 0, "results": str(results), "tracking_uri": None, "executor": "none",
+        "device": "cpu",
+        "data": {"name": "tiny", "source": "folder", "path": str(folder), "resolution": 8, "workers": 1},
+        "encoder": {"kind": "identity", "batch_size": 64, "parts": 1},
+        "defaults": {"model": "T/2", "model_overrides": {"depth": 1, "hidden_size": 32, "num_heads": 2},
+                     "steps": 12, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "ema_halflife": 4,
+                     "ema_rampup": 0.5, "fm_ratio": 0.5, "alpha_start": 2, "alpha_end": 8,
+                     "stats_samples": 32, "log_every": 2, "checkpoint_every": 2, "snapshot_every": 1000,
+                     "conflict_every": None, "seed": 3, **defaults},
+        "runs": {"alphaflow-tiny": {"method": "alphaflow"}, "meanflow-tiny": {"method": "meanflow"}},
+        "eval": {"num_samples": 24, "batch_size": 12, "labels": "balanced", "weights": ["ema", "raw"],
+                 "samplers": [{"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]},
+                              {"name": "2nfe-cons-0.5", "mode": "consistency", "t_steps": [1.0, 0.5, 0.0]}],
+                 "metrics": ["fd_classifier"], "n_boot": 20, "classifier_epochs": 1, "ref_samples": 24},
+    }
+    return d
+
+
+def run_cli(*args, check=True, **kw):
+    """`python -m alphaflow ...` as a user types it."""
+    proc = subprocess.run([sys.executable, "-m", "alphaflow", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"alphaflow {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -15,7 +15,7 @@ import yaml
 from alphaflow import errors
 from alphaflow.config import ParamsError
 from alphaflow.data.shards import ShardError
-from conftest import ROOT, run_cli, tiny_params_dict
+from helpers import ROOT, run_cli, tiny_params_dict
 
 
 def debug_env(on):

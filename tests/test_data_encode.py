@@ -216,7 +216,7 @@ def test_stats_floor_for_constant_elements(tmp_path):
 
 
 def test_paper_profile_prepare_and_encode_on_a_jpeg_folder(tiny_vae_dir, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     rng = np.random.default_rng(1)
     for c in ("n01440764", "n01443537", "n01484850"):

@@ -81,7 +81,7 @@ def test_rank0_failure_ends_both_ranks_promptly(tiny_project, tmp_path, breaker)
     Under gloo a rank whose peer process died also stops ("Connection closed by peer"), but under NCCL it
     waits out the timeout; here the other rank must stop at the failure, saying which work of rank 0 failed.
     """
-    from conftest import ROOT
+    from helpers import ROOT
 
     write, results = tiny_project
     params_path = write(steps=40, batch_size=8, checkpoint_every=2,

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from alphaflow.provenance import latents_content_hash
-from conftest import ROOT, tiny_params_dict, write_class_folder
+from helpers import ROOT, tiny_params_dict, write_class_folder
 from helpers import BIN, ENV, changed_stages, job_counts, run
 
 pytestmark = pytest.mark.slow

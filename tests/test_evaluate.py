@@ -10,7 +10,7 @@ from alphaflow import evaluate as E
 from alphaflow import samples as S
 from alphaflow.config import load_params
 from alphaflow.data.shards import ShardError
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_labels_follow_the_two_protocols_of_table_6():

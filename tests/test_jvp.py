@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from alphaflow.models import PRESETS, build_model
 from alphaflow.models import jvp
 from alphaflow.objectives import alpha_flow_loss, contiguous, drop_labels, sample_times
-from conftest import randomized  # non-zero adaLN-Zero and output layers: every tangent rule contributes
+from helpers import randomized  # non-zero adaLN-Zero and output layers: every tangent rule contributes
 
 f64 = torch.float64
 

@@ -8,7 +8,7 @@ from alphaflow.objectives import (
     alpha_flow_loss, alpha_schedule, drop_labels, gradient_conflict, guided_velocity, per_sample_loss, sample_times,
     total_derivative,
 )
-from conftest import randomized
+from helpers import randomized
 
 f64 = torch.float64
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from alphaflow import checkpoint as ckpt
 from alphaflow import io, phema, runlock, tracking
 from alphaflow.errors import OutOfSpace, UserError
-from conftest import ROOT, run_cli, tiny_params_dict
+from helpers import ROOT, run_cli, tiny_params_dict
 
 RUN = "meanflow-tiny"
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from alphaflow.config import load_params
 from alphaflow.train import train
-from conftest import run_cli
+from helpers import run_cli
 
 from alphaflow.phema import (PowerEMA, gamma_of, posthoc_coefficients, power_beta, profile_inner, reconstruct,
                              sigma_rel_of)

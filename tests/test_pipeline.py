@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_params_dict
+from helpers import ROOT, tiny_params_dict
 from helpers import BIN, changed_stages, job_counts, run
 
 
@@ -180,7 +180,7 @@ def tiny_profile(path, images, results="results", **defaults):
 
 @pytest.mark.slow
 def test_snakemake_runs_the_tiny_dag_end_to_end_and_then_has_nothing_to_do(tiny_latents, tmp_path):
-    from conftest import write_class_folder
+    from helpers import write_class_folder
 
     write_class_folder(tmp_path / "images")
     params = tmp_path / "params.yaml"
@@ -201,7 +201,7 @@ def test_snakemake_runs_the_tiny_dag_end_to_end_and_then_has_nothing_to_do(tiny_
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_same_dag_in_a_git_repo(tiny_latents, tmp_path):
-    from conftest import write_class_folder
+    from helpers import write_class_folder
 
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from alphaflow.config import load_params
 from alphaflow.models import build_model
 from alphaflow.plan import dit_flops, plan, step_mix
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_step_mix_counts_the_curriculum_like_training_does():

@@ -13,7 +13,7 @@ from alphaflow.config import ParamsError, load_params
 from alphaflow.data.encoders import IdentityEncoder, to_uint8
 from alphaflow.errors import InvalidInputError, MissingInputError
 from alphaflow.sampling import SeededNoise, protocol_noise, sample
-from conftest import ROOT, randomized
+from helpers import ROOT, randomized
 
 SHAPE = (4, 8, 8)
 

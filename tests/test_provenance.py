@@ -16,7 +16,7 @@ from alphaflow import samples as S
 from alphaflow.config import ParamsError, load_params
 from alphaflow.ema import ema_beta
 from alphaflow.train import train
-from conftest import tiny_params_dict
+from helpers import tiny_params_dict
 from helpers import assert_bit_identical, final_tensors
 
 RUN = "alphaflow-tiny"

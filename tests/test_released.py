@@ -19,7 +19,7 @@ from alphaflow.errors import MissingInputError, UserError
 from alphaflow.samples import load_run_net
 from alphaflow.official import build_official_model
 from alphaflow.train import train
-from conftest import ROOT, tiny_params_dict, write_class_folder
+from helpers import ROOT, tiny_params_dict, write_class_folder
 from helpers import write_snapshot
 
 RUN = "alphaflow-T-2"

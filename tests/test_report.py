@@ -13,7 +13,7 @@ import yaml
 from alphaflow.config import load_params
 from alphaflow.report import report
 from alphaflow.stats import paired_interval, t_interval, welch_interval
-from conftest import tiny_params_dict
+from helpers import tiny_params_dict
 
 
 def seeded_runs(seeds):

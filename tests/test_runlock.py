@@ -13,7 +13,7 @@ import pytest
 
 from alphaflow import runlock
 from alphaflow.runlock import RunLocked
-from conftest import ROOT, run_cli, tiny_params_dict
+from helpers import ROOT, run_cli, tiny_params_dict
 
 HOLD = """
 import sys, time

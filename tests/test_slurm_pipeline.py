@@ -17,7 +17,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from helpers import ROOT
 from helpers import BIN, ENV, job_ids, write_profile
 
 pytestmark = pytest.mark.slow

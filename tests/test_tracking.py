@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from alphaflow.cli import main as cli_main
 from alphaflow.tracking import Tracker, append_jsonl
-from conftest import tiny_params_dict
+from helpers import tiny_params_dict
 
 TRACK = """
 import sys

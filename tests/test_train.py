@@ -19,7 +19,7 @@ from alphaflow.ema import ema_beta
 from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.plots import plot_training_curves
 from alphaflow.train import learning_rate, train
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from helpers import assert_bit_identical, final_tensors
 
 

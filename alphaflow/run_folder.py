@@ -10,6 +10,7 @@ import os
 import shutil
 
 from alphaflow import checkpoint as ckpt
+from alphaflow import runlock
 from alphaflow.io import sha256_file
 from alphaflow.provenance import TRAIN_VOLATILE, file_hash, fingerprint, latents_content_hash, stage_reads
 from alphaflow.released import released_file
@@ -54,6 +55,10 @@ def discard_stale(run_dir, latest, fp, run, quiet):
                else f"trained with other params or data (changed keys: "
                     f"{changed_keys(old.get('run', {}), run.to_dict()) or 'none: upstream data or code'})")
         print(f"[alphaflow] {run.name}: {run_dir}: {why}; starting over", flush=True)
+    for lock, holder in runlock.live_locks(run_dir / "samples"):  # clearing samples/ under a live sampler
+        raise runlock.RunLocked(f"{run.name}: {lock} is held by {runlock.describe(holder)} ({holder.get('what')}): "
+                                "it still samples the old weights, which this start would clear; wait for it to "
+                                "end (or stop it), then start again")
     final = ckpt.read_state(ckpt_dir / "final", missing_ok=True)
     if final is not None:
         keep = run_dir / "superseded" / f"{final.get('fingerprint')}-step{final['step']}"

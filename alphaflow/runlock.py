@@ -155,6 +155,18 @@ def refusal(path, holder, stale_s, waited=None):
             f"{stale_s:g} s old); to take over now, check that it is gone ({check}) and delete {path}")
 
 
+def live_locks(folder, pattern=".lock-part-*-of-*"):
+    """[(path, holder)] of the locks under `folder` (recursively) whose holder counts as alive, e.g. the sample
+    parts still writing a run's samples/ (their temporary `.tmp` files are not locks)."""
+    me, stale_s = holder_record("a check"), STALE_HEARTBEATS * heartbeat_seconds()
+    out = []
+    for path in sorted(Path(folder).rglob(pattern)):
+        holder = None if path.name.endswith(".tmp") else read_record(path)
+        if holder is not None and stale_reason(holder, me, stale_s, requeue=False) is None:
+            out.append((path, holder))
+    return out
+
+
 #----------------------------------------------------------------------------
 # Create, take over, acquire
 

@@ -266,3 +266,24 @@ def test_second_train_of_a_running_run_exits_2_naming_the_first(tiny_project):
     steps = [json.loads(r)["step"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(2, 41, 2))  # one writer: every logged step once
     assert not (run_dir / ".lock").exists()
+
+
+def test_retraining_with_other_params_leaves_samples_a_live_part_writes(tiny_project):
+    """A restart with other params clears the run folder, but not while a sample part of the old weights still
+    holds its lock: it stops with one line naming the part, and nothing is cleared."""
+    from alphaflow.config import load_params
+    from alphaflow.train import train
+
+    write, results = tiny_project
+    train(load_params(write()), "meanflow-tiny", device="cpu", quiet=True, tracking=False)
+    cell = results / "runs" / "meanflow-tiny" / "samples" / "ema" / "1nfe"
+    cell.mkdir(parents=True)
+    (cell / "chunk-0.safetensors").write_bytes(b"a chunk of the old weights")
+    changed = load_params(write(lr=2e-3))
+    with runlock.hold(cell / ".lock-part-0-of-1", "sample meanflow-tiny/ema/1nfe part 0"):
+        with pytest.raises(RunLocked, match=r"lock-part-0-of-1 is held by pid \d+ on .*still samples the old"):
+            train(changed, "meanflow-tiny", device="cpu", quiet=True, tracking=False)
+    assert (cell / "chunk-0.safetensors").exists()
+    assert (results / "runs" / "meanflow-tiny" / "checkpoints" / "final" / "state.json").exists()
+    train(changed, "meanflow-tiny", device="cpu", quiet=True, tracking=False)  # the part ended: it retrains
+    assert not cell.exists()

@@ -221,6 +221,16 @@ def load_weights(path, which="ema", device="cpu"):
     return load_file(str(file), device=str(device))
 
 
+def rewind(ckpt_dir, path):
+    """Makes checkpoint folder `path` the latest (a rollback): latest.json names it first, then the step-* folders
+    after it, an abandoned trajectory's, are deleted; a kill in between resumes from `path` all the same."""
+    ckpt_dir, step = Path(ckpt_dir), read_state(path)["step"]
+    atomic_write_json(ckpt_dir / LATEST, {"dir": Path(path).name, "step": step})
+    for later, folder in complete_checkpoints(ckpt_dir).items():
+        if later > step:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def prune(ckpt_dir, keep_steps, keep_last=2):
     """Deletes step-* folders except the newest `keep_last` and the snapshot steps in keep_steps."""
     dirs = sorted(p for p in Path(ckpt_dir).glob("step-*") if p.is_dir())

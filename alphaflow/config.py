@@ -49,6 +49,12 @@ class RunConfig:
     adam_eps: float = 1e-8
     grad_clip: float | None = 16.0       # global-norm clip; None = off
     max_bad_steps: int = 100             # consecutive NaN/Inf-gradient steps before aborting
+    divergence: str = "off"              # off | stop | rollback: what events do (alphaflow.divergence)
+    divergence_window: int = 200         # steps within which divergence_events events trigger the policy
+    divergence_events: int = 3           # non-finite (or spiking) gradient-norm steps that trigger it
+    spike_factor: float | None = None    # a norm above this × its running mean is an event too; None = off
+    max_rollbacks: int = 5               # rollbacks before a rollback run stops
+    skip_batches: tuple = ()             # global batches not trained on (what a rollback skipped)
     ema_halflife: float = 6931.0         # steps; β = 0.5^(1/h)
     ema_rampup: float | None = 0.05      # h = min(h, rampup·step); None = no ramp
     fm_ratio: float = 0.5                # r = t fraction per micro-batch
@@ -304,9 +310,11 @@ class Params:
         if name not in self.raw["runs"]:
             raise ParamsError(f"unknown run {name!r}; this profile has: {self.run_names}")
         merged = {**self.raw["defaults"], **self.raw["runs"][name]}
-        for key in ("betas", "cfg_interval", "phema_sigma_rels"):
+        for key in ("betas", "cfg_interval", "phema_sigma_rels", "skip_batches"):
             if key in merged:
                 merged[key] = tuple(merged[key])
+        if merged.get("divergence") is False:  # YAML 1.1 reads a bare `off` as false
+            merged["divergence"] = "off"
         return RunConfig(name=name, **merged)
 
     def checkpoint_file(self, run):

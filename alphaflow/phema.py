@@ -136,6 +136,14 @@ def save_snapshot(folder, phema, step, images, dtype=torch.float32):
     return path
 
 
+def discard_after(folder, step):
+    """Deletes the snapshots of steps after `step` (a rolled-back trajectory's); returns how many."""
+    gone = [path for path in Path(folder).glob("phema-*.safetensors") if int(path.stem[len("phema-"):]) > step]
+    for path in gone:
+        path.unlink()
+    return len(gone)
+
+
 def snapshot_record(meta):
     """{step, images, sigma_rels} of a snapshot's metadata (also of the earlier three-key layout)."""
     if "snapshot" in meta:

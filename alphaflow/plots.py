@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from alphaflow.divergence import bucket_keys, bucket_label
 from alphaflow.io import atomic_write_bytes
 from alphaflow.stats import METRIC_LABELS, best_index, lower_is_better
 from alphaflow.tracking import read_jsonl
@@ -32,10 +33,13 @@ def save_figure(fig, out_png):
 
 def training_curves_figure(records, title=""):
     """The Figure of plot_training_curves for metrics.jsonl records: left axes one line per logged key of
-    delta_sq, L_TFM, L_TC, L_sum (in that order) against the step, right axes α(k); records without an
-    "alpha" (in-training evaluations) are skipped."""
+    delta_sq, L_TFM, L_TC, L_sum (in that order) against the step, middle axes α(k), and, when the records carry
+    them, right axes the loss per t bucket (loss_t0 … loss_t7, log scale: where in t a spike starts); records
+    without an "alpha" (in-training evaluations, rollbacks) are skipped."""
     records = [r for r in records if "alpha" in r]  # training records (not in-training evals)
-    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 3.5))
+    buckets = [key for key in bucket_keys() if key.startswith("loss_t") and any(key in r for r in records)]
+    fig, axes = plt.subplots(1, 3 if buckets else 2, figsize=(15 if buckets else 10, 3.5))
+    ax_loss, ax_alpha = axes[:2]
     steps = [r["step"] for r in records]
     for key in ("delta_sq", "L_TFM", "L_TC", "L_sum"):
         if any(key in r for r in records):
@@ -47,6 +51,15 @@ def training_curves_figure(records, title=""):
     ax_alpha.set_xlabel("step")
     ax_alpha.set_title("α(k)")
     ax_alpha.set_ylim(-0.05, 1.05)
+    if buckets:
+        ax_t = axes[2]
+        colors = plt.cm.viridis([k / max(len(bucket_keys()) // 2 - 1, 1) for k in range(len(bucket_keys()) // 2)])
+        for key in buckets:
+            k = int(key[len("loss_t"):])
+            ax_t.plot(steps, [r.get(key) for r in records], color=colors[k], label=bucket_label(key))
+        ax_t.set_yscale("log")
+        ax_t.set(xlabel="step", title="loss per t bucket")
+        ax_t.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
 

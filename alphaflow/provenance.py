@@ -29,7 +29,10 @@ CODE_VERSION = {"prepare": 1, "encode": 1, "classifier": 1, "reference": 1, "tra
 # bookkeeping, resources, and how the same arithmetic is carried out (jvp_mode, compile: they change float
 # rounding only, like the number of GPUs). `steps` is handled apart: a larger count extends a finished run.
 TRAIN_VOLATILE = frozenset({"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
-                            "paper_row", "resources", "steps", "eval_every", "group", "jvp_mode", "compile"})
+                            "paper_row", "resources", "steps", "eval_every", "group", "jvp_mode", "compile",
+                            # how a diverging run reacts: a rollback records the batches it skipped in the run
+                            "divergence", "divergence_window", "divergence_events", "spike_factor",
+                            "max_rollbacks"})
 
 
 def pick(mapping, keys):
@@ -79,7 +82,8 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
     if stage == "report":  # tables and plots name runs, their settings, groups, seeds, samplers, metrics
         shown = TRAIN_VOLATILE - {"steps", "group", "paper_row"}
         runs = {name: {k: v for k, v in params.run(name).to_dict().items()
-                       if k not in shown and not (k == "checkpoint" and v is None)}  # trained runs: as before
+                       if k not in shown and not (k == "checkpoint" and v is None)  # trained runs: as before
+                       and not (k == "skip_batches" and not v)}
                 for name in params.run_names}
         reads = {"profile": raw["profile"], "paper_results": raw.get("paper_results", {}),
                  "comparisons": raw.get("comparisons"), "runs": runs,
@@ -102,6 +106,8 @@ def train_settings(run):
         return {"model": run.model, "checkpoint": run.checkpoint}
     skip = TRAIN_VOLATILE if run.phema_every else TRAIN_VOLATILE | set(PHEMA_KEYS)
     skip = skip | {"checkpoint"}  # None here: runs without one keep their fingerprint
+    if not run.skip_batches:  # runs that skip nothing keep their fingerprint
+        skip = skip | {"skip_batches"}
     return {k: v for k, v in run.to_dict().items() if k not in skip}
 
 

@@ -417,6 +417,14 @@ class Tracker:
         items = [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items()]
         self._put(lambda c, rid: c.log_batch(rid, metrics=items))
 
+    def set_tags(self, tags):
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        self._put(lambda c, rid: c.log_batch(rid, tags=items))
+
     def log_artifact(self, path, artifact_path=None):
         self._put(lambda c, rid: c.log_artifact(rid, str(path), artifact_path))
 

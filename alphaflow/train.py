@@ -5,7 +5,8 @@
 Adam (β = 0.9, 0.95), lr warm-up, global batch split into per-device micro-batches with gradient
 accumulation, NaN/Inf gradients zeroed and counted, global-norm clip, EMA with a ramped half-life,
 DDP from the environment, atomic checkpoints with exact resume, SIGTERM/SIGUSR2 → checkpoint + requeue
-exit code, MLflow + metrics.jsonl. Starting a run whose folder has a checkpoint resumes it.
+exit code, MLflow + metrics.jsonl with the loss per t bucket. A diverging run stops or rolls back to its last
+checkpoint (params `divergence`, alphaflow.divergence). Starting a run whose folder has a checkpoint resumes it.
 """
 
 import contextlib
@@ -23,6 +24,8 @@ from alphaflow import distributed, runlock
 from alphaflow.config import ParamsError, RunConfig
 from alphaflow.data import LatentLoader, build_encoder
 from alphaflow.data.latents import estimate_latent_stats
+from alphaflow.divergence import (BUCKETS, Diverged, bucket_means, bucket_sums, fault_batches, monitor_for, poison,
+                                  worst_bucket)
 from alphaflow.ema import EMA
 from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.images import save_grid
@@ -30,7 +33,7 @@ from alphaflow.io import atomic_write_bytes
 from alphaflow.models import build_model
 from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
 from alphaflow.official import load_official_weight_sets
-from alphaflow.phema import PowerEMA, save_snapshot
+from alphaflow.phema import PowerEMA, discard_after, save_snapshot
 from alphaflow.released import import_released, released_file
 from alphaflow.run_folder import discard_stale, train_fingerprint
 from alphaflow.sampling import class_grid
@@ -41,6 +44,14 @@ LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
 
 class Preempted(SystemExit):
     """Raised after the checkpoint is written on SIGTERM/SIGUSR2; exits with REQUEUE_EXIT_CODE."""
+
+
+class DivergenceEvent(Exception):
+    """A step whose events reached the divergence policy's limit (train_step raises it before the update)."""
+
+    def __init__(self, event, where):
+        super().__init__(event)
+        self.event, self.where = event, where
 
 
 def learning_rate(run, step):
@@ -131,11 +142,16 @@ class TrainState:
     opt: torch.optim.Optimizer
     gen: torch.Generator        # ε, (t, r) and label dropout of the whole global batch (micro_batch_draws)
     accum: int                  # micro-batches per optimizer step on this rank
+    monitor: object = None      # divergence.Monitor: events and the policy
     step: int = 0               # optimizer steps done
+    batch: int = 0              # global batches consumed (= step, plus the skipped ones)
+    skip: set = field(default_factory=set)  # global batches not trained on (skip_batches, rollbacks)
     ema_offset: int = 0         # steps of a fine-tune's source, so its EMA ramp-up continues
     bad_total: int = 0          # steps whose non-finite gradients were zeroed, over the run
     bad_run: int = 0            # … in a row now
     sums: dict = field(default_factory=dict)  # LOG_KEYS summed over the logging window (float64 tensors)
+    bucket_sums: object = None  # per-t-bucket loss sums and sample counts of the window (divergence.bucket_sums)
+    bucket_counts: object = None
     window_n: int = 0           # steps in the logging window
     window_t0: float = 0.0      # when the window started (perf_counter), for images/s
     window_images: int = 0
@@ -161,7 +177,7 @@ def setup(params, run, info, dev, fp):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return TrainState(run=run, info=info, device=dev, fingerprint=fp, loader=loader, net=net, ema=ema, phema=phema,
-                      opt=opt, gen=gen, accum=accum)
+                      opt=opt, gen=gen, accum=accum, monitor=monitor_for(run), skip=set(run.skip_batches))
 
 
 def start(state, params, latest, quiet):
@@ -176,6 +192,9 @@ def start(state, params, latest, quiet):
         state.gen.set_state(rng[f"gen.{state.info.rank}"].to(torch.uint8))
         state.step, state.bad_total, window = saved["step"], saved["bad_total"], saved.get("window", {})
         state.ema_offset = saved.get("ema_step_offset", 0)
+        state.batch = saved.get("batch", state.step)
+        state.skip = set(run.skip_batches) | set(saved.get("skipped", []))
+        state.monitor.load_state_dict(saved.get("divergence", {}))
         with distributed.main_work("truncating metrics.jsonl") as mine:
             if mine:
                 truncate_jsonl(params.run_dir(run.name) / "metrics.jsonl", state.step)
@@ -200,6 +219,9 @@ def start(state, params, latest, quiet):
         if say:
             print(f"[alphaflow] {run.name}: fine-tuning from {source} (EMA continues at step {state.ema_offset})")
     state.sums = {k: torch.tensor(window.get(k, 0.0), device=dev, dtype=torch.float64) for k in LOG_KEYS}
+    zeros = [0.0] * 2 * BUCKETS
+    state.bucket_sums = torch.tensor(window.get("bucket_sums", zeros), device=dev, dtype=torch.float64)
+    state.bucket_counts = torch.tensor(window.get("bucket_counts", zeros), device=dev, dtype=torch.float64)
     state.window_n = window.get("n", 0)
 
 
@@ -233,12 +255,25 @@ def held_out_batch(params, run, dev):
         return hx, hy, ht.to(dev), hr.to(dev), torch.randn(hx.shape, generator=hg, device=dev)
 
 
-def train_step(state, forward, teacher, autocast, ddp):
-    """One optimizer step of the α-Flow loss (paper Alg. 1) over `accum` micro-batches; returns (α, lr, ‖g‖)."""
+def skip_batch(state):
+    """Consumes global batch `state.batch` without a step: its micro-batches and their draws, as a step would."""
+    for _ in range(state.accum):
+        x, y = next(state.loader)
+        micro_batch_draws(state.gen, x, y, state.run, state.net.null_label, state.info)
+    state.batch += 1
+
+
+def train_step(state, forward, teacher, autocast, ddp, faults=frozenset()):
+    """One optimizer step of the α-Flow loss (paper Alg. 1) over `accum` micro-batches; returns (α, lr, ‖g‖).
+
+    Raises DivergenceEvent, before the update, when the step's events reach the divergence policy's limit.
+    faults: global batches whose loss is poisoned (divergence.fault_batches)."""
     run, net, info = state.run, state.net, state.info
     alpha, lr = run.alpha(state.step), learning_rate(run, state.step)
     for group in state.opt.param_groups:
         group["lr"] = lr
+    step_sums = torch.zeros_like(state.bucket_sums)
+    step_counts = torch.zeros_like(state.bucket_counts)
     for i in range(state.accum):
         x, y = next(state.loader)
         x = net.normalize(x)
@@ -249,15 +284,28 @@ def train_step(state, forward, teacher, autocast, ddp):
                 forward, x, y, t, r, noise, alpha, omega=run.cfg_omega, kappa=run.cfg_kappa,
                 cfg_interval=run.cfg_interval, null_label=net.null_label, clamp_target=run.clamp_target,
                 weight_eps=run.weight_eps, shift=run.shift, jvp_mode=run.jvp_mode, teacher=teacher)
+            if state.batch in faults:
+                terms.loss = poison(terms.loss, t)
             (terms.loss.mean() / state.accum).backward()
         with torch.no_grad():
+            sums, counts = bucket_sums(terms.loss, t, r)
+            step_sums += sums
+            step_counts += counts
             for key, value in (("loss", terms.loss.detach()), ("L_TFM", terms.tfm), ("L_TC", terms.tc),
                                ("L_sum", terms.tfm + terms.tc), ("delta_sq", terms.delta_sq.detach())):
                 state.sums[key] += value.mean() / state.accum
     # NaN/Inf gradients → zero and count (official code: grad_nan_to_num); then the global-norm clip.
     params_list = list(net.parameters())
     norm = torch.nn.utils.get_total_norm([p.grad for p in params_list if p.grad is not None])
-    finite = bool(torch.isfinite(norm))
+    norm_value = float(norm)  # the step's one device sync
+    finite = math.isfinite(norm_value)
+    event = state.monitor.observe(state.step, state.batch, norm_value)
+    if event is not None:
+        where = worst_bucket(bucket_means(step_sums, step_counts), bucket_means(state.bucket_sums,
+                                                                                 state.bucket_counts))
+        raise DivergenceEvent(event, where)
+    state.bucket_sums += step_sums
+    state.bucket_counts += step_counts
     if not finite:
         for p in params_list:
             if p.grad is not None:
@@ -277,6 +325,7 @@ def train_step(state, forward, teacher, autocast, ddp):
     state.opt.zero_grad(set_to_none=True)
     state.ema.update(net, state.ema_offset + state.step)
     state.step += 1
+    state.batch += 1
     if state.phema is not None:  # t counts this run's images (a fine-tune's profiles start at its first step)
         state.phema.update(net, t=state.step * run.batch_size, dt=run.batch_size)
     state.window_n += 1
@@ -296,12 +345,13 @@ def log_step(state, params, tracker, bar, alpha, lr, norm, conflict_batch):
             if spread is not None:
                 record["rank_param_spread"] = spread
             record.update({k: float(v) / max(state.window_n, 1) for k, v in state.sums.items()})
+            record.update(bucket_means(state.bucket_sums, state.bucket_counts))
             if run.conflict_every and done % run.conflict_every == 0:
                 record.update(gradient_conflict(state.net, *conflict_batch))
             append_jsonl(params.run_dir(run.name) / "metrics.jsonl", record)
             tracker.log_metrics({metric_key(k): v for k, v in record.items() if k != "step"}, step=done)
             bar.set_postfix(loss=f"{record['loss']:.4f}", alpha=f"{alpha:.3f}", img_s=f"{record['images_per_s']:.0f}")
-            for v in state.sums.values():
+            for v in (*state.sums.values(), state.bucket_sums, state.bucket_counts):
                 v.zero_()
             state.window_n, state.window_t0, state.window_images = 0, time.perf_counter(), 0
 
@@ -328,7 +378,10 @@ def save(state, ckpt_dir):
             saved = {"step": state.step, "bad_total": state.bad_total, "loader": state.loader.state_dict(),
                      "fingerprint": state.fingerprint, "run": state.run.to_dict(),
                      "world_size": state.info.world_size, "ema_step_offset": state.ema_offset,
-                     "window": {**{k: float(v) for k, v in state.sums.items()}, "n": state.window_n}}
+                     "batch": state.batch, "skipped": sorted(state.skip), "divergence": state.monitor.state_dict(),
+                     "window": {**{k: float(v) for k, v in state.sums.items()}, "n": state.window_n,
+                                "bucket_sums": state.bucket_sums.tolist(),
+                                "bucket_counts": state.bucket_counts.tolist()}}
             rng = {f"gen.{r}": s for r, s in enumerate(states)}
             ckpt.save_checkpoint(ckpt_dir, name, net=state.net, ema=state.ema, optimizer=state.opt, rng=rng,
                                  state=saved, phema=state.phema, what=f"checkpoint {name} of run {state.run.name}")
@@ -428,12 +481,24 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
 
     signals = SignalFlag()
     last_step = run.steps if stop_after is None else min(run.steps, stop_after)
+    if run.divergence == "rollback" and latest is None:
+        save(state, ckpt_dir)  # a rollback before the first periodic checkpoint returns here
+    faults = fault_batches()
     bar = tqdm(total=run.steps, initial=state.step, disable=quiet or not info.is_main, desc=run.name,
                dynamic_ncols=True, smoothing=0.1)
     state.window_t0 = time.perf_counter()
     try:
         while state.step < last_step:
-            alpha, lr, norm = train_step(state, forward, teacher, autocast, ddp)
+            if state.batch in state.skip:
+                skip_batch(state)
+                continue
+            try:
+                alpha, lr, norm = train_step(state, forward, teacher, autocast, ddp, faults)
+            except DivergenceEvent as diverged:
+                roll_back(state, params, ckpt_dir, tracker, diverged, quiet)
+                bar.reset(total=run.steps)
+                bar.update(state.step)
+                continue
             done = state.step
             bar.update(1)
             if state.phema is not None and (done % run.phema_every == 0 or done == run.steps):
@@ -468,6 +533,46 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
     tracker.close()
     distributed.barrier()
     return summary
+
+
+def roll_back(state, params, ckpt_dir, tracker, diverged, quiet):
+    """The divergence policy's answer to `diverged`: `stop` (or a spent `max_rollbacks`) raises Diverged; `rollback`
+    restores the last checkpoint and adds the window's event batches to the skipped ones, so the run continues as a
+    fresh run with those skip_batches would."""
+    run, step, batch, monitor = state.run, state.step, state.batch, state.monitor
+    what = f"{run.name}: diverged at step {step} (global batch {batch}): {diverged.event}; {diverged.where}"
+
+    def give_up(why):
+        tracker.set_tags({"diverged": f"step {step}: {diverged.event}; {diverged.where}"})
+        tracker.close(status="FAILED")
+        raise Diverged(f"{what}{why}")
+
+    if run.divergence == "stop":
+        give_up(". The last checkpoint is kept; lower lr, or set divergence: rollback (it restores a checkpoint from "
+                "before and skips the batches that did this)")
+    if monitor.rollbacks >= run.max_rollbacks:
+        give_up(f", after {monitor.rollbacks} rollback{'s' * (monitor.rollbacks != 1)} (max_rollbacks); lower lr")
+    first, batches = monitor.take_events()
+    skipped, rollbacks = state.skip | set(batches), monitor.rollbacks + 1
+    latest = ckpt.latest_checkpoint(ckpt_dir, max_step=first)  # from before the window's first event
+    if latest is None:
+        give_up(f". No checkpoint from before step {first} (the window's first event) is left to roll back to: "
+                "lower divergence_window below checkpoint_every, or lower lr")
+    state.opt.zero_grad(set_to_none=True)  # the abandoned step's gradients
+    start(state, params, latest, quiet=True)  # weights, optimizer, EMA, generators, loader, window; metrics.jsonl
+    state.skip, state.monitor.rollbacks = state.skip | skipped, rollbacks
+    with distributed.main_work(f"recording rollback {rollbacks}") as mine:
+        if mine:
+            ckpt.rewind(ckpt_dir, latest)  # the abandoned trajectory's checkpoints and post-hoc EMA snapshots
+            if state.phema is not None:
+                discard_after(ckpt_dir / "phema", state.step)
+            record = {"step": state.step, "rollback": rollbacks, "from_step": step, "event": diverged.event,
+                      "where": diverged.where, "skipped_batches": sorted(state.skip)}
+            append_jsonl(params.run_dir(run.name) / "metrics.jsonl", record)
+            tracker.set_tags({"rollbacks": rollbacks, "skipped_batches": ",".join(map(str, sorted(state.skip)))})
+            if not quiet:
+                print(f"[alphaflow] {what}; rolled back to {latest.name} (rollback {rollbacks} of at most "
+                      f"{run.max_rollbacks}), skipping global batches {sorted(state.skip)}", flush=True)
 
 
 def step_name(step):

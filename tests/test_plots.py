@@ -124,3 +124,14 @@ def test_plot_metric_bars_writes_that_figure(tmp_path):
     out = plot_metric_bars(results_rows(), "fd_classifier", tmp_path / "bars.png")
     reference = save_figure(metric_bars_figure(results_rows(), "fd_classifier"), tmp_path / "reference.png")
     assert out == tmp_path / "bars.png" and out.read_bytes() == reference.read_bytes()
+
+
+def test_training_curves_show_the_loss_per_t_bucket_when_logged():
+    records = [{"step": 2, "alpha": 1.0, "L_sum": 0.8, "loss_t0": 0.5, "loss_t7": 1.5, "loss_dt0": 0.4},
+               {"step": 4, "alpha": 0.5, "L_sum": 0.6, "loss_t0": 0.4, "loss_t7": 9.0}]
+    fig = training_curves_figure(records)
+    ax_t = fig.axes[2]
+    assert [line.get_label() for line in ax_t.lines] == ["t ∈ [0, 0.125)", "t ∈ [0.875, 1]"]  # t buckets only
+    assert same(ax_t.lines[1].get_xdata(), [2, 4]) and same(ax_t.lines[1].get_ydata(), [1.5, 9.0])
+    assert ax_t.get_yscale() == "log" and ax_t.get_title() == "loss per t bucket"
+    assert len(training_curves_figure(TRAINING).axes) == 2  # records without buckets: as before

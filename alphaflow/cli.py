@@ -274,7 +274,8 @@ def build_parser():
     p.add_argument("--gpu", default=None, help="GPU name as measured, e.g. H200")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per run (default: the run's SLURM resources)")
     p.add_argument("--threads", type=int, default=None, help="CPU: the measured thread count to use")
-    p.add_argument("--bench", default=None, help="folder of step_cost.py JSON tables (default benchmarks/results)")
+    p.add_argument("--bench", default=None, help="folder of the measured JSON tables (default: the package's copy of "
+                   "benchmarks/results)")
 
     p = stage_parser(sub, "launch", cmd_launch, "run a stage as a submitit job (SLURM, local, debug)")
     p.add_argument("--stage", required=True, choices=["prepare", "encode", "train", "classifier", "reference",

@@ -188,6 +188,14 @@ def eval_protocol(raw_eval):
     return raw_eval.get("protocol") or "default"
 
 
+def metric_extractor(metric, raw_eval):
+    """The feature network (alphaflow.features.EXTRACTORS name) that measures one of eval.metrics."""
+    if metric in ("fd_classifier", "is_classifier"):
+        return "classifier-local"
+    return {"fid": raw_eval.get("inception", "inception-fid-ts"), "is": "inception-v3-compat",
+            "fdd": "dinov2-timm-local", "fcd": "clip-vit-b32-local"}[metric]
+
+
 def protocol_rounding(protocol):
     """How a protocol turns decoded images into uint8: the official α-Flow/ADM code truncates."""
     return "round" if protocol == "default" else "truncate"

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 
+from alphaflow.config import metric_extractor
 from alphaflow.data import load_prepared
 from alphaflow.distributed import resolve_device
 from alphaflow.features import EXTRACTORS
@@ -26,6 +27,8 @@ from alphaflow.provenance import file_hash, fingerprint, stage_reads
 
 INCEPTION_ENV = {"inception-fid-ts": "ALPHAFLOW_INCEPTION_TS", "inception-nvidia-ts": "ALPHAFLOW_INCEPTION_NVIDIA",
                  "inception-v3-compat": "ALPHAFLOW_INCEPTION_WEIGHTS"}  # eval.inception → its weights' variable
+WEIGHTS_ENV = {**INCEPTION_ENV, "dinov2-timm-local": "ALPHAFLOW_DINOV2_WEIGHTS",
+               "clip-vit-b32-local": "ALPHAFLOW_CLIP_WEIGHTS"}
 
 
 def is_score(metric):
@@ -38,18 +41,12 @@ def metric_plan(params):
     ev = params.raw["eval"]
     plan = []
     for metric in ev["metrics"]:
-        if metric in ("fd_classifier", "is_classifier"):
-            plan.append((metric, "classifier-local", str(params.classifier_path())))
-        elif metric == "fid":
-            inception = ev.get("inception", "inception-fid-ts")
-            path = os.environ.get(INCEPTION_ENV[inception])
-            plan.append((metric, inception, path))
-        elif metric == "is":
-            plan.append((metric, "inception-v3-compat", os.environ.get("ALPHAFLOW_INCEPTION_WEIGHTS")))
-        elif metric == "fdd":
-            plan.append((metric, "dinov2-timm-local", os.environ.get("ALPHAFLOW_DINOV2_WEIGHTS")))
-        elif metric == "fcd":
-            plan.append((metric, "clip-vit-b32-local", os.environ.get("ALPHAFLOW_CLIP_WEIGHTS")))
+        extractor = metric_extractor(metric, ev)
+        if extractor == "classifier-local":
+            path = str(params.classifier_path())
+        else:
+            path = os.environ.get(WEIGHTS_ENV[extractor])
+        plan.append((metric, extractor, path))
     return plan
 
 

@@ -117,3 +117,63 @@ def test_plan_prices_the_hardware_the_profile_asks_for():
     cpu = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--device",
                           "cpu"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert cpu.startswith("Cost plan on cpu")
+
+
+def eval_record(device="cpu (1 threads)", device_type="cpu", threads=1, **ips):
+    rows = [{"name": name, "images_per_s": v, **({"resolution": 128} if name == "sd-vae-decode" else {})}
+            for name, v in ips.items()]
+    return {"kind": "eval-throughput", "device": device, "device_type": device_type, "threads": threads,
+            "date": "2026-12-01", "rows": rows}
+
+
+def test_plan_counts_evaluation_from_measured_throughputs(tmp_path):
+    (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(json.dumps(bench_record()))
+    (tmp_path / "eval-cpu-t1.json").write_text(json.dumps(eval_record(classifier=1000.0, inception=4.0)))
+    params = load_params(ROOT / "params" / "default.yaml")
+    rows, notes = plan(params, device_type="cpu", threads=1, bench_dir=tmp_path)
+    r = {r["run"]: r for r in rows}["meanflow-T-4"]
+    # Six weights × sampler sets (ema, raw × 2 samplers; two post-hoc EMAs × 1 NFE): the classifier scores
+    # 1,000 images of each; the Inception only the two EMA sets (slow_metric_weights), 20 images each (fid_samples).
+    assert r["metrics_device_h"] * 3600 == pytest.approx(6 * 1000 / 1000.0 + 2 * 20 / 4.0)
+    assert r["decode_device_h"] == 0.0 and r["eval_unmeasured"] == []    # pixel space: nothing to decode
+    assert "FID Inception-v3: 4.0 images/s on cpu (1 threads), 2026-12-01" in notes
+    assert not any("not measured" in n for n in notes)
+
+
+def test_an_unmeasured_throughput_is_one_line_not_a_number(tmp_path):
+    """The released profile decodes with the SD-VAE and scores with Inception, DINOv2 and CLIP; only DINOv2 and the
+    VAE (at 128 px: 256 px costs 4× per image) are measured on this GPU."""
+    gpu = {**bench_record(model="B/2"), "device": "NVIDIA H200", "device_type": "cuda", "dtype": "bf16",
+           "input": [4, 32, 32]}
+    (tmp_path / "cuda-B2-b64-bf16.json").write_text(json.dumps(gpu))
+    (tmp_path / "eval-cuda-nvidia-h200.json").write_text(json.dumps(eval_record(
+        "NVIDIA H200", "cuda", None, dinov2=500.0, **{"sd-vae-decode": 400.0})))
+    params = load_params(ROOT / "params" / "released.yaml")
+    rows, notes = plan(params, device_type="cuda", gpu="H200", bench_dir=tmp_path)
+    r = rows[0]
+    cells = 2 * 8  # ema, raw × 8 samplers
+    assert r["decode_device_h"] * 3600 == pytest.approx(cells * 50_000 * 4 / 400.0)
+    assert r["metrics_device_h"] * 3600 == pytest.approx(cells * 50_000 / 500.0)
+    assert r["eval_unmeasured"] == ["clip", "inception"]
+    missing = [n for n in notes if "not measured" in n]
+    assert sorted(missing) == [
+        "CLIP ViT-B/32 (FCD): images/s not measured on cuda H200, not counted (measure it with "
+        "benchmarks/eval_throughput.py; on a GPU benchmarks/gpu_suite.sh)",
+        "FID Inception-v3: images/s not measured on cuda H200, not counted (measure it with "
+        "benchmarks/eval_throughput.py; on a GPU benchmarks/gpu_suite.sh)"]
+    from alphaflow.plan import format_plan
+
+    table = format_plan(rows, notes, "cuda H200")
+    assert f"| {r['run']} | B/2 |" in table and " + not measured |" in table
+    # Nothing measured for the device at all: the column says so instead of 0.
+    (tmp_path / "eval-cuda-nvidia-h200.json").unlink()
+    rows, notes = plan(params, device_type="cuda", gpu="H200", bench_dir=tmp_path)
+    assert "| not measured |" in format_plan(rows, notes, "cuda H200")
+    assert any(n.startswith("SD-VAE decoding: images/s not measured on cuda H200") for n in notes)
+
+
+def test_an_empty_bench_folder_is_a_clear_error(tmp_path):
+    from alphaflow.plan import NoMeasurementsError
+
+    with pytest.raises(NoMeasurementsError, match=r"no measured tables.*Pass --bench"):
+        plan(load_params(ROOT / "params" / "default.yaml"), device_type="cpu", bench_dir=tmp_path)

@@ -5,8 +5,10 @@
 
 Every row is timed in each of `--repeats` rounds (rows interleaved, so a machine that slows down mid-run
 slows every row alike); the table gives the median ms/step and the median and range of the per-round
-ratio to that round's FM step. MFU counts the useful work of a step as 3× the forward FLOPs (measured
-with torch.utils.flop_counter on one forward) against the device's dense bf16 peak.
+ratio to that round's FM step. MFU counts the useful work of a step as 3× the forward FLOPs (the analytic
+count of alphaflow.plan.dit_flops) against the device's dense bf16 peak (BF16_PEAK_TFLOPS, named in the header
+and the JSON). `--budget-s` stops starting new rounds once that many seconds have passed (at least one round
+runs), so a time-boxed run still writes its table.
 
 The table is also written as Markdown and JSON to `--out` (default benchmarks/results/), one file pair
 per device, model, batch and dtype; `alphaflow plan` reads the JSON's measured step costs.
@@ -23,13 +25,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from alphaflow.io import atomic_write_text
 from alphaflow.models import PRESETS, build_model
 from alphaflow.objectives import alpha_flow_loss, sample_times
+from alphaflow.plan import dit_flops
 from official_meanflow import official_meanflow_loss  # benchmarks/ is on sys.path when run as a script
 
+# Dense (no sparsity) bf16 tensor-core peaks of the vendors' spec sheets, TFLOP/s (H100/H200 SXM).
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 TARGETS = {"alphaflow": 1.20, "meanflow": 1.25, "official_speedup": 1.4}
 FM_RATIO = 0.5  # r = t share of the α-Flow and MeanFlow rows (the paper's α-Flow ratio is 0.25–0.5)
@@ -62,17 +65,12 @@ def device_name(device):
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def device_peak_tflops(device):
+def device_peak(device):
+    """(name, dense bf16 peak TFLOP/s) of a known GPU, else (None, None): MFU is then n/a."""
     if device.type != "cuda":
-        return None
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-
-
-def forward_flops(net, z, y):
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        t = torch.full((z.shape[0],), 0.5, device=z.device)
-        net(z, t * 0.5, t, y)
-    return counter.get_total_flops() / z.shape[0]
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    return next(((k, v) for k, v in BF16_PEAK_TFLOPS.items() if k in name), (None, None))
 
 
 def make_step(objective, net, opt, x, y, noise, autocast, jvp_mode=None, cfg=False):
@@ -121,7 +119,11 @@ def failure(err):
 def measure(rows, steps, device, args):
     """Times every row in each round; a row that fails (OOM, an op's dtype) is recorded and skipped after."""
     results = {label: {"seconds": [], "peak_gib": None, "error": None} for label, *_ in rows}
+    start, budget = time.perf_counter(), getattr(args, "budget_s", None)
     for round_ in range(args.repeats):
+        if round_ and budget and time.perf_counter() - start > budget:
+            print(f"time budget of {budget:.0f} s spent: {round_} of {args.repeats} rounds", flush=True)
+            break
         for label, *_ in rows:
             res = results[label]
             if res["error"]:
@@ -212,6 +214,7 @@ def main(argv=None):
     ap.add_argument("--no-cfg", action="store_true", help="skip the CFG-teacher rows")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd rows (train.compile)")
     ap.add_argument("--only", nargs="*", default=None, help="objectives to time (default: all rows)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new round after this many seconds")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                     help="folder for the .md/.json tables ('' = do not write)")
     args = ap.parse_args(argv)
@@ -234,7 +237,8 @@ def main(argv=None):
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     dtype = "bf16" if args.bf16 else "fp32"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
-    flops_img = forward_flops(net, x[:1], y[:1])
+    flops_img = dit_flops(args.model, args.input_size, args.channels)
+    peak_name, peak_tflops = device_peak(device)
 
     rows = ROWS + ([] if args.no_cfg else CFG_ROWS)
     if args.only:
@@ -249,11 +253,13 @@ def main(argv=None):
     n_params = sum(p.numel() for p in net.parameters())
     header = (f"DiT {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, input {list(shape[1:])}, "
               f"{device_name(device)} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{flops_img / 1e9:.3f} GFLOP/img forward, {args.repeats} rounds × {args.iters} steps, "
+              f"{flops_img / 1e9:.3f} GFLOP/img forward (analytic), "
+              f"MFU against {f'the {peak_name} dense bf16 peak, {peak_tflops:.0f} TFLOP/s' if peak_name else 'n/a'}, "
+              f"{args.repeats} rounds × {args.iters} steps, "
               f"{datetime.date.today().isoformat()}")
     print(header, flush=True)
     results = measure(rows, steps, device, args)
-    table = summarise(rows, results, args.batch, flops_img, device_peak_tflops(device))
+    table = summarise(rows, results, args.batch, flops_img, peak_tflops)
     text = markdown(header, table, target_lines(table))
     print(text.split("\n", 1)[1])
     if str(args.out):
@@ -263,7 +269,10 @@ def main(argv=None):
         record = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
                   "date": datetime.date.today().isoformat(), "model": args.model, "params": n_params,
                   "batch": args.batch, "input": list(shape[1:]), "dtype": dtype, "threads": torch.get_num_threads(),
-                  "fm_ratio": FM_RATIO, "forward_flops_per_image": flops_img, "repeats": args.repeats,
+                  "fm_ratio": FM_RATIO, "forward_flops_per_image": flops_img,
+                  "flops": "analytic (alphaflow.plan.dit_flops)",
+                  "peak_tflops": peak_tflops, "peak": f"{peak_name} dense bf16" if peak_name else None,
+                  "repeats": args.repeats,
                   "iters": args.iters, "rows": table}
         for suffix, content in ((".md", text + "\n"), (".json", json.dumps(record, indent=1) + "\n")):
             atomic_write_text(args.out / f"{stem}{suffix}", content)

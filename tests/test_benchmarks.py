@@ -2,10 +2,12 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from alphaflow.objectives import alpha_flow_loss, sample_times
@@ -80,3 +82,52 @@ def test_a_failing_row_is_recorded_and_the_table_goes_on():
     assert len(results["after"]["seconds"]) == 2
     text = bench.markdown("header", table, bench.target_lines(table))
     assert "| broken | failed: RuntimeError: expected input and grad types to match |" in text
+
+
+def gpu_suite(*args, env=None, timeout=60):
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})}, timeout=timeout)
+
+
+def test_gpu_suite_without_cuda_says_so_in_one_line_and_fails(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = gpu_suite("--results", str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("no CUDA device here") and "use --smoke on a CPU" in proc.stdout, proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_suite_reports_each_failed_section_and_goes_on(tmp_path):
+    """Every section fails (a Python that exits 1): one line each, the summary lists them, the exit status is 1."""
+    proc = gpu_suite("--smoke", "--results", str(tmp_path), env={"PYTHON": "false"})
+    assert proc.returncode == 1
+    lines = [line for line in proc.stdout.splitlines() if "FAILED" in line]
+    assert [line.split("]")[0] for line in lines] == ["[step-B2", "[step-XL2", "[eval", "[train"], proc.stdout
+    assert "failed sections: step-B2 step-XL2 eval train" in proc.stdout
+    summary = (tmp_path / "gpu-suite.md").read_text()
+    assert "| eval | FAILED (exit 1)" in summary and "| step-compiled | skipped in --smoke" in summary
+    # The time budget spent before a section starts: it is skipped, and that is a failure too.
+    proc = gpu_suite("--smoke", "--results", str(tmp_path), env={"BUDGET_S": "0"})
+    assert proc.returncode == 1 and proc.stdout.count("SKIPPED: the 0 s budget is spent") == 4, proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_runs_every_section_and_plan_reads_its_tables(tmp_path):
+    """The whole GPU suite on CPU with tiny shapes (about 3 minutes on 2 cores), so it cannot rot."""
+    from alphaflow.plan import load_measurements, pick_throughputs
+
+    proc = gpu_suite("--smoke", "--results", str(tmp_path), "--archive", str(tmp_path / "suite.tgz"), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (tmp_path / "gpu-suite.md").read_text()
+    for section in ("step-B2", "step-XL2", "eval", "train"):
+        assert f"| {section} | ok, " in summary, summary
+    assert "- ok: the second call resumed" in summary and "- ok: every logged loss is finite" in summary
+    steps = load_measurements(tmp_path)
+    assert {r["model"] for r in steps} == {"N/4", "T/4"}
+    assert all(row.get("peak_gib") for r in steps for row in r["rows"] if "ms" in row)
+    found = pick_throughputs(load_measurements(tmp_path, "eval-throughput"), "cpu")
+    assert {"sd-vae-decode", "inception", "classifier", "sample-T/4-1nfe", "sample-T/4-2nfe"} <= set(found)
+    assert "random init" in found["inception"][0]["weights"]
+    assert {"dinov2", "clip"}.isdisjoint(found)  # --tiny architectures are never priced
+    assert json.loads((tmp_path / "train-check.json").read_text())["checks"]["the second call resumed"]

@@ -290,6 +290,18 @@ def eval_hours(row):
     return f"{h} + not measured" if row["eval_unmeasured"] else h
 
 
+def eval_total(rows, key, counts, what):
+    """'X of <what>' over the rows, '<what> not measured' where none of its throughputs is, '(+ some not
+    measured)' where some are missing; None where no run needs it (pixel-space profiles decode nothing)."""
+    needed = {n for r in rows for n in r["eval_networks"] if counts(n)}
+    missing = {n for r in rows for n in r["eval_unmeasured"] if counts(n)}
+    if not needed:
+        return None
+    if missing == needed:
+        return f"{what} not measured"
+    return f"{sum(r[key] for r in rows):,.1f} of {what}" + (" (+ some not measured)" if missing else "")
+
+
 def format_plan(rows, notes, device):
     head = ["run", "model", "steps (FM / α-Flow / MeanFlow)", "step cost", "devices", "training, device time",
             "training, wall time", "sampling, device time", "evaluation, device time (decode + metrics)",
@@ -304,11 +316,11 @@ def format_plan(rows, notes, device):
                      f"{'–' if r['requeues'] is None else r['requeues']} | {r['warning']} |")
     total_train = sum(r["train_device_h"] for r in rows)
     total_sample = sum(r["sample_device_h"] for r in rows)
-    total_decode = sum(r["decode_device_h"] for r in rows)
-    total_metrics = sum(r["metrics_device_h"] for r in rows)
-    lines += ["", f"Total: {total_train:,.1f} device-hours of training, {total_sample:,.1f} of sampling, "
-                  f"{total_decode:,.1f} of SD-VAE decoding and {total_metrics:,.1f} of metric networks "
-                  f"({len(rows)} runs). Not estimated: data preparation, encoding, the classifier's training, "
-                  f"reference statistics."]
+    decode = eval_total(rows, "decode_device_h", lambda n: n == "sd-vae-decode", "SD-VAE decoding")
+    metrics = eval_total(rows, "metrics_device_h", lambda n: n != "sd-vae-decode", "metric networks")
+    parts = [f"{total_train:,.1f} device-hours of training", f"{total_sample:,.1f} of sampling",
+             *(p for p in (decode, metrics) if p)]
+    lines += ["", f"Total: {', '.join(parts[:-1])} and {parts[-1]} ({len(rows)} runs). Not estimated: data "
+                  "preparation, encoding, the classifier's training, reference statistics."]
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines)

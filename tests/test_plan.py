@@ -165,10 +165,13 @@ def test_an_unmeasured_throughput_is_one_line_not_a_number(tmp_path):
 
     table = format_plan(rows, notes, "cuda H200")
     assert f"| {r['run']} | B/2 |" in table and " + not measured |" in table
+    decode_h = sum(row["decode_device_h"] for row in rows)
+    assert f"{decode_h:,.1f} of SD-VAE decoding and " in table and "of metric networks (+ some not measured)" in table
     # Nothing measured for the device at all: the column says so instead of 0.
     (tmp_path / "eval-cuda-nvidia-h200.json").unlink()
     rows, notes = plan(params, device_type="cuda", gpu="H200", bench_dir=tmp_path)
-    assert "| not measured |" in format_plan(rows, notes, "cuda H200")
+    table = format_plan(rows, notes, "cuda H200")
+    assert "| not measured |" in table and "SD-VAE decoding not measured and metric networks not measured" in table
     assert any(n.startswith("SD-VAE decoding: images/s not measured on cuda H200") for n in notes)
 
 

@@ -1,6 +1,6 @@
 """Images/s of evaluation: DiT sampling at 1 and 2 NFE, SD-VAE decoding and the metric networks.
 
-    python benchmarks/eval_throughput.py                          # CPU demo: T/4 sampling, classifier, Inception
+    python benchmarks/eval_throughput.py --device cpu --threads 1 --resolution 28 --n-features 32   # the CPU demo
     python benchmarks/eval_throughput.py --device cuda --bf16 --model XL/2 --input-size 32 --channels 4 \\
         --num-classes 1000 --nfe 1 2 --sections sample vae inception dinov2 clip classifier --n 2048   # one GPU
 

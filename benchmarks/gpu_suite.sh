@@ -24,8 +24,9 @@
 # `alphaflow plan` reads them), with gpu-suite.md, the summary. A failed section prints one line and the others
 # go on; the exit status is 1 if any section failed.
 #
-# Packages the CUDA image lacks (jsonschema, torch-fidelity, diffusers and their own needs) travel as wheels: any
-# *.whl in .whl/ (or $WHEELS) is installed with pip --no-index into a temporary folder first.
+# Packages the CUDA image lacks (jsonschema, torch-fidelity, diffusers and their own needs) travel as wheels
+# (benchmarks/gpu_wheels.sh): where they cannot be imported, the *.whl in .whl/ (or $WHEELS) are installed with
+# pip --no-index into a temporary folder first.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -54,7 +55,7 @@ touch "$WORK/started"   # tables newer than this were written by this call
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 WHEELS=${WHEELS:-.whl}
-if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+if ls "$WHEELS"/*.whl >/dev/null 2>&1 && ! "$PY" -c "import jsonschema, torch_fidelity, diffusers" >/dev/null 2>&1; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl \
       >"$WORK/logs/wheels.log" 2>&1; then
     export PYTHONPATH="$PYTHONPATH:$WORK/site"
@@ -162,3 +163,4 @@ if [ "${#FAILED[@]}" -gt 0 ]; then
   echo "failed sections: ${FAILED[*]} (logs in $WORK/logs)"
   exit 1
 fi
+case "$RESULTS" in "$WORK"/*) ;; *) rm -rf "$WORK" ;; esac   # all went well: the logs are not needed

@@ -84,23 +84,26 @@ def test_a_failing_row_is_recorded_and_the_table_goes_on():
     assert "| broken | failed: RuntimeError: expected input and grad types to match |" in text
 
 
-def gpu_suite(*args, env=None, timeout=60):
+def gpu_suite(tmp, *args, env=None, timeout=60):
+    """bash benchmarks/gpu_suite.sh with this Python, no wheels to install and its work folder under `tmp`."""
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(ROOT / "no-wheels"), "TMPDIR": str(tmp),
+           **(env or {})}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable, **(env or {})}, timeout=timeout)
+                          env=env, timeout=timeout)
 
 
 def test_gpu_suite_without_cuda_says_so_in_one_line_and_fails(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = gpu_suite("--results", str(tmp_path))
+    proc = gpu_suite(tmp_path, "--results", str(tmp_path / "results"))
     assert proc.returncode == 1
     assert proc.stdout.startswith("no CUDA device here") and "use --smoke on a CPU" in proc.stdout, proc.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "results").iterdir()) == []
 
 
 def test_gpu_suite_reports_each_failed_section_and_goes_on(tmp_path):
     """Every section fails (a Python that exits 1): one line each, the summary lists them, the exit status is 1."""
-    proc = gpu_suite("--smoke", "--results", str(tmp_path), env={"PYTHON": "false"})
+    proc = gpu_suite(tmp_path, "--smoke", "--results", str(tmp_path), env={"PYTHON": "false"})
     assert proc.returncode == 1
     lines = [line for line in proc.stdout.splitlines() if "FAILED" in line]
     assert [line.split("]")[0] for line in lines] == ["[step-B2", "[step-XL2", "[eval", "[train"], proc.stdout
@@ -108,7 +111,7 @@ def test_gpu_suite_reports_each_failed_section_and_goes_on(tmp_path):
     summary = (tmp_path / "gpu-suite.md").read_text()
     assert "| eval | FAILED (exit 1)" in summary and "| step-compiled | skipped in --smoke" in summary
     # The time budget spent before a section starts: it is skipped, and that is a failure too.
-    proc = gpu_suite("--smoke", "--results", str(tmp_path), env={"BUDGET_S": "0"})
+    proc = gpu_suite(tmp_path, "--smoke", "--results", str(tmp_path), env={"BUDGET_S": "0"})
     assert proc.returncode == 1 and proc.stdout.count("SKIPPED: the 0 s budget is spent") == 4, proc.stdout
 
 
@@ -117,7 +120,8 @@ def test_gpu_suite_smoke_runs_every_section_and_plan_reads_its_tables(tmp_path):
     """The whole GPU suite on CPU with tiny shapes (about 3 minutes on 2 cores), so it cannot rot."""
     from alphaflow.plan import load_measurements, pick_throughputs
 
-    proc = gpu_suite("--smoke", "--results", str(tmp_path), "--archive", str(tmp_path / "suite.tgz"), timeout=600)
+    proc = gpu_suite(tmp_path, "--smoke", "--results", str(tmp_path), "--archive", str(tmp_path / "suite.tgz"),
+                     timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "gpu-suite.md").read_text()
     for section in ("step-B2", "step-XL2", "eval", "train"):

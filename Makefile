@@ -32,13 +32,14 @@ $(VENV)/.installed: requirements/lock.txt requirements/no-deps.txt pyproject.tom
 setup: $(VENV)/.installed
 
 # Re-resolve pyproject.toml (with the dev extras) and the TORCH pair into the lock, for Linux x86_64 and
-# Python $(LOCK_PYTHON). Pins that still satisfy pyproject.toml are kept; `make lock LOCK_ARGS=--upgrade` moves
-# every package to its newest allowed version.
+# Python $(LOCK_PYTHON), and write the rules' conda environment (`snakemake --sdm conda`) from it. Pins that still
+# satisfy pyproject.toml are kept; `make lock LOCK_ARGS=--upgrade` moves every package to its newest allowed version.
 UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --python-version $(LOCK_PYTHON) \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command 'make lock' $(LOCK_ARGS)
 lock: setup
 	printf '%s\n' $(TORCH) | $(UV_COMPILE) - pyproject.toml --extra dev -o requirements/lock.txt
 	printf '%s\n' $(NO_DEPS) | $(UV_COMPILE) - --no-deps -o requirements/no-deps.txt
+	$(BIN)/python requirements/conda_env.py requirements/lock.txt $(LOCK_PYTHON) > workflow/envs/alphaflow.yaml
 
 # The embedded demo: Fashion-MNIST (Debian's dataset-fashion-mnist, fetched without root if missing),
 # 4 tiny runs, EMA/raw × 1/2-NFE, tables and plots. It leaves the git tree clean: `dvc commit dvc.yaml` adopts the
@@ -57,8 +58,10 @@ test-fast: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# ruff, then Snakemake's own linter (exit status 1 on any lint).
 lint: setup
-	$(BIN)/ruff check alphaflow tests benchmarks
+	$(BIN)/ruff check alphaflow tests benchmarks requirements
+	source $(BIN)/activate && snakemake --lint
 
 bench: setup
 	$(BIN)/python benchmarks/step_cost.py

@@ -11,6 +11,8 @@ rule prepare:
         reads=lambda w: stage_reads(P, "prepare", split=w.split),
     log:
         f"{RESULTS}/logs/prepare-{{split}}.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("prepare", "--split {wildcards.split}"))
 
@@ -29,6 +31,8 @@ rule encode:
     priority: PRIORITY["encode"]
     log:
         f"{RESULTS}/logs/encode.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("encode", "", parts=ENCODE_PARTS)
                     + (f" && {stage_cmd('encode', f'--finalize --num-parts {ENCODE_PARTS}')}" if ENCODE_PARTS > 1 else ""))
@@ -46,6 +50,8 @@ rule classifier:
     priority: PRIORITY["classifier"]
     log:
         f"{RESULTS}/logs/classifier.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("classifier"))
 
@@ -62,5 +68,7 @@ rule reference:
     priority: PRIORITY["reference"]
     log:
         f"{RESULTS}/logs/reference.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("reference"))

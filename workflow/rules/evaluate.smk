@@ -23,6 +23,8 @@ rule sample:
     threads: 1
     log:
         f"{RESULTS}/logs/sample-{{run}}-{{weights}}-{{sampler}}.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("sample", CELL_ARGS, parts=SAMPLE_PARTS))
 
@@ -40,5 +42,7 @@ rule evaluate:
     threads: 1
     log:
         f"{RESULTS}/logs/evaluate-{{run}}-{{weights}}-{{sampler}}.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("evaluate", CELL_ARGS))

@@ -17,5 +17,7 @@ rule report:
         reads=stage_reads(P, "report"),
     log:
         f"{RESULTS}/logs/report-{P.profile}.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("report"), threads=False)

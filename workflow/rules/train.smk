@@ -19,5 +19,7 @@ rule train:
     priority: train_priority
     log:
         f"{RESULTS}/logs/train-{{run}}.log",
+    conda:
+        "../envs/alphaflow.yaml"
     shell:
         stage_shell(stage_cmd("train", "--run {wildcards.run}", run="{wildcards.run}"))

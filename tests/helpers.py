@@ -160,6 +160,40 @@ def job_ids(name):
 
 
 #----------------------------------------------------------------------------
+# Headless Chromium, as a user's browser (.ci/run installs Debian's chromium and sets ALPHAFLOW_REQUIRE_BROWSER=1)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+REQUIRE_BROWSER = os.environ.get("ALPHAFLOW_REQUIRE_BROWSER", "") not in ("", "0")  # .ci/run: fail, never skip
+
+
+def need_chromium():
+    """Fails (ALPHAFLOW_REQUIRE_BROWSER=1) or skips the calling test when no Chromium is installed."""
+    import pytest
+
+    if CHROMIUM is None:
+        if REQUIRE_BROWSER:
+            pytest.fail("ALPHAFLOW_REQUIRE_BROWSER is set but no chromium is installed (apt-get install chromium)")
+        pytest.skip("no chromium for the browser check (apt-get install chromium)")
+
+
+def browser(url, out_png=None, width=1600, height=1400):
+    """The DOM of `url` after its scripts ran, in headless Chromium (and a screenshot to out_png)."""
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--virtual-time-budget=20000", f"--window-size={width},{height}"]
+    if out_png is not None:
+        subprocess.run(base + [f"--screenshot={out_png}", url], capture_output=True, timeout=180)
+    return subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+
+def visible_text(dom):
+    """The text a page shows: its DOM without scripts, styles and tags, whitespace collapsed."""
+    import re
+
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+    return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+
+
+#----------------------------------------------------------------------------
 # Local servers and process groups
 
 

@@ -4,7 +4,6 @@ and a server that dies mid-training (training must finish; metrics.jsonl keeps e
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
-from helpers import free_port
+from helpers import ROOT, browser, free_port, need_chromium
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -63,19 +61,6 @@ def cli(*args, env, check=True):
     return proc
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-REQUIRE_BROWSER = os.environ.get("ALPHAFLOW_REQUIRE_BROWSER", "") not in ("", "0")  # .ci/run: fail, never skip
-
-
-def browser(url, out_png=None, width=1600, height=1400):
-    """The DOM of `url` after its scripts ran, in headless Chromium (and a screenshot to out_png)."""
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--virtual-time-budget=20000", f"--window-size={width},{height}"]
-    if out_png is not None:
-        subprocess.run(base + [f"--screenshot={out_png}", url], capture_output=True, timeout=180)
-    return subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-
-
 def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, tiny_project):
     url, _ = mlflow_server
     write, results = tiny_project
@@ -114,10 +99,7 @@ def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, t
     links = (results / "tables" / "test" / "mlflow.md").read_text()
     runs_url, compare_url = (line.split(": ", 1)[1] for line in links.splitlines() if line.startswith("- "))
     assert runs_url.startswith(url) and compare_url.startswith(url)
-    if CHROMIUM is None:
-        if REQUIRE_BROWSER:
-            pytest.fail("ALPHAFLOW_REQUIRE_BROWSER is set but no chromium is installed (apt-get install chromium)")
-        pytest.skip("no chromium for the browser check (apt-get install chromium)")
+    need_chromium()
     table = browser(runs_url, results / "mlflow-runs.png")
     assert "Run Name" in table and "alphaflow-tiny" in table            # the runs table, not the GenAI page
     compare = browser(compare_url, results / "mlflow-compare.png", height=6000)  # tall: every section renders

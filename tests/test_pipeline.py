@@ -4,6 +4,8 @@ Fast tests dry-run the real Snakefile and dvc.yaml; slow ones (-m slow) run the 
 `snakemake` and through `dvc repro` in a temporary git repository, for real.
 """
 
+import base64
+import csv
 import json
 import re
 import shutil
@@ -178,16 +180,24 @@ def tiny_profile(path, images, results="results", **defaults):
     return d
 
 
-@pytest.mark.slow
-def test_snakemake_runs_the_tiny_dag_end_to_end_and_then_has_nothing_to_do(tiny_latents, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_dag(tmp_path_factory):
+    """(snakemake command line, its working directory) after the tiny profile's DAG ran there once."""
     from helpers import write_class_folder
 
-    write_class_folder(tmp_path / "images")
-    params = tmp_path / "params.yaml"
-    tiny_profile(params, tmp_path / "images", results=str(tmp_path / "results"))
-    args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", tmp_path, "--cores", "2",
+    base = tmp_path_factory.mktemp("dag")
+    write_class_folder(base / "images")
+    params = base / "params.yaml"
+    tiny_profile(params, base / "images", results=str(base / "results"))
+    args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", base, "--cores", "2",
             "--config", f"params={params}"]
     run(args)
+    return args, base
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_tiny_dag_end_to_end_and_then_has_nothing_to_do(tiny_dag):
+    args, tmp_path = tiny_dag
     tables = tmp_path / "results" / "tables" / "test"
     table = (tables / "table1.md").read_text()
     for run_name in ("alphaflow-tiny", "meanflow-tiny"):
@@ -197,6 +207,83 @@ def test_snakemake_runs_the_tiny_dag_end_to_end_and_then_has_nothing_to_do(tiny_
     assert (tmp_path / "results" / "plots" / "test" / "training.png").exists()
     again = run([*args[:2], "-n", *args[2:]]).stdout
     assert "Nothing to be done" in again
+
+
+# Snakemake's report is one page whose app shows a result after clicks: this script clicks menu entries by their
+# text, then the view (eye) or info button in the row of one result, as a user would.
+CLICKS = """
+function byText(text) {
+  return [...document.querySelectorAll("#app *")]
+    .find(el => el.children.length === 0 && el.textContent.trim() === text);
+}
+function click(step) {
+  if (typeof step === "string") return byText(step).click();
+  const buttons = byText(step[0]).closest("tr").querySelectorAll("a, button");
+  buttons[step[1] === "view" ? 0 : buttons.length - 1].click();
+}
+STEPS.reduce((after, step) => after.then(() => new Promise(done => setTimeout(() => { click(step); done(); }, 500))),
+             Promise.resolve());
+"""
+
+
+def report_view(report, steps, out_png):
+    """(visible text, DOM) of Snakemake's report after clicking `steps` in headless Chromium; screenshot to out_png."""
+    from helpers import browser, visible_text
+
+    page = report.read_text()
+    at = page.rindex("</body>")
+    clicked = out_png.with_suffix(".html")
+    clicked.write_text(f"{page[:at]}<script>const STEPS = {json.dumps(steps)};\n{CLICKS}</script>{page[at:]}")
+    dom = browser(clicked.as_uri(), out_png)
+    return visible_text(dom), dom
+
+
+def shown_image(dom, png_name):
+    """The bytes of the <img> the report's content pane shows for `png_name` (a data URI)."""
+    m = re.search(rf'<img src="data:image/png;charset=utf8;filename={re.escape(png_name)};base64,([^"]+)"', dom)
+    assert m, f"{png_name} is not shown"
+    return base64.b64decode(m[1])
+
+
+def not_blank(png, left):
+    """The screenshot right of the menu (x ≥ left) holds a picture: many colours, not one background."""
+    from PIL import Image
+
+    with Image.open(png) as img:
+        pane = img.convert("RGB").crop((left, 0, img.width, img.height))
+        return len(pane.getcolors(maxcolors=1 << 20) or []) > 50
+
+
+@pytest.mark.slow
+def test_snakemakes_report_shows_table1_plots_and_sample_sheets_in_a_browser(tiny_dag):
+    """`snakemake --report report.html` after the tiny DAG, opened in headless Chromium: Table 1 with its caption and
+    numbers, a plot and a run's sample sheet (each the PNG the report stage wrote, on screen), with captions."""
+    from helpers import need_chromium
+
+    args, base = tiny_dag
+    report = base / "report.html"
+    run([*args, "--report", report])
+    need_chromium()
+    plots, table1 = base / "results" / "plots" / "test", base / "results" / "tables" / "test" / "table1.csv"
+
+    text, _ = report_view(report, ["Tables", ["Table 1", "info"]], base / "table1.png")
+    assert "Table 1 in the paper's shape" in text
+    header, *rows = csv.reader(table1.read_text().splitlines())
+    assert len(rows) == 4 and "NFE1 FD_clf ours" in header  # 2 runs × {ema, raw}
+    ours = header.index("NFE1 FD_clf ours")
+    assert all(" ".join(row[:ours + 1]) in text for row in rows), text[:3000]  # run, …, its 1-NFE FD_clf
+
+    text, dom = report_view(report, ["Plots", "Figures", ["training", "view"]], base / "training.png")
+    assert "training_alphaflow-tiny" in text and "samples_alphaflow-tiny" not in text  # sheets have their own list
+    assert shown_image(dom, "training.png") == (plots / "training.png").read_bytes()
+    assert not_blank(base / "training.png", left=600)
+
+    text, dom = report_view(report, ["Plots", "Sample sheets", ["samples_alphaflow-tiny", "view"]], base / "sheet.png")
+    assert "samples_meanflow-tiny" in text
+    assert shown_image(dom, "samples_alphaflow-tiny.png") == (plots / "samples_alphaflow-tiny.png").read_bytes()
+    assert not_blank(base / "sheet.png", left=600)
+    text, _ = report_view(report, ["Plots", "Sample sheets", ["samples_alphaflow-tiny", "info"]], base / "info.png")
+    assert "Sample sheet of run alphaflow-tiny" in text
 
 
 @pytest.mark.slow

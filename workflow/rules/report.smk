@@ -9,10 +9,14 @@ rule report:
         [eval_json(r, w, s) for r, w, s in P.evaluation_cells()],
     output:
         f"{TABLES}/table1.md",
-        report(f"{TABLES}/table1.csv", caption="../report/table1.rst", category="Tables"),
-        report(f"{TABLES}/results.csv", caption="../report/results.rst", category="Tables"),
+        # output[1]: table1.rst shows this file under its caption
+        report(f"{TABLES}/table1.csv", caption="../report/table1.rst", category="Tables", labels={"table": "Table 1"}),
+        report(f"{TABLES}/results.csv", caption="../report/results.rst", category="Tables",
+               labels={"table": "every evaluation"}),
         f"{TABLES}/complete.json",
-        report(directory(PLOTS), patterns=["{name}.png"], caption="../report/plots.rst", category="Plots"),
+        report(directory(PLOTS), patterns=["{name}.png"], caption="../report/plots.rst", category="Plots",
+               subcategory=lambda w: "Sample sheets" if w.name.startswith("samples_") else "Figures",  # apart
+               labels={"figure": "{name}"}),
     params:
         reads=stage_reads(P, "report"),
     log:

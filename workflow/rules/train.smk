@@ -19,6 +19,8 @@ rule train:
     priority: train_priority
     log:
         f"{RESULTS}/logs/train-{{run}}.log",
+    benchmark:  # wall time and memory of the job (s, max_rss, …): `make demo` prints one beside its own
+        f"{RESULTS}/benchmarks/train-{{run}}.tsv"
     conda:
         "../envs/alphaflow.yaml"
     shell:

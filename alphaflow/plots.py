@@ -13,8 +13,8 @@ import pandas as pd
 
 from alphaflow.divergence import bucket_keys, bucket_label
 from alphaflow.io import atomic_write_bytes
+from alphaflow.jsonl import read_jsonl
 from alphaflow.stats import METRIC_LABELS, best_index, lower_is_better
-from alphaflow.tracking import read_jsonl
 
 
 def save_figure(fig, out_png):

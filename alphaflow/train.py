@@ -30,6 +30,7 @@ from alphaflow.ema import EMA
 from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.images import save_grid
 from alphaflow.io import atomic_write_bytes
+from alphaflow.jsonl import append_jsonl, truncate_jsonl
 from alphaflow.models import build_model
 from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
 from alphaflow.official import load_official_weight_sets
@@ -37,7 +38,7 @@ from alphaflow.phema import PowerEMA, discard_after, save_snapshot
 from alphaflow.released import import_released, released_file
 from alphaflow.run_folder import discard_stale, train_fingerprint
 from alphaflow.sampling import class_grid
-from alphaflow.tracking import Tracker, append_jsonl, git_commit, metric_key, truncate_jsonl
+from alphaflow.tracking import Tracker, git_commit, metric_key
 
 LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
 

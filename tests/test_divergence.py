@@ -12,7 +12,7 @@ from helpers import assert_bit_identical, final_tensors, run_cli
 from alphaflow import divergence as D
 from alphaflow.config import load_params
 from alphaflow.errors import UserError
-from alphaflow.tracking import read_jsonl
+from alphaflow.jsonl import read_jsonl
 from alphaflow.train import train
 
 #----------------------------------------------------------------------------

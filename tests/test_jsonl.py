@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from alphaflow.jsonl import JsonlError, append_jsonl, read_jsonl, truncate_jsonl
 from alphaflow.plots import plot_training_curves
-from alphaflow.tracking import JsonlError, append_jsonl, read_jsonl, truncate_jsonl
 
 
 def records(*steps):

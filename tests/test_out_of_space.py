@@ -19,7 +19,7 @@ import yaml
 from safetensors import SafetensorError
 
 from alphaflow import checkpoint as ckpt
-from alphaflow import io, phema, runlock, tracking
+from alphaflow import io, jsonl, phema, runlock
 from alphaflow.errors import OutOfSpace, UserError
 from helpers import ROOT, run_cli, tiny_params_dict
 
@@ -199,11 +199,11 @@ def test_a_post_hoc_ema_snapshot_names_itself(tmp_path, monkeypatch):
 
 def test_a_metrics_append_on_a_full_disk(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
-    tracking.append_jsonl(path, {"step": 1})
-    monkeypatch.setattr(tracking, "write_bytes", enospc)
+    jsonl.append_jsonl(path, {"step": 1})
+    monkeypatch.setattr(jsonl, "write_bytes", enospc)
     with pytest.raises(OutOfSpace, match=r"writing a record of metrics.jsonl \(.*metrics.jsonl\): it needs 12 bytes"):
-        tracking.append_jsonl(path, {"step": 2})
-    assert tracking.read_jsonl(path) == [{"step": 1}]
+        jsonl.append_jsonl(path, {"step": 2})
+    assert jsonl.read_jsonl(path) == [{"step": 1}]
 
 
 def test_the_lock_file_on_a_full_disk(tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from alphaflow.cli import main as cli_main
-from alphaflow.tracking import Tracker, append_jsonl
+from alphaflow.jsonl import append_jsonl
+from alphaflow.tracking import Tracker
 from helpers import tiny_params_dict
 
 TRACK = """

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 
 from alphaflow.io import atomic_write_text
+from alphaflow.jsonl import read_jsonl
 from alphaflow.plots import plot_metric_vs_step_by_group, plot_primary_endpoint
 from alphaflow.report.tables import fmt, interval_strings, markdown
 from alphaflow.stats import (detectable_difference, lower_is_better, paired_interval, t_interval, verdict_of,
                              welch_interval)
-from alphaflow.tracking import read_jsonl
 
 
 def with_groups(params, results):

@@ -115,7 +115,7 @@ def build(params, params_file):
                                      tracked(raw, ["seed", "eval.classifier_epochs"]), [str(classifier)])
     stages["reference"] = stage(command(params_file, "reference"),
                                 [data(params.reference_split())] + ([classifier] if needs_classifier else [])
-                                + ["alphaflow/features.py", "alphaflow/metrics.py"], params_file,
+                                + ["alphaflow/features", "alphaflow/metrics.py"], params_file,
                                 tracked(raw, [f"eval.{k}" for k in ("metrics", "ref_samples", "fid_ref_samples",
                                                                       "inception")]), [str(reference)])
     for run_name in params.run_names:

@@ -15,6 +15,8 @@ import torchvision.transforms.functional as TF
 from safetensors.torch import save_file
 
 from alphaflow import features as F
+from alphaflow.features import common, inception, vit
+from alphaflow.features.classifier import ENV_CLASSIFIER
 from alphaflow import metrics as M
 from alphaflow.io import sha256_file
 from alphaflow.errors import UserError
@@ -43,9 +45,9 @@ def test_all_extractors_registered_idempotently():
 
 @pytest.mark.parametrize("name", sorted(F.EXTRACTORS))
 def test_missing_weights_error_names_env_var(name, tmp_path, monkeypatch):
-    env = {"inception-fid-ts": F.ENV_INCEPTION_TS, "inception-v3-compat": F.ENV_INCEPTION_WEIGHTS,
-           "dinov2-timm-local": F.ENV_DINOV2_WEIGHTS, "classifier-local": F.ENV_CLASSIFIER,
-           "clip-vit-b32-local": F.ENV_CLIP_WEIGHTS, "inception-nvidia-ts": F.ENV_INCEPTION_NVIDIA}[name]
+    env = {"inception-fid-ts": inception.ENV_INCEPTION_TS, "inception-v3-compat": inception.ENV_INCEPTION_WEIGHTS,
+           "dinov2-timm-local": vit.ENV_DINOV2_WEIGHTS, "classifier-local": ENV_CLASSIFIER,
+           "clip-vit-b32-local": vit.ENV_CLIP_WEIGHTS, "inception-nvidia-ts": inception.ENV_INCEPTION_NVIDIA}[name]
     missing = tmp_path / "nope.bin"
     with pytest.raises(FileNotFoundError, match=env) as e:
         M.extract_features(name, random_images(2), weights_path=str(missing), progress=False)
@@ -56,7 +58,7 @@ def test_missing_weights_error_names_env_var(name, tmp_path, monkeypatch):
 
 
 def test_inception_v3_compat_error_names_url_and_hub_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv(F.ENV_INCEPTION_WEIGHTS, raising=False)
+    monkeypatch.delenv(inception.ENV_INCEPTION_WEIGHTS, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
         F.resolve_weights("inception-v3-compat")
@@ -66,9 +68,9 @@ def test_inception_v3_compat_error_names_url_and_hub_dir(monkeypatch, tmp_path):
 
 def test_inputs_are_checked():
     with pytest.raises(ValueError, match="uint8"):
-        F.to_rgb_uint8(torch.zeros(1, 3, 8, 8))
+        common.to_rgb_uint8(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="channels"):
-        F.to_rgb_uint8(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
+        common.to_rgb_uint8(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
 
 
 #----------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class NvidiaInterface(torch.nn.Module):
 
 
 def test_inception_nvidia_ts_calls_the_network_as_nvidia_packaged_it(tmp_path):
-    packaged = F.packaged_inception_ts()
+    packaged = inception.packaged_inception_ts()
     scripted = torch.jit.script(NvidiaInterface(torch.jit.load(str(packaged)).eval()))
     torch.jit.save(scripted, str(tmp_path / "inception-2015-12-05.pt"))
     images = (torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
@@ -108,9 +110,9 @@ def test_inception_nvidia_ts_calls_the_network_as_nvidia_packaged_it(tmp_path):
 
 
 def test_inception_ts_packaged_file_is_default(monkeypatch):
-    monkeypatch.delenv(F.ENV_INCEPTION_TS, raising=False)
+    monkeypatch.delenv(inception.ENV_INCEPTION_TS, raising=False)
     path = F.resolve_weights("inception-fid-ts")
-    assert path == F.packaged_inception_ts() and path.stat().st_size > 80e6
+    assert path == inception.packaged_inception_ts() and path.stat().st_size > 80e6
 
 
 def test_inception_ts_features_and_preprocessing():
@@ -121,7 +123,7 @@ def test_inception_ts_features_and_preprocessing():
     assert feats["features"].dtype == torch.float64 and torch.isfinite(feats["features"]).all()
     # 299×299 RGB input: exactly the TorchScript graph on x/128 − 1.
     with pytest.warns(FutureWarning):  # "torch.jit.load is deprecated"
-        net = torch.jit.load(str(F.packaged_inception_ts()), map_location="cpu").eval()
+        net = torch.jit.load(str(inception.packaged_inception_ts()), map_location="cpu").eval()
     with torch.no_grad():
         direct = net(x.float() / 128 - 1).double()
     torch.testing.assert_close(feats["features"], direct, rtol=1e-5, atol=1e-5)
@@ -135,7 +137,7 @@ def test_inception_ts_through_torch_fidelity_calculate_metrics():
     a, b = random_images(3, c=3, size=32, seed=3), random_images(3, c=3, size=32, seed=4)
     out = torch_fidelity.calculate_metrics(input1=ImagesDataset(a), input2=ImagesDataset(b), fid=True, cuda=False,
                                            feature_extractor="inception-fid-ts", save_cpu_ram=True, verbose=False,
-                                           feature_extractor_weights_path=str(F.packaged_inception_ts()))
+                                           feature_extractor_weights_path=str(inception.packaged_inception_ts()))
     fa = M.extract_features("inception-fid-ts", a, progress=False)["features"]
     fb = M.extract_features("inception-fid-ts", b, progress=False)["features"]
     mu_b, sigma_b = (torch.from_numpy(s) for s in M.stats(fb))
@@ -187,12 +189,12 @@ def random_inception_weights(tmp_path_factory):
 
 def test_inception_v3_compat_loads_local_file(random_inception_weights, monkeypatch):
     # The random file is not the published checkpoint: expect its own hash (the real file is 100 MB, offline).
-    monkeypatch.setattr(F, "INCEPTION_SHA256_PREFIX", sha256_file(random_inception_weights)[:8])
-    monkeypatch.setenv(F.ENV_INCEPTION_WEIGHTS, str(random_inception_weights))
+    monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", sha256_file(random_inception_weights)[:8])
+    monkeypatch.setenv(inception.ENV_INCEPTION_WEIGHTS, str(random_inception_weights))
     feats = M.extract_features("inception-v3-compat", random_images(2), progress=False)  # weights from env
     assert feats["features"].shape == (2, 2048) and feats["logits"].shape == (2, 1008)
     assert torch.isfinite(feats["features"]).all() and torch.isfinite(feats["logits"]).all()
-    ex = F.InceptionV3Compat("inception-v3-compat", ["2048"])
+    ex = inception.InceptionV3Compat("inception-v3-compat", ["2048"])
     saved = torch.load(random_inception_weights, weights_only=True)
     assert torch.equal(ex.state_dict()["Mixed_7c.branch_pool.conv.weight"], saved["Mixed_7c.branch_pool.conv.weight"])
     assert np.isfinite(M.inception_score(feats["logits"]))
@@ -225,15 +227,15 @@ def test_evil_payload_is_live(evil_weights):
 
 def test_inception_v3_compat_refuses_a_swapped_file_unloaded(evil_weights, monkeypatch):
     path, marker = evil_weights
-    monkeypatch.setenv(F.ENV_INCEPTION_WEIGHTS, str(path))
-    for load in (lambda: F.InceptionV3Compat("inception-v3-compat", ["2048"]),
+    monkeypatch.setenv(inception.ENV_INCEPTION_WEIGHTS, str(path))
+    for load in (lambda: inception.InceptionV3Compat("inception-v3-compat", ["2048"]),
                  lambda: M.extract_features("inception-v3-compat", random_images(1), progress=False)):
-        with pytest.raises(F.WeightsMismatchError) as e:
+        with pytest.raises(common.WeightsMismatchError) as e:
             load()
         assert isinstance(e.value, UserError)
         msg = str(e.value)
-        assert str(path) in msg and sha256_file(path) in msg and F.INCEPTION_SHA256_PREFIX in msg
-        assert F.ENV_INCEPTION_WEIGHTS in msg and "torch-fidelity/releases" in msg
+        assert str(path) in msg and sha256_file(path) in msg and inception.INCEPTION_SHA256_PREFIX in msg
+        assert inception.ENV_INCEPTION_WEIGHTS in msg and "torch-fidelity/releases" in msg
     assert not marker.exists(), "the swapped file was unpickled"
 
 
@@ -242,18 +244,18 @@ def test_inception_hash_prefix_check(tmp_path):
     path = tmp_path / "small.bin"
     path.write_bytes(b"not the real inception weights")
     digest = sha256_file(path)
-    F.check_sha256_prefix(path.read_bytes(), path, digest[:8])  # torch hub's 8-hex convention
-    F.check_sha256_prefix(path.read_bytes(), path, digest)      # a full sha256 works the same way
-    with pytest.raises(F.WeightsMismatchError, match=digest):
-        F.check_sha256_prefix(path.read_bytes(), path, F.INCEPTION_SHA256_PREFIX)
-    assert F.INCEPTION_SHA256_PREFIX == "6726825d"               # from torch-fidelity's URL_INCEPTION_V3
+    inception.check_sha256_prefix(path.read_bytes(), path, digest[:8])  # torch hub's 8-hex convention
+    inception.check_sha256_prefix(path.read_bytes(), path, digest)      # a full sha256 works the same way
+    with pytest.raises(common.WeightsMismatchError, match=digest):
+        inception.check_sha256_prefix(path.read_bytes(), path, inception.INCEPTION_SHA256_PREFIX)
+    assert inception.INCEPTION_SHA256_PREFIX == "6726825d"               # from torch-fidelity's URL_INCEPTION_V3
 
 
 def test_inception_matching_hash_still_loads_only_tensors(evil_weights):
     """A forged file whose hash prefix matches (32 bits can be brute-forced) is still never unpickled."""
     path, marker = evil_weights
-    with pytest.raises(F.WeightsMismatchError, match="not a plain state_dict"):
-        F.load_inception_state(path, sha256_prefix=sha256_file(path)[:8])
+    with pytest.raises(common.WeightsMismatchError, match="not a plain state_dict"):
+        inception.load_inception_state(path, sha256_prefix=sha256_file(path)[:8])
     assert not marker.exists()
 
 
@@ -285,12 +287,12 @@ def small_dinov2(tmp_path_factory):
 
 def test_dinov2_loads_local_file_and_resamples_pos_embed(small_dinov2, monkeypatch):
     path, state = small_dinov2
-    monkeypatch.setenv(F.ENV_DINOV2_MODEL, "vit_small_patch14_dinov2.lvd142m")
-    ex = F.DinoV2TimmLocal("dinov2-timm-local", ["dinov2"], feature_extractor_weights_path=str(path))
+    monkeypatch.setenv(vit.ENV_DINOV2_MODEL, "vit_small_patch14_dinov2.lvd142m")
+    ex = vit.DinoV2TimmLocal("dinov2-timm-local", ["dinov2"], feature_extractor_weights_path=str(path))
     loaded = ex.model.state_dict()
     assert torch.equal(loaded["blocks.11.mlp.fc2.weight"], state["blocks.11.mlp.fc2.weight"])
     assert state["pos_embed"].shape == (1, 1 + 37 * 37, 384) and loaded["pos_embed"].shape == (1, 1 + 16 * 16, 384)
-    assert torch.equal(loaded["pos_embed"], F.dinov2_pos_embed(state["pos_embed"], 16))
+    assert torch.equal(loaded["pos_embed"], vit.dinov2_pos_embed(state["pos_embed"], 16))
     feats = M.extract_features("dinov2-timm-local", random_images(3), weights_path=str(path), progress=False)
     assert feats["features"].shape == (3, 384) and "logits" not in feats
     rgb = M.extract_features("dinov2-timm-local", random_images(3).repeat(1, 3, 1, 1), weights_path=str(path),
@@ -349,7 +351,7 @@ def test_dinov2_features_match_the_papers_detector(small_dinov2, monkeypatch):
     resample of the position table (what this extractor did before) is further off. Random ViT-S/14
     weights here (the real ViT-L/14 is not available offline); the printed numbers are in docs/fdd-parity.md."""
     path, state = small_dinov2
-    monkeypatch.setenv(F.ENV_DINOV2_MODEL, "vit_small_patch14_dinov2.lvd142m")
+    monkeypatch.setenv(vit.ENV_DINOV2_MODEL, "vit_small_patch14_dinov2.lvd142m")
     images = fashion("test", 8)
     ours = M.extract_features("dinov2-timm-local", images, weights_path=str(path), progress=False)["features"]
     same_resize = original_dinov2_features(state, images, "torch")
@@ -359,7 +361,7 @@ def test_dinov2_features_match_the_papers_detector(small_dinov2, monkeypatch):
     resampled = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=True, num_classes=0, img_size=224,
                                   pretrained_cfg_overlay=dict(file=str(path))).eval()
     with torch.no_grad():
-        timm_default = resampled(F.DinoV2TimmLocal.preprocess(images))
+        timm_default = resampled(vit.DinoV2TimmLocal.preprocess(images))
     errors = {"same resize": relative_error(ours, same_resize), "dgm-eval PIL resize": relative_error(ours, pil_resize),
               "timm load-time resample": relative_error(timm_default, same_resize)}
     print("DINOv2 features, relative L2 difference to the original detector: "
@@ -466,8 +468,8 @@ def test_clip_loads_openai_layout_and_matches_the_original_forward(tiny_clip, mo
     bicubic on uint8 vs torch's on float).
     Random tiny weights (the real ViT-B/32 is not available offline)."""
     path, state = tiny_clip
-    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
-    ex = F.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
+    monkeypatch.setattr(vit, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    ex = vit.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
     loaded = ex.model.state_dict()
     assert torch.equal(loaded["blocks.1.attn.qkv.weight"], state["visual.transformer.resblocks.1.attn.in_proj_weight"])
     assert torch.equal(loaded["head.weight"], state["visual.proj"].T) and not loaded["head.bias"].any()
@@ -480,7 +482,7 @@ def test_clip_loads_openai_layout_and_matches_the_original_forward(tiny_clip, mo
         assert ours.shape == (len(images), TINY_CLIP["output_dim"]) and "logits" not in M.extract_features(
             "clip-vit-b32-local", images[:1], weights_path=str(path), progress=False)
         assert float((ours - ours.mean(0)).norm() / ours.norm()) > 0.05  # the features do depend on the image
-        x = F.ClipTimmLocal.preprocess(images)
+        x = vit.ClipTimmLocal.preprocess(images)
         torch.testing.assert_close(x, original_clip_preprocess(images, "torch"))
         errors[f"{label} same tensor"] = relative_error(ours, original_clip_visual(state, x, heads).double())
         errors[f"{label} CLIP PIL preprocessing"] = relative_error(
@@ -502,7 +504,7 @@ def test_clip_matches_open_clip(tiny_clip, monkeypatch):
     ref = VisionTransformer(image_size=224, patch_size=c["patch"], width=c["width"], layers=c["layers"],
                             heads=c["heads"], mlp_ratio=4.0, output_dim=c["output_dim"], act_layer=QuickGELU).eval()
     ref.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
-    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    monkeypatch.setattr(vit, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
     images = fashion("test", 8)
     ours = M.extract_features("clip-vit-b32-local", images, weights_path=str(path), progress=False)["features"]
     with torch.no_grad():
@@ -515,26 +517,26 @@ def test_clip_matches_open_clip(tiny_clip, monkeypatch):
 
 def test_clip_loads_timm_safetensors_and_refuses_a_wrong_network(tiny_clip, tmp_path, monkeypatch):
     path, state = tiny_clip
-    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
-    ex = F.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
+    monkeypatch.setattr(vit, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    ex = vit.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
     timm_file = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in ex.model.state_dict().items()}, str(timm_file))  # timm's own layout
     images = random_images(3, c=3, size=32)
     a = M.extract_features("clip-vit-b32-local", images, weights_path=str(path), progress=False)["features"]
     b = M.extract_features("clip-vit-b32-local", images, weights_path=str(timm_file), progress=False)["features"]
     torch.testing.assert_close(a, b)
-    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", {})  # the real ViT-B/32 does not fit the tiny file
-    with pytest.raises(F.WeightsMismatchError, match="not a CLIP ViT-B/32") as e:
-        F.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
+    monkeypatch.setattr(vit, "CLIP_MODEL_KWARGS", {})  # the real ViT-B/32 does not fit the tiny file
+    with pytest.raises(common.WeightsMismatchError, match="not a CLIP ViT-B/32") as e:
+        vit.ClipTimmLocal("clip-vit-b32-local", ["clip"], feature_extractor_weights_path=str(path))
     assert isinstance(e.value, UserError) and "timm/vit_base_patch32_clip_224.openai" in str(e.value)
 
 
 def test_clip_missing_weights_error_says_where_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.delenv(F.ENV_CLIP_WEIGHTS, raising=False)
+    monkeypatch.delenv(vit.ENV_CLIP_WEIGHTS, raising=False)
     with pytest.raises(FileNotFoundError) as e:
         F.resolve_weights("clip-vit-b32-local")
     msg = str(e.value)
-    assert F.ENV_CLIP_WEIGHTS in msg and "ViT-B-32" in msg and "timm/vit_base_patch32_clip_224.openai" in msg
+    assert vit.ENV_CLIP_WEIGHTS in msg and "ViT-B-32" in msg and "timm/vit_base_patch32_clip_224.openai" in msg
 
 
 def test_fcd_is_planned_capped_and_finite(tiny_clip, monkeypatch):
@@ -545,8 +547,8 @@ def test_fcd_is_planned_capped_and_finite(tiny_clip, monkeypatch):
     from alphaflow import reference as R
 
     path, _ = tiny_clip
-    monkeypatch.setenv(F.ENV_CLIP_WEIGHTS, str(path))
-    monkeypatch.setattr(F, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
+    monkeypatch.setenv(vit.ENV_CLIP_WEIGHTS, str(path))
+    monkeypatch.setattr(vit, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
     params = SimpleNamespace(raw={"eval": {"metrics": ["fdd", "fcd"], "fid_samples": 5}})
     assert R.metric_plan(params)[1] == ("fcd", "clip-vit-b32-local", str(path))
     assert "clip-vit-b32-local" in R.INCEPTION_LIKE and len(R.capped(params, "clip-vit-b32-local", fashion("test", 9),

@@ -1,4 +1,4 @@
-"""alphaflow.launch on the local (subprocesses) and debug (in-process) submitit executors.
+"""alphaflow.launch (its tasks run alphaflow.job) on the local (subprocesses) and debug (in-process) executors.
 
 The same code paths on a real SLURM cluster are in test_slurm.py (-m slow).
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from alphaflow.launch import REQUEUE_EXIT_CODE, Resources, launch
+from alphaflow.errors import REQUEUE_EXIT_CODE
+from alphaflow.launch import Resources, launch
 
 STAGES = Path(__file__).parent / "slurm"  # small stage scripts shared with test_slurm.py
 PY = sys.executable

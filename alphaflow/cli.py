@@ -32,6 +32,9 @@ import traceback
 from alphaflow.config import load_params
 from alphaflow.errors import UserError
 
+# Each subcommand imports the library it calls inside its function (lazily): a login node runs one blocked
+# `alphaflow launch` per queued job, which must not load torch (tests/test_cli_errors.py).
+
 USER_ERROR_EXIT = 2
 DEBUG_ENV = "ALPHAFLOW_DEBUG"
 

@@ -11,6 +11,9 @@ from pathlib import Path
 from alphaflow.config import PROJECT_ROOT
 from alphaflow.errors import MissingInputError
 
+# The library is imported inside each function (lazily): the Snakefile imports this module on a login node,
+# where torch must not load (tests/test_cli_errors.py).
+
 
 #----------------------------------------------------------------------------
 # prepare / encode

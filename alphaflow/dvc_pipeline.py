@@ -134,7 +134,9 @@ def build(params, params_file):
         stages[f"train-{run_name}"] = stage(
             command(params_file, "train", f"--run {run_name}"), deps + TRAIN_CODE, params_file,
             train_keys(params, run_name), [{str(run_dir / "checkpoints"): {"persist": True}}],  # training resumes
-            plots=[{str(run_dir / "metrics.jsonl"): {"x": "step", "y": "loss", "cache": False}}])
+            # persist: DVC deletes a stage's other outputs before it runs it, and a resumed, extended or finished
+            # run appends to (or keeps) its metrics.jsonl
+            plots=[{str(run_dir / "metrics.jsonl"): {"x": "step", "y": "loss", "cache": False, "persist": True}}])
     # eval.protocol / eval.adm_reference only where the profile has them (the others' stages stay as they were).
     protocol_keys = [f"eval.{k}" for k in ("protocol", "adm_reference") if k in ev]
     sample_keys = tracked(raw, [f"eval.{k}" for k in ("num_samples", "labels", "samplers", "batch_size", "parts")]

@@ -462,7 +462,8 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
     if finished is not None and finished.get("fingerprint") == fp and finished["step"] == run.steps:
         if info.is_main and not quiet:
             print(f"[alphaflow] {run.name}: already finished ({ckpt_dir / 'final'}, fingerprint {fp})")
-        return finished
+        return {"run": run.name, "step": finished["step"], "bad_steps": finished.get("bad_total", 0),
+                "already_finished": True}
     with distributed.main_work("clearing outputs of other params and partial checkpoints") as mine:
         if mine:
             ckpt.clear_partial(ckpt_dir)  # a save a kill interrupted: its space is needed now

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -192,6 +193,52 @@ def test_kill_9_of_the_whole_dag_then_the_documented_rerun_equals_an_uninterrupt
     assert outputs(work) == outputs(work0), f"killed after {delay:.1f} s"
 
 
+def stage_pid(stage, cwd):
+    """The pid of a running `alphaflow <stage>` process working in `cwd` (a scan of /proc), or None."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv, where = (proc / "cmdline").read_bytes().split(b"\0"), os.readlink(proc / "cwd")
+        except OSError:
+            continue  # gone meanwhile, or not ours
+        if where == str(cwd) and stage.encode() in argv and any(a.endswith(b"/alphaflow") for a in argv):
+            return int(proc.name)
+    return None
+
+
+def kill_9_during(args, cwd, stage, timeout=900):
+    """Starts `args` in its own session and kill -9s all of it 0.2–1.5 s into the first `alphaflow <stage>`."""
+    log = Path(cwd) / f"killed-during-{stage}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(list(map(str, args)), cwd=cwd, env=ENV, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.time() + timeout
+    while stage_pid(stage, cwd) is None:
+        assert proc.poll() is None, f"it ended before any `alphaflow {stage}` ran:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no `alphaflow {stage}` within {timeout} s"
+        time.sleep(0.05)
+    time.sleep(random.Random().uniform(0.2, 1.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage", ["sample", "evaluate", "report"])
+def test_kill_9_during_a_stage_then_the_documented_rerun_equals_an_uninterrupted_run(baseline, stage):
+    """The fault matrix's kill -9 rows: Snakemake and its jobs killed while `alphaflow <stage>` writes; then
+    `snakemake --unlock` and the same command (docs/faults.md) give the uninterrupted run's outputs."""
+    work0, d0, base = baseline
+    work = base / f"killed-in-{stage}"
+    work.mkdir()
+    write_params(work, d0)
+    args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", work, "--cores", "2",
+            "--config", f"params={work / 'params.yaml'}"]
+    kill_9_during(args, work, stage)
+    run([*map(str, args), "--unlock"])
+    snakemake(work)
+    assert outputs(work) == outputs(work0)
+
+
 #----------------------------------------------------------------------------
 # DVC on a subset of the matrix
 
@@ -248,3 +295,13 @@ def assert_same_outputs(dvc, snakemake_):
         for name, m in snakemake_[k].items():
             for field in ("value", "low", "high"):
                 assert dvc[k][name][field] == pytest.approx(m[field], rel=1e-9), (k, name, field)
+
+
+def test_kill_9_during_dvc_repro_then_dvc_repro_equals_an_uninterrupted_run(baseline, dvc_repo):
+    """The fault matrix's DVC row: `dvc repro --force` killed while a sample stage writes; `dvc repro` again
+    finishes with the uninterrupted run's outputs."""
+    work0, _, _ = baseline
+    kill_9_during([BIN / "dvc", "repro", "--force"], dvc_repo, "sample")
+    run([BIN / "dvc", "repro"], cwd=dvc_repo)
+    assert_same_outputs(outputs(dvc_repo), outputs(work0))
+    assert "Data and pipelines are up to date" in run([BIN / "dvc", "repro"], cwd=dvc_repo).stdout

@@ -3,6 +3,7 @@ injected non-finite loss (ALPHAFLOW_FAULT_NONFINITE), through train() and the CL
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def test_stop_ends_in_one_line_naming_the_step_and_bucket(tiny_project):
     path = write_params(runs={"alphaflow-tiny": {"method": "alphaflow", "divergence": "stop",
                                                  "divergence_events": 1}})
     proc = run_cli("train", "--params", path, "--run", "alphaflow-tiny", "--quiet", check=False,
-                   env={**__import__("os").environ, D.FAULT_ENV: "5"})
+                   env={**os.environ, D.FAULT_ENV: "5"})
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr

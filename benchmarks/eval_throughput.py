@@ -128,13 +128,13 @@ def feature_weights(network, args, folder):
     """(extractor name, weights path or None = its usual file, what the row says about the weights)."""
     import timm
 
-    from alphaflow import features as F
+    from alphaflow.features import resolve_weights, vit
     from alphaflow.classifier import SmallCNN, save_classifier
     from alphaflow.errors import MissingInputError
 
     def usual(extractor):
         try:
-            return F.resolve_weights(extractor)
+            return resolve_weights(extractor)
         except MissingInputError:
             return None
 
@@ -148,20 +148,20 @@ def feature_weights(network, args, folder):
                 return extractor, None, ""
         return None, None, "random init (torchvision inception_v3: no FID Inception file)"
     if network == "dinov2":
-        model_name = TINY_DINOV2 if args.tiny else F.DINOV2_DEFAULT_MODEL
-        os.environ[F.ENV_DINOV2_MODEL] = model_name
+        model_name = TINY_DINOV2 if args.tiny else vit.DINOV2_DEFAULT_MODEL
+        os.environ[vit.ENV_DINOV2_MODEL] = model_name
         if not args.tiny and usual("dinov2-timm-local"):
             return "dinov2-timm-local", None, ""
         net = timm.create_model(model_name, pretrained=False, img_size=224, num_classes=0)
         what = f"random init ({model_name}{', --tiny' if args.tiny else ''})"
         return "dinov2-timm-local", random_state_file(net, folder, "dinov2"), what
     if network == "clip":
-        F.CLIP_MODEL_KWARGS = TINY_CLIP if args.tiny else {}
+        vit.CLIP_MODEL_KWARGS = TINY_CLIP if args.tiny else {}
         if not args.tiny and usual("clip-vit-b32-local"):
             return "clip-vit-b32-local", None, ""
-        net = timm.create_model(F.CLIP_MODEL, pretrained=False, **{"num_classes": 512, "act_layer": "quick_gelu",
-                                                                    **F.CLIP_MODEL_KWARGS})
-        what = f"random init ({F.CLIP_MODEL}{', a 2-block ViT, --tiny' if args.tiny else ''})"
+        net = timm.create_model(vit.CLIP_MODEL, pretrained=False, **{"num_classes": 512, "act_layer": "quick_gelu",
+                                                                    **vit.CLIP_MODEL_KWARGS})
+        what = f"random init ({vit.CLIP_MODEL}{', a 2-block ViT, --tiny' if args.tiny else ''})"
         return "clip-vit-b32-local", random_state_file(net, folder, "clip"), what
     raise ValueError(network)
 

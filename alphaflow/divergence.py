@@ -1,6 +1,6 @@
 """Where in t a run's loss goes wrong, and what a diverging run does (params `divergence`).
 
-Large MeanFlow and α-Flow runs go unstable now and then (paper §5: the JVP term at high t). Two tools:
+Large guided MeanFlow and α-Flow runs go unstable now and then (the paper's limitations, App. B and C). Two tools:
 
 - **The per-t-bucket loss.** Every logged record carries the loss of the window's samples split into
   `BUCKETS` equal buckets of t (`loss_t0` … `loss_t7`: t ∈ [k/8, (k+1)/8)) and of t − r (`loss_dt0` … `loss_dt7`),
@@ -10,9 +10,10 @@ Large MeanFlow and α-Flow runs go unstable now and then (paper §5: the JVP ter
   `divergence_events` events fall within `divergence_window` steps:
   - `off`: nothing more than before (non-finite gradients are zeroed and counted; `max_bad_steps` in a row abort);
   - `stop`: the run ends with one line naming the step, the event and the t bucket (`Diverged`, exit 2);
-  - `rollback`: the run restores its last checkpoint and skips the global batches of those events from then on,
-    so it continues on a trajectory that equals a fresh run with `skip_batches` = the skipped batches. Each
-    rollback is a record in metrics.jsonl and tags on the MLflow run; after `max_rollbacks` it stops as `stop`.
+  - `rollback`: the run restores its newest checkpoint from before the window's first event and skips the global
+    batches of those events from then on, so it continues on a trajectory that equals a fresh run with
+    `skip_batches` = the skipped batches. Each rollback is a record in metrics.jsonl and tags on the MLflow run;
+    after `max_rollbacks` it stops as `stop`.
 
 The gradient norm is the same number on every rank (DDP all-reduces the gradients before it), so every rank
 takes the same decision without a collective. The monitor's state is saved in checkpoints (exact resume).

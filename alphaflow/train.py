@@ -539,8 +539,8 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
 
 def roll_back(state, params, ckpt_dir, tracker, diverged, quiet):
     """The divergence policy's answer to `diverged`: `stop` (or a spent `max_rollbacks`) raises Diverged; `rollback`
-    restores the last checkpoint and adds the window's event batches to the skipped ones, so the run continues as a
-    fresh run with those skip_batches would."""
+    restores the newest checkpoint from before the window's first event and adds the window's event batches to the
+    skipped ones, so the run continues as a fresh run with those skip_batches would."""
     run, step, batch, monitor = state.run, state.step, state.batch, state.monitor
     what = f"{run.name}: diverged at step {step} (global batch {batch}): {diverged.event}; {diverged.where}"
 

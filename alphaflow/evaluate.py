@@ -13,6 +13,7 @@ import time
 import torch
 
 from alphaflow import metrics as M
+from alphaflow.adm import load_adm_reference
 from alphaflow.config import eval_protocol
 from alphaflow.data import build_encoder
 from alphaflow.distributed import resolve_device
@@ -50,7 +51,7 @@ def evaluate_images(params, images, device, weights=None):
             results[metric] = M.bootstrap_is(feats["logits"], n_boot=n_boot, seed=seed)
         else:
             if metric == "fid" and eval_protocol(ev) == "adm":  # the ADM evaluator's reference batch
-                mu, sigma = M.load_adm_reference(ev["adm_reference"])
+                mu, sigma = load_adm_reference(ev["adm_reference"])
             else:
                 mu, sigma = reference_stats_for(params, extractor, ref_images, manifest, device, weights_path)
             results[metric] = M.bootstrap_fd(feats["features"], mu, sigma, n_boot=n_boot, seed=seed, device=device)

@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
 from alphaflow import runlock
+from alphaflow.adm import write_adm_npz
 from alphaflow.config import ParamsError, eval_protocol, phema_sigma_rel, protocol_rounding
 from alphaflow.data import build_encoder
 from alphaflow.data.shards import ShardError
 from alphaflow.distributed import resolve_device
 from alphaflow.io import atomic_write_bytes, atomic_write_json, sha256_file
-from alphaflow.metrics import write_adm_npz
 from alphaflow.phema import ensure_posthoc
 from alphaflow.provenance import fingerprint, stage_reads
 from alphaflow.sampling import protocol_noise, sample

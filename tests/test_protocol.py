@@ -150,7 +150,7 @@ def test_adm_protocol_needs_its_reference_and_fid(tmp_path):
 
 
 def test_adm_reference_round_trip_and_object_arrays_refused(tmp_path):
-    from alphaflow.metrics import load_adm_reference
+    from alphaflow.adm import load_adm_reference
 
     rng = np.random.default_rng(0)
     mu, a = rng.normal(size=6), rng.normal(size=(6, 6))
@@ -169,7 +169,7 @@ def test_adm_reference_round_trip_and_object_arrays_refused(tmp_path):
 
 
 def test_adm_sample_batch_round_trip(tmp_path):
-    from alphaflow.metrics import write_adm_npz
+    from alphaflow.adm import write_adm_npz
 
     images = torch.randint(0, 256, (5, 1, 6, 7), dtype=torch.uint8)
     write_adm_npz(tmp_path / "s.npz", images, torch.tensor([0, 1, 2, 3, 4]))

@@ -115,9 +115,10 @@ def build(params, params_file):
                                      tracked(raw, ["seed", "eval.classifier_epochs"]), [str(classifier)])
     stages["reference"] = stage(command(params_file, "reference"),
                                 [data(params.reference_split())] + ([classifier] if needs_classifier else [])
-                                + ["alphaflow/features", "alphaflow/metrics.py"], params_file,
+                                + ["alphaflow/features", "alphaflow/metrics.py", "alphaflow/reference.py"], params_file,
                                 tracked(raw, [f"eval.{k}" for k in ("metrics", "ref_samples", "fid_ref_samples",
-                                                                      "inception")]), [str(reference)])
+                                                                      "inception")]
+                                        + (["eval.protocol"] if "protocol" in ev else [])), [str(reference)])
     for run_name in params.run_names:
         cfg, run_dir = params.run(run_name), params.run_dir(run_name)
         if cfg.checkpoint is not None:  # imported from a released file (alphaflow.released)

@@ -56,7 +56,10 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
     if stage == "classifier":
         return {"seed": raw["seed"], "classifier_epochs": ev.get("classifier_epochs", 2)}
     if stage == "reference":
-        return {"eval": pick(ev, ("metrics", "ref_samples", "fid_ref_samples", "inception"))}
+        reads = {"eval": pick(ev, ("metrics", "ref_samples", "fid_ref_samples", "inception"))}
+        if eval_protocol(ev) == "alphaflow":  # real images take the official round trip (the others: as before)
+            reads["protocol"] = "alphaflow"
+        return reads
     if stage == "train":  # + what the in-training FD_clf records in metrics.jsonl depend on, when on
         cfg = params.run(run)
         reads = {"run": train_settings(cfg)}

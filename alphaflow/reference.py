@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 
-from alphaflow.config import metric_extractor
+from alphaflow.config import eval_protocol, metric_extractor
 from alphaflow.data import load_prepared
+from alphaflow.data.encoders import official_real_round_trip
 from alphaflow.distributed import resolve_device
 from alphaflow.features import EXTRACTORS
 from alphaflow.io import atomic_write_json
@@ -54,17 +55,29 @@ def metric_plan(params):
 # Reference images and their statistics
 
 
+def real_round_trip(params):
+    """Whether real images pass the official evaluation's float32 round trip (eval.protocol alphaflow only:
+    the paper's protocol; FID under `adm` uses ADM's own reference batch)."""
+    return eval_protocol(params.raw["eval"]) == "alphaflow"
+
+
 def reference_images(params):
-    """Real images for reference statistics (Params.reference_split), capped at eval.ref_samples."""
+    """Real images for reference statistics (Params.reference_split), capped at eval.ref_samples, as the
+    protocol hands them to the feature networks."""
 
     images, labels, manifest = load_prepared(params.data_dir(params.reference_split()))
     n = params.raw["eval"].get("ref_samples") or len(images)
-    return images[:n], labels[:n], manifest
+    images, labels = images[:n], labels[:n]
+    if real_round_trip(params):
+        images = official_real_round_trip(images)
+        manifest = {**manifest, "round_trip": "official"}  # a cache key apart from the untouched images'
+    return images, labels, manifest
 
 
 def content_hash(manifest, n):
     shards = json.dumps([s["sha256"] for s in manifest["shards"]]).encode()
-    return hashlib.sha256(shards + f"|{n}".encode()).hexdigest()[:16]
+    transform = f"|{manifest['round_trip']}" if "round_trip" in manifest else ""  # untouched images: as before
+    return hashlib.sha256(shards + f"|{n}{transform}".encode()).hexdigest()[:16]
 
 
 INCEPTION_LIKE = ("inception-fid-ts", "inception-nvidia-ts", "inception-v3-compat", "dinov2-timm-local",

@@ -19,6 +19,9 @@
 #                  are absent; the table says which)
 #   train          benchmarks/train_check.py: a 200-step B/2 `alphaflow train` on synthetic data through the CLI
 #                  (bf16 on CUDA), stopped at step 100 and resumed; losses finite
+#   protocol       benchmarks/protocol_check.py: the official noise streams on the device (per-seed CUDA
+#                  generators) bit-equal to the official code's; the released profile's sampling of XL/2
+#                  (random init, bf16, per-seed generators) at 1 NFE and the 2-NFE consistency sampler, images/s
 #
 # The step-cost and throughput JSON tables land in the results folder (default benchmarks/results/, where
 # `alphaflow plan` reads them), with gpu-suite.md, the summary. A failed section prints one line and the others
@@ -104,6 +107,7 @@ if [ "$SMOKE" = 1 ]; then
     --sections sample vae inception dinov2 clip classifier --model T/4 --input-size 8 --channels 4 \
     --nfe 1 2 --n 8 --n-features 2 --sample-batch 8 --batch 2 --resolution 32 --out "$RESULTS"
   run train 150 "$PY" benchmarks/train_check.py --device cpu --tiny --out "$WORK/train"
+  run protocol 60 "$PY" benchmarks/protocol_check.py --device cpu --tiny --out "$RESULTS"
 else
   DEVICE=cuda
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >"$WORK/logs/cuda.log" 2>&1; then
@@ -123,6 +127,8 @@ else
     --sections sample vae inception dinov2 clip classifier --model XL/2 $LATENT --nfe 1 2 \
     --n 2048 --n-features 1024 --n-vae 256 --sample-batch 256 --batch 128 --resolution 256 --out "$RESULTS"
   run train 100 "$PY" benchmarks/train_check.py --device cuda --model B/2 --steps 200 --batch 64 --out "$WORK/train"
+  run protocol 45 "$PY" benchmarks/protocol_check.py --device cuda --model XL/2 --bf16 --n 1024 --batch 256 \
+    --out "$RESULTS"
 fi
 
 # The summary: every section's outcome, then the tables it wrote.
@@ -134,7 +140,7 @@ SUMMARY="$RESULTS/gpu-suite.md"
   echo "| section | outcome |"
   echo "|---|---|"
   printf '%s\n' "${STATUS[@]}"
-  for md in "$RESULTS"/${DEVICE}-*.md "$WORK"/compiled/*.md "$RESULTS"/eval-${DEVICE}*.md; do
+  for md in "$RESULTS"/${DEVICE}-*.md "$WORK"/compiled/*.md "$RESULTS"/eval-${DEVICE}*.md "$RESULTS"/protocol-${DEVICE}.md; do
     [ -f "$md" ] && [ "$md" -nt "$WORK/started" ] && { echo; cat "$md"; }
   done
   if [ -f "$WORK/train/train-check.json" ]; then

@@ -106,13 +106,14 @@ def test_gpu_suite_reports_each_failed_section_and_goes_on(tmp_path):
     proc = gpu_suite(tmp_path, "--smoke", "--results", str(tmp_path), env={"PYTHON": "false"})
     assert proc.returncode == 1
     lines = [line for line in proc.stdout.splitlines() if "FAILED" in line]
-    assert [line.split("]")[0] for line in lines] == ["[step-B2", "[step-XL2", "[eval", "[train"], proc.stdout
-    assert "failed sections: step-B2 step-XL2 eval train" in proc.stdout
+    assert [line.split("]")[0] for line in lines] == ["[step-B2", "[step-XL2", "[eval", "[train", "[protocol"], \
+        proc.stdout
+    assert "failed sections: step-B2 step-XL2 eval train protocol" in proc.stdout
     summary = (tmp_path / "gpu-suite.md").read_text()
     assert "| eval | FAILED (exit 1)" in summary and "| step-compiled | skipped in --smoke" in summary
     # The time budget spent before a section starts: it is skipped, and that is a failure too.
     proc = gpu_suite(tmp_path, "--smoke", "--results", str(tmp_path), env={"BUDGET_S": "0"})
-    assert proc.returncode == 1 and proc.stdout.count("SKIPPED: the 0 s budget is spent") == 4, proc.stdout
+    assert proc.returncode == 1 and proc.stdout.count("SKIPPED: the 0 s budget is spent") == 5, proc.stdout
 
 
 @pytest.mark.slow
@@ -124,7 +125,7 @@ def test_gpu_suite_smoke_runs_every_section_and_plan_reads_its_tables(tmp_path):
                      timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "gpu-suite.md").read_text()
-    for section in ("step-B2", "step-XL2", "eval", "train"):
+    for section in ("step-B2", "step-XL2", "eval", "train", "protocol"):
         assert f"| {section} | ok, " in summary, summary
     assert "- ok: the second call resumed" in summary and "- ok: every logged loss is finite" in summary
     steps = load_measurements(tmp_path)
@@ -135,3 +136,19 @@ def test_gpu_suite_smoke_runs_every_section_and_plan_reads_its_tables(tmp_path):
     assert "random init" in found["inception"][0]["weights"]
     assert {"dinov2", "clip"}.isdisjoint(found)  # --tiny architectures are never priced
     assert json.loads((tmp_path / "train-check.json").read_text())["checks"]["the second call resumed"]
+    protocol = json.loads((tmp_path / "protocol-cpu.json").read_text())
+    assert protocol["noise_parity"] and [r["sampler"] for r in protocol["rows"]] == ["1nfe", "2nfe-cons-0.5"]
+    assert "noise streams equal to the official generator's" in summary
+
+
+def test_protocol_check_finds_the_official_streams_and_a_wrong_one(tmp_path, monkeypatch):
+    """benchmarks/protocol_check.py (the GPU suite's protocol section) on the CPU: the alphaflow streams equal its
+    restatement of the official generator; this project's default streams do not, and then it exits 1."""
+    check = load_benchmark("protocol_check")
+    assert check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "protocol-cpu.json").read_text())
+    assert result["noise_parity"] and all(r["images_per_s"] > 0 for r in result["rows"])
+    real = check.protocol_noise
+    monkeypatch.setattr(check, "protocol_noise", lambda *a, **k: real(*a, **{**k, "protocol": "default"}))
+    assert check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 1
+    assert "DIFFER" in (tmp_path / "protocol-cpu.md").read_text()

@@ -1,10 +1,12 @@
 """eval.protocol (the official α-Flow sampling protocol), ADM .npz batches and `alphaflow generate`."""
 
 import io
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from alphaflow import evaluate as E
@@ -126,6 +128,77 @@ def test_paper_profile_uses_the_alphaflow_protocol_and_the_demo_keeps_default():
     official = load_params(ROOT / "params/default.yaml", ["eval.protocol=alphaflow"])
     assert stage_reads(official, "sample", weights="ema", sampler=sampler)["protocol"] == "alphaflow"
     assert stage_reads(official, "evaluate", weights="ema") == stage_reads(demo, "evaluate", weights="ema")
+    assert "protocol" not in stage_reads(demo, "reference")  # real images untouched: fingerprint as before
+    assert stage_reads(official, "reference")["protocol"] == "alphaflow"  # round-tripped real images
+
+
+#----------------------------------------------------------------------------
+# The real images' float32 round trip of the official evaluation, restated.
+
+
+def official_rearrange(videos_uint8, resize):
+    """The official detectors' real-image path for one frame per video ([b, 1, c, h, w] uint8): flatten, then
+    maybe_rescale_uint8_to_fp32, area resize, maybe_rescale_fp32_to_uint8, each as the official code writes it."""
+    x = videos_uint8.flatten(0, 1)
+    x = x.float().mul_(2 / 255).sub_(1)
+    x = torch.nn.functional.interpolate(x, size=resize, mode="area")
+    return x.add_(1).mul_(255 / 2).clamp_(0, 255).byte()
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (28, 28), (3, 5)])
+def test_real_round_trip_equals_the_official_real_image_path(hw):
+    from alphaflow.data.encoders import official_real_round_trip
+
+    g = torch.Generator().manual_seed(hw[0])
+    images = torch.randint(0, 256, (6, 3, *hw), generator=g, dtype=torch.uint8)
+    images[0].view(-1)[:256] = torch.arange(256, dtype=torch.uint8)[: images[0].numel()]  # every value once
+    assert torch.equal(official_real_round_trip(images), official_rearrange(images.unsqueeze(1), hw))
+
+
+def test_real_round_trip_maps_1_to_47_one_down_and_keeps_the_rest():
+    from alphaflow.data.encoders import official_real_round_trip
+
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    out = official_real_round_trip(values).flatten().long()
+    moved = [v for v in range(256) if out[v] != v]
+    assert moved == list(range(1, 48))
+    assert all(out[v] == v - 1 for v in moved)
+    with pytest.raises(ValueError, match="uint8"):
+        official_real_round_trip(values.float())
+
+
+def test_the_alphaflow_protocol_scores_against_round_tripped_real_images(tmp_path, tiny_latents):
+    """Reference statistics under eval.protocol alphaflow are those of the round-tripped images, cached apart;
+    the default protocol keeps the untouched images and their cache key."""
+    from helpers import tiny_params_dict
+
+    from alphaflow.data.encoders import official_real_round_trip
+    from alphaflow.reference import content_hash, reference, reference_images, reference_stats_for
+
+    shutil.copytree(tiny_latents / "results", tmp_path / "results")
+    d = tiny_params_dict(tmp_path / "results", tiny_latents / "images")
+    d["eval"]["metrics"] = ["fid"]
+    (tmp_path / "default.yaml").write_text(yaml.safe_dump(d))
+    d["eval"]["protocol"] = "alphaflow"
+    (tmp_path / "official.yaml").write_text(yaml.safe_dump(d))
+    default, official = load_params(tmp_path / "default.yaml"), load_params(tmp_path / "official.yaml")
+
+    plain, labels, manifest = reference_images(default)
+    tripped, labels2, manifest2 = reference_images(official)
+    assert torch.equal(tripped, official_real_round_trip(plain)) and not torch.equal(tripped, plain)
+    assert torch.equal(labels, labels2)
+    assert content_hash(manifest, len(plain)) != content_hash(manifest2, len(tripped))
+
+    cache = tmp_path / "results" / "reference"
+    summary_default = reference(default, device="cpu")
+    files_default = {f.name for f in cache.glob("inception-fid-ts-*.safetensors")}
+    mu_d, _ = reference_stats_for(default, "inception-fid-ts", plain, manifest)
+    summary_official = reference(official, device="cpu")
+    files_official = {f.name for f in cache.glob("inception-fid-ts-*.safetensors")}
+    mu_o, _ = reference_stats_for(official, "inception-fid-ts", tripped, manifest2)
+    assert summary_default["fingerprint"] != summary_official["fingerprint"]
+    assert len(files_official) == 1 and files_official.isdisjoint(files_default)  # a cache key of its own
+    assert not np.array_equal(mu_d, mu_o)
 
 
 def test_adm_protocol_needs_its_reference_and_fid(tmp_path):

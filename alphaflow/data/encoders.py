@@ -44,6 +44,16 @@ def to_uint8(x: torch.Tensor, rounding: str = "round") -> torch.Tensor:
     return y.clamp(0, 255).to(torch.uint8)
 
 
+def official_real_round_trip(images: torch.Tensor) -> torch.Tensor:
+    """Real images as the official evaluation hands them to its detectors (its `rearrange_videos`): uint8 →
+    float32 `x·(2/255) − 1` → an area resize to their own size (the identity, left out) → `(x + 1)·127.5`,
+    clamped and truncated to uint8. In float32 this maps pixel values 1–47 to 0–46 and keeps the others;
+    generated images skip it. The same in-place float32 operations, in the same order, as the official code."""
+    _check_images(images)
+    x = images.float().mul_(2 / 255).sub_(1)
+    return x.add_(1).mul_(255 / 2).clamp_(0, 255).to(torch.uint8)
+
+
 def _check_images(images: torch.Tensor) -> None:
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images [B,C,H,W], got {images.dtype} {tuple(images.shape)}")

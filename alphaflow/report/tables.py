@@ -136,7 +136,8 @@ def samplers_table(results):
 
 PROTOCOL_NOTES = {
     "alphaflow": "the official α-Flow evaluation: per-seed noise generators (seed mod 2³², the consistency "
-                 "sampler's fresh noise their next float64 draw), uint8 by truncation",
+                 "sampler's fresh noise their next float64 draw), uint8 by truncation, real images through "
+                 "its float32 round trip",
     "adm": "the official α-Flow sampling, FID against ADM's reference batch (eval.adm_reference)",
 }
 

@@ -59,9 +59,10 @@ test-fast: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-# ruff, then Snakemake's own linter (exit status 1 on any lint).
+# ruff (lint, then the formatting `ruff format` writes), then Snakemake's own linter (exit status 1 on any finding).
 lint: setup
 	$(BIN)/ruff check alphaflow tests benchmarks requirements
+	$(BIN)/ruff format --check alphaflow tests benchmarks requirements
 	source $(BIN)/activate && snakemake --lint
 
 bench: setup

@@ -20,20 +20,25 @@ def load_adm_reference(path):
     arrays mu, sigma, arr_0), read with allow_pickle=False: a file holding object arrays is refused."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"ADM reference batch {path} does not exist (params eval.adm_reference): download "
-                                "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations page")
+        raise MissingInputError(
+            f"ADM reference batch {path} does not exist (params eval.adm_reference): download "
+            "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations page"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("mu", "sigma") if k not in npz.files]
             if missing:
-                raise InvalidInputError(f"{path}: not an ADM reference batch, arrays {missing} missing "
-                                        f"(it holds {npz.files})")
+                raise InvalidInputError(
+                    f"{path}: not an ADM reference batch, arrays {missing} missing (it holds {npz.files})"
+                )
             mu, sigma = npz["mu"], npz["sigma"]
     except ValueError as e:  # object arrays need pickle: never loaded (arbitrary code on load)
         if isinstance(e, InvalidInputError):
             raise
-        raise InvalidInputError(f"{path}: refused, it holds object arrays (loading them needs allow_pickle, which "
-                                f"could run arbitrary code): {e}") from None
+        raise InvalidInputError(
+            f"{path}: refused, it holds object arrays (loading them needs allow_pickle, which "
+            f"could run arbitrary code): {e}"
+        ) from None
     except (OSError, EOFError) as e:
         raise InvalidInputError(f"{path} is not a readable .npz ({e})") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):

@@ -25,8 +25,16 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from alphaflow.errors import UserError
-from alphaflow.io import (atomic_write_json, ensure_space, fsync_file, is_out_of_space, publish_dir, remove_path,
-                          sha256_file, space_guard)
+from alphaflow.io import (
+    atomic_write_json,
+    ensure_space,
+    fsync_file,
+    is_out_of_space,
+    publish_dir,
+    remove_path,
+    sha256_file,
+    space_guard,
+)
 
 LATEST = "latest.json"
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
@@ -90,8 +98,12 @@ def save_checkpoint(ckpt_dir, name, *, net, ema, optimizer, rng, state, phema=No
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     clear_partial(ckpt_dir)
     opt_tensors, param_groups = optimizer_tensors(optimizer)
-    files = {WEIGHT_FILES["raw"]: net.state_dict(), WEIGHT_FILES["ema"]: ema.state_dict(),
-             "optimizer.safetensors": opt_tensors, "rng.safetensors": rng}
+    files = {
+        WEIGHT_FILES["raw"]: net.state_dict(),
+        WEIGHT_FILES["ema"]: ema.state_dict(),
+        "optimizer.safetensors": opt_tensors,
+        "rng.safetensors": rng,
+    }
     if phema is not None:
         files[PHEMA_FILE] = phema.state_dict()
     what, tmp = what or f"checkpoint {name}", ckpt_dir / f".tmp-{name}"
@@ -184,9 +196,11 @@ def read_state(path, missing_ok=False):
     except (OSError, ValueError):
         if missing_ok:
             return None
-        raise CheckpointError(f"{Path(path) / 'state.json'} is missing or unreadable: the checkpoint is "
-                              "incomplete; re-run `alphaflow train` for this run (it resumes from the newest "
-                              "complete checkpoint)") from None
+        raise CheckpointError(
+            f"{Path(path) / 'state.json'} is missing or unreadable: the checkpoint is "
+            "incomplete; re-run `alphaflow train` for this run (it resumes from the newest "
+            "complete checkpoint)"
+        ) from None
 
 
 def load_checkpoint(path, *, net, ema, optimizer, device="cpu", phema=None):
@@ -196,13 +210,16 @@ def load_checkpoint(path, *, net, ema, optimizer, device="cpu", phema=None):
     ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(device)))
     if phema is not None:
         if not (path / PHEMA_FILE).exists():
-            raise CheckpointError(f"{path / PHEMA_FILE} is missing: this checkpoint was written without post-hoc "
-                                  "EMA tracking, so the run cannot resume with it")
+            raise CheckpointError(
+                f"{path / PHEMA_FILE} is missing: this checkpoint was written without post-hoc "
+                "EMA tracking, so the run cannot resume with it"
+            )
         phema.load_state_dict(load_file(str(path / PHEMA_FILE), device=str(device)))
     state = read_state(path)
     if optimizer is not None:
-        load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)),
-                       state["param_groups"])
+        load_optimizer(
+            optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)), state["param_groups"]
+        )
     return state, load_file(str(path / "rng.safetensors"))
 
 
@@ -215,9 +232,11 @@ def load_weights(path, which="ema", device="cpu"):
         raise CheckpointError(f"{file} is missing: train the run first (`alphaflow train --run ...`)")
     expected = read_state(path).get("sha256", {}).get(which)
     if expected is not None and sha256_file(file) != expected:
-        raise CheckpointError(f"{file} does not match the sha256 in {Path(path) / 'state.json'}: the weights "
-                              "were changed or damaged after training; delete the run's checkpoints/final and "
-                              "re-run `alphaflow train` (it resumes from the last step checkpoint)")
+        raise CheckpointError(
+            f"{file} does not match the sha256 in {Path(path) / 'state.json'}: the weights "
+            "were changed or damaged after training; delete the run's checkpoints/final and "
+            "re-run `alphaflow train` (it resumes from the last step checkpoint)"
+        )
     return load_file(str(file), device=str(device))
 
 

@@ -25,7 +25,7 @@ from alphaflow.io import atomic_write_bytes, atomic_write_text
 
 ARCHITECTURE = "alphaflow-smallcnn-v1"
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Model.
 
 
@@ -43,7 +43,7 @@ class SmallCNN(nn.Module):
         image_size   = (28, 28),  # (H, W) the classifier was trained on; other sizes are resized
         width        = 32,      # channels of the first stage (second stage has 2×)
         feature_dim  = 128,     # penultimate (feature) dimension
-    ):
+    ):  # fmt: skip
         super().__init__()
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
@@ -51,28 +51,36 @@ class SmallCNN(nn.Module):
         self.width = int(width)
         self.feature_dim = int(feature_dim)
         w = self.width
-        h4, w4 = (((s + 1) // 2 + 1) // 2 for s in self.image_size)          # two stride-2 convs
+        h4, w4 = (((s + 1) // 2 + 1) // 2 for s in self.image_size)  # two stride-2 convs
+        # fmt: off
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, w, 3, stride=2, padding=1), nn.ReLU(),     # (N, w, H/2, W/2)
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False),          # (N, 2w, H/4, W/4)
             nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.Flatten(),                                                     # (N, 2w·H/4·W/4)
         )
+        # fmt: on
         self.fc = nn.Linear(2 * w * h4 * w4, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
 
     def config(self):
-        return dict(architecture=ARCHITECTURE, in_channels=self.in_channels, num_classes=self.num_classes,
-                    image_size=list(self.image_size), width=self.width, feature_dim=self.feature_dim)
+        return dict(
+            architecture=ARCHITECTURE,
+            in_channels=self.in_channels,
+            num_classes=self.num_classes,
+            image_size=list(self.image_size),
+            width=self.width,
+            feature_dim=self.feature_dim,
+        )
 
     def preprocess(self, x_uint8):
         """uint8 [N,C,H,W] → float in [-1, 1] with the trained channel count and size."""
         x = x_uint8.to(torch.float32) / 127.5 - 1.0
         if x.shape[1] != self.in_channels:
             if x.shape[1] == 3 and self.in_channels == 1:
-                x = x.mean(dim=1, keepdim=True)                               # RGB → grey
+                x = x.mean(dim=1, keepdim=True)  # RGB → grey
             elif x.shape[1] == 1:
-                x = x.repeat(1, self.in_channels, 1, 1)                       # grey → RGB
+                x = x.repeat(1, self.in_channels, 1, 1)  # grey → RGB
             else:
                 raise ValueError(f"classifier expects {self.in_channels} channels, got {x.shape[1]}")
         if tuple(x.shape[-2:]) != self.image_size:
@@ -80,8 +88,8 @@ class SmallCNN(nn.Module):
         return x
 
     def features_and_logits(self, x):
-        h = F.relu(self.fc(self.body(x)))                                    # (N, feature_dim)
-        return h, self.head(h)                                                # (N, num_classes)
+        h = F.relu(self.fc(self.body(x)))  # (N, feature_dim)
+        return h, self.head(h)  # (N, num_classes)
 
     def forward(self, x):
         return self.features_and_logits(x)[1]
@@ -91,14 +99,16 @@ def _meta_path(path):
     return Path(str(path) + ".json")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Training and evaluation.
 
 
 def _check_images_labels(images, labels, what):
     if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4):
-        raise ValueError(f"{what} images must be a uint8 tensor [N,C,H,W], got "
-                         f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+        raise ValueError(
+            f"{what} images must be a uint8 tensor [N,C,H,W], got "
+            f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
+        )
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.shape != (images.shape[0],):
         raise ValueError(f"{what} labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
@@ -112,8 +122,8 @@ def classifier_accuracy(model, images_uint8, labels, *, batch_size=1024, device=
     model.eval()
     correct = 0
     for i in range(0, images_uint8.shape[0], batch_size):
-        x = model.preprocess(images_uint8[i:i + batch_size].to(device))
-        correct += (model(x).argmax(dim=1).cpu() == labels[i:i + batch_size]).sum().item()
+        x = model.preprocess(images_uint8[i : i + batch_size].to(device))
+        correct += (model(x).argmax(dim=1).cpu() == labels[i : i + batch_size]).sum().item()
     return correct / max(1, images_uint8.shape[0])
 
 
@@ -130,7 +140,7 @@ def train_classifier(
     num_classes = None,         # None = max(labels) + 1
     val_images  = None,         # None = report training-set accuracy instead
     val_labels  = None,
-):
+):  # fmt: skip
     """Train SmallCNN and save it atomically. Returns dict(accuracy, train_accuracy, seconds, ...)."""
     labels = _check_images_labels(images_uint8, labels, "training")
     if epochs < 1 or batch_size < 1:
@@ -153,7 +163,7 @@ def train_classifier(
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             x = model.preprocess(images_uint8[idx].to(device))
             loss = F.cross_entropy(model(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
@@ -168,16 +178,29 @@ def train_classifier(
         accuracy = classifier_accuracy(model, val_images, val_labels, device=device)
     else:
         accuracy = train_acc
-    meta = dict(model.config(), accuracy=accuracy, train_accuracy=train_acc,
-                accuracy_split="val" if val_images is not None else "train",
-                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_seconds=seconds,
-                num_train=n)
+    meta = dict(
+        model.config(),
+        accuracy=accuracy,
+        train_accuracy=train_acc,
+        accuracy_split="val" if val_images is not None else "train",
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        train_seconds=seconds,
+        num_train=n,
+    )
     save_classifier(model, out_path, meta)
-    return dict(accuracy=accuracy, train_accuracy=train_acc, seconds=seconds,
-                out_path=str(out_path), meta_path=str(_meta_path(out_path)))
+    return dict(
+        accuracy=accuracy,
+        train_accuracy=train_acc,
+        seconds=seconds,
+        out_path=str(out_path),
+        meta_path=str(_meta_path(out_path)),
+    )
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Save / load.
 
 
@@ -195,29 +218,39 @@ RETRAIN = "delete it and retrain the classifier (`alphaflow classifier --params 
 def read_classifier_meta(path):
     meta_path = _meta_path(path)
     if not Path(path).is_file():
-        raise MissingInputError(f"classifier weights not found: {path} (train one with "
-                                f"alphaflow.classifier.train_classifier)")
+        raise MissingInputError(
+            f"classifier weights not found: {path} (train one with alphaflow.classifier.train_classifier)"
+        )
     if not meta_path.is_file():
-        raise MissingInputError(f"classifier metadata not found: {meta_path} (written next to the weights "
-                                f"by train_classifier)")
+        raise MissingInputError(
+            f"classifier metadata not found: {meta_path} (written next to the weights by train_classifier)"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise InvalidInputError(f"{meta_path} is not valid JSON ({e}); {RETRAIN}") from e
     if meta.get("architecture") != ARCHITECTURE:
-        raise InvalidInputError(f"{meta_path}: unknown architecture {meta.get('architecture')!r}, "
-                                f"expected {ARCHITECTURE!r}; {RETRAIN}")
+        raise InvalidInputError(
+            f"{meta_path}: unknown architecture {meta.get('architecture')!r}, expected {ARCHITECTURE!r}; {RETRAIN}"
+        )
     return meta
 
 
 def load_classifier(path, device="cpu"):
     """Rebuild SmallCNN from `<path>.json` and load `<path>` (safetensors, no pickle)."""
     meta = read_classifier_meta(path)
-    model = SmallCNN(in_channels=meta["in_channels"], num_classes=meta["num_classes"],
-                     image_size=meta["image_size"], width=meta["width"], feature_dim=meta["feature_dim"])
+    model = SmallCNN(
+        in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"],
+        image_size=meta["image_size"],
+        width=meta["width"],
+        feature_dim=meta["feature_dim"],
+    )
     try:
         model.load_state_dict(load_file(str(path), device="cpu"))
     except (SafetensorError, RuntimeError) as e:  # unparsable file, or tensors that do not fit the metadata
-        raise InvalidInputError(f"classifier weights {path} are unreadable or do not match {_meta_path(path)} "
-                                f"({type(e).__name__}: {str(e)[:200]}); {RETRAIN}") from e
+        raise InvalidInputError(
+            f"classifier weights {path} are unreadable or do not match {_meta_path(path)} "
+            f"({type(e).__name__}: {str(e)[:200]}); {RETRAIN}"
+        ) from e
     return model.to(device).eval().requires_grad_(False)

@@ -21,32 +21,39 @@ from alphaflow.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = importlib.resources.files("alphaflow") / "schemas" / "params.schema.yaml"  # package data, works installed
+# fmt: off
 RELEASED_ENV = "ALPHAFLOW_RELEASED"     # folder of the released checkpoints; default <project>/released
 RELEASED_SUFFIXES = (".pt", ".pth")     # a released (official-layout) snapshot file
+# fmt: on
 
 
 class ParamsError(UserError, ValueError):
     """A params file that does not load or validate; the message names the file or key, value and what is allowed."""
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Training settings of one run (paper Table 3 defaults)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str
+    # fmt: off
     method: str = "alphaflow"            # alphaflow | meanflow (α ≡ 0) | fm (α ≡ 1) | shortcut (α = ½, ṽ = u)
     model: str = "B/2"                   # DiT preset
+    # fmt: on
     model_overrides: dict = field(default_factory=dict)
+    # fmt: off
     seed: int = 1                        # training seed (the official runs use 1)
     steps: int = 400_000                 # optimiser steps
     batch_size: int = 256                # global batch
     micro_batch_size: int | None = None  # per-device micro-batch; None = batch_size / world size
     lr: float = 1e-4                     # Adam learning rate
     warmup_steps: int = 10_000           # linear warm-up from lr/1e4 (official code only)
+    # fmt: on
     betas: tuple = (0.9, 0.95)
     adam_eps: float = 1e-8
+    # fmt: off
     grad_clip: float | None = 16.0       # global-norm clip; None = off
     max_bad_steps: int = 100             # consecutive NaN/Inf-gradient steps before aborting
     divergence: str = "off"              # off | stop | rollback: what events do (alphaflow.divergence)
@@ -83,10 +90,13 @@ class RunConfig:
     conflict_batch: int = 128            # held-out batch for the cosines (paper App. E)
     eval_every: int | None = None        # in-training FD_clf (EMA and raw, every sampler); None = off
     phema_every: int | None = None       # post-hoc EMA snapshots every N steps (alphaflow.phema); None = off
+    # fmt: on
     phema_sigma_rels: tuple = (0.05, 0.10)  # the power-function EMA profiles tracked for them
+    # fmt: off
     phema_dtype: str = "float32"         # snapshot precision: float32 | bfloat16
     group: str | None = None             # runs differing only by seed share a group (report: mean over seeds)
     paper_row: str | None = None         # row of the paper's tables this run reproduces
+    # fmt: on
     resources: dict = field(default_factory=dict)
 
     def alpha(self, step):
@@ -97,8 +107,9 @@ class RunConfig:
             return self.alpha_clamp if self.discrete_only else 0.0
         if self.method == "shortcut":
             return 0.5
-        return alpha_schedule(step, self.alpha_start, self.alpha_end, self.alpha_gamma, self.alpha_clamp,
-                              discrete_only=self.discrete_only)
+        return alpha_schedule(
+            step, self.alpha_start, self.alpha_end, self.alpha_gamma, self.alpha_clamp, discrete_only=self.discrete_only
+        )
 
     @property
     def shift(self):
@@ -108,7 +119,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Loading and validation
 
 
@@ -145,28 +156,37 @@ def validate(raw, schema=None):
     for name, run in raw["runs"].items():
         merged = {**raw["defaults"], **run}
         if merged.get("alpha_end", 0) < merged.get("alpha_start", 0):
-            raise ParamsError(f"params key 'runs.{name}.alpha_end' = {merged['alpha_end']}: must be ≥ alpha_start "
-                              f"({merged['alpha_start']})")
+            raise ParamsError(
+                f"params key 'runs.{name}.alpha_end' = {merged['alpha_end']}: must be ≥ alpha_start "
+                f"({merged['alpha_start']})"
+            )
         source = merged.get("init_from")
         if source is not None and source not in raw["runs"] and not is_released_file(source):
-            raise ParamsError(f"params key 'runs.{name}.init_from' = {source!r}: not a run of this profile "
-                              f"(allowed: {sorted(raw['runs'])}, or a released checkpoint file ending in "
-                              f"{' or '.join(RELEASED_SUFFIXES)})")
+            raise ParamsError(
+                f"params key 'runs.{name}.init_from' = {source!r}: not a run of this profile "
+                f"(allowed: {sorted(raw['runs'])}, or a released checkpoint file ending in "
+                f"{' or '.join(RELEASED_SUFFIXES)})"
+            )
         if merged.get("checkpoint") is not None:
             if not is_released_file(merged["checkpoint"]):
-                raise ParamsError(f"params key 'runs.{name}.checkpoint' = {merged['checkpoint']!r}: expected a "
-                                  f"released α-Flow snapshot file ending in {' or '.join(RELEASED_SUFFIXES)}")
+                raise ParamsError(
+                    f"params key 'runs.{name}.checkpoint' = {merged['checkpoint']!r}: expected a "
+                    f"released α-Flow snapshot file ending in {' or '.join(RELEASED_SUFFIXES)}"
+                )
             if source is not None:
-                raise ParamsError(f"params key 'runs.{name}.init_from' = {source!r}: a run with 'checkpoint' is "
-                                  "imported, not trained, so it cannot also fine-tune from another source")
+                raise ParamsError(
+                    f"params key 'runs.{name}.init_from' = {source!r}: a run with 'checkpoint' is "
+                    "imported, not trained, so it cannot also fine-tune from another source"
+                )
     validate_weight_sets(raw)
     validate_protocol(raw)
     for i, sampler in enumerate(raw["eval"]["samplers"]):
         try:
             parse_t_steps(sampler["t_steps"])
         except ValueError as e:
-            raise ParamsError(f"params key 'eval.samplers.{i}.t_steps' ({sampler['name']}): {e} "
-                              f"(e.g. [1.0, 0.5, 0.0])") from None
+            raise ParamsError(
+                f"params key 'eval.samplers.{i}.t_steps' ({sampler['name']}): {e} (e.g. [1.0, 0.5, 0.0])"
+            ) from None
 
 
 def is_released_file(value):
@@ -192,8 +212,12 @@ def metric_extractor(metric, raw_eval):
     """The feature network (alphaflow.features.EXTRACTORS name) that measures one of eval.metrics."""
     if metric in ("fd_classifier", "is_classifier"):
         return "classifier-local"
-    return {"fid": raw_eval.get("inception", "inception-fid-ts"), "is": "inception-v3-compat",
-            "fdd": "dinov2-timm-local", "fcd": "clip-vit-b32-local"}[metric]
+    return {
+        "fid": raw_eval.get("inception", "inception-fid-ts"),
+        "is": "inception-v3-compat",
+        "fdd": "dinov2-timm-local",
+        "fcd": "clip-vit-b32-local",
+    }[metric]
 
 
 def protocol_rounding(protocol):
@@ -206,15 +230,21 @@ def validate_protocol(raw):
     protocol = eval_protocol(ev)
     if protocol == "adm":
         if not ev.get("adm_reference"):
-            raise ParamsError("params key 'eval.adm_reference' is missing: eval.protocol adm computes FID against an "
-                              "ADM reference batch .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz): "
-                              "give its path")
+            raise ParamsError(
+                "params key 'eval.adm_reference' is missing: eval.protocol adm computes FID against an "
+                "ADM reference batch .npz (mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz): "
+                "give its path"
+            )
         if "fid" not in ev["metrics"]:
-            raise ParamsError(f"params key 'eval.metrics' = {ev['metrics']}: eval.protocol adm is FID against the "
-                              "ADM reference batch: add fid")
+            raise ParamsError(
+                f"params key 'eval.metrics' = {ev['metrics']}: eval.protocol adm is FID against the "
+                "ADM reference batch: add fid"
+            )
     elif ev.get("adm_reference"):
-        raise ParamsError(f"params key 'eval.adm_reference' = {ev['adm_reference']!r}: only read with eval.protocol "
-                          f"adm (eval.protocol is {protocol}): set eval.protocol: adm or remove the key")
+        raise ParamsError(
+            f"params key 'eval.adm_reference' = {ev['adm_reference']!r}: only read with eval.protocol "
+            f"adm (eval.protocol is {protocol}): set eval.protocol: adm or remove the key"
+        )
 
 
 PHEMA_PREFIX = "phema-"
@@ -222,7 +252,7 @@ PHEMA_PREFIX = "phema-"
 
 def phema_sigma_rel(weights):
     """σ_rel of a post-hoc EMA weight set name (`phema-0.05` → 0.05); None for `ema` and `raw`."""
-    return float(weights[len(PHEMA_PREFIX):]) if weights.startswith(PHEMA_PREFIX) else None
+    return float(weights[len(PHEMA_PREFIX) :]) if weights.startswith(PHEMA_PREFIX) else None
 
 
 def weight_set_problem(name):
@@ -254,14 +284,17 @@ def validate_weight_sets(raw):
     names = [s["name"] for s in ev["samplers"]]
     for i, name in enumerate(ev.get("phema_samplers") or []):
         if name not in names:
-            raise ParamsError(f"params key 'eval.phema_samplers.{i}' = {name!r}: not a sampler of eval.samplers "
-                              f"(allowed: {names})")
+            raise ParamsError(
+                f"params key 'eval.phema_samplers.{i}' = {name!r}: not a sampler of eval.samplers (allowed: {names})"
+            )
     if any(phema_sigma_rel(w) is not None for w in ev["weights"]):
         for name, run in raw["runs"].items():
             if not {**raw["defaults"], **run}.get("phema_every"):
-                raise ParamsError(f"params key 'runs.{name}.phema_every' is null, but eval.weights asks for post-hoc "
-                                  "EMA weights (phema-<σ_rel>): set phema_every (e.g. 1/20 of the steps) in defaults "
-                                  "or the run, so training keeps the snapshots they are reconstructed from")
+                raise ParamsError(
+                    f"params key 'runs.{name}.phema_every' is null, but eval.weights asks for post-hoc "
+                    "EMA weights (phema-<σ_rel>): set phema_every (e.g. 1/20 of the steps) in defaults "
+                    "or the run, so training keeps the snapshots they are reconstructed from"
+                )
 
 
 @dataclass
@@ -306,8 +339,10 @@ class Params:
 
     def run_dir(self, run):
         if run in ("", ".", "..") or "/" in run or "\\" in run:  # the schema's pattern says so too
-            raise ParamsError(f"run name {run!r} is not a plain folder name: results/runs/<run> must stay inside "
-                              f"{self.results / 'runs'}")
+            raise ParamsError(
+                f"run name {run!r} is not a plain folder name: results/runs/<run> must stay inside "
+                f"{self.results / 'runs'}"
+            )
         return self.results / "runs" / run
 
     @property
@@ -357,9 +392,13 @@ class Params:
         sampling and evaluation jobs)."""
         ev = self.raw["eval"]
         phema_samplers = ev.get("phema_samplers") or list(self.samplers)
-        return [(run, weights, sampler) for run in self.run_names for weights in ev["weights"]
-                for sampler in self.samplers
-                if phema_sigma_rel(weights) is None or sampler in phema_samplers]
+        return [
+            (run, weights, sampler)
+            for run in self.run_names
+            for weights in ev["weights"]
+            for sampler in self.samplers
+            if phema_sigma_rel(weights) is None or sampler in phema_samplers
+        ]
 
     def resources(self, stage, run=None):
         """Launcher resources: resources.default < resources.<stage> < runs.<run>.resources (train)."""
@@ -380,7 +419,7 @@ def set_by_path(raw, dotted, value):
     for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ParamsError(f"override key {dotted!r}: {'.'.join(parts[:i + 1])!r} is not a mapping")
+            raise ParamsError(f"override key {dotted!r}: {'.'.join(parts[: i + 1])!r} is not a mapping")
     node[parts[-1]] = value
 
 

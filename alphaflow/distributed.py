@@ -27,8 +27,9 @@ def env_info(environ=os.environ):
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return DistInfo(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)))
     if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1 and "MASTER_ADDR" in environ:
-        return DistInfo(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
-                        int(environ.get("SLURM_LOCALID", 0)))
+        return DistInfo(
+            int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0))
+        )
     return DistInfo()
 
 

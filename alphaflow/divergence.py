@@ -40,7 +40,7 @@ class Diverged(UserError):
     """A run whose loss diverged under `divergence: stop` (or after `max_rollbacks` rollbacks)."""
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The per-t-bucket loss
 
 
@@ -61,7 +61,8 @@ def bucket_sums(loss, t, r, n=BUCKETS):
     index = torch.cat([bucket_index(t, n), n + bucket_index(t - r, n)])
     sums = torch.zeros(2 * n, dtype=torch.float64, device=loss.device).index_add_(0, index, loss.repeat(2))
     counts = torch.zeros(2 * n, dtype=torch.float64, device=loss.device).index_add_(
-        0, index, torch.ones_like(loss).repeat(2))
+        0, index, torch.ones_like(loss).repeat(2)
+    )
     return sums, counts
 
 
@@ -94,7 +95,8 @@ def worst_bucket(step_means, window_means):
     key = max(t_keys, key=ratio)
     ref = window_means.get(key)
     return f"largest loss in {bucket_label(key)}: {step_means[key]:.4g}" + (
-        f" (window mean {ref:.4g})" if ref is not None else "")
+        f" (window mean {ref:.4g})" if ref is not None else ""
+    )
 
 
 def fault_batches():
@@ -115,7 +117,7 @@ def poison(loss, t):
     return loss * scale
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The policy
 
 
@@ -130,22 +132,31 @@ class Monitor:
             raise ValueError(f"divergence policy {policy!r}; one of {POLICIES}")
         self.policy, self.window, self.max_events = policy, window, max_events
         self.spike_factor, self.max_rollbacks = spike_factor, max_rollbacks
+        # fmt: off
         self.events = deque()       # (step, batch) of the events within the window
         self.norm_mean = None       # running mean of the finite, non-spiking gradient norms
+        # fmt: on
         self.norm_n = 0
         self.rollbacks = 0
 
     def is_spike(self, norm):
-        return (self.spike_factor is not None and self.norm_n >= self.window
-                and norm > self.spike_factor * self.norm_mean)
+        return (
+            self.spike_factor is not None and self.norm_n >= self.window and norm > self.spike_factor * self.norm_mean
+        )
 
     def observe(self, step, batch, norm):
         """Records the gradient norm of optimizer step `step` (global batch `batch`); returns None, or a phrase
         describing the event that reached the limit."""
         finite = math.isfinite(norm)
-        event = None if finite and not self.is_spike(norm) else (
-            "non-finite gradient norm" if not finite else
-            f"gradient norm {norm:.4g} > {self.spike_factor:g} × its running mean {self.norm_mean:.4g}")
+        event = (
+            None
+            if finite and not self.is_spike(norm)
+            else (
+                "non-finite gradient norm"
+                if not finite
+                else f"gradient norm {norm:.4g} > {self.spike_factor:g} × its running mean {self.norm_mean:.4g}"
+            )
+        )
         if event is None:
             # A running mean over about `window` steps (exact mean until then)
             self.norm_n += 1
@@ -167,8 +178,12 @@ class Monitor:
         return first, batches
 
     def state_dict(self):
-        return {"events": [list(e) for e in self.events], "norm_mean": self.norm_mean, "norm_n": self.norm_n,
-                "rollbacks": self.rollbacks}
+        return {
+            "events": [list(e) for e in self.events],
+            "norm_mean": self.norm_mean,
+            "norm_n": self.norm_n,
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, d):
         self.events = deque(tuple(e) for e in d.get("events", []))

@@ -20,10 +20,8 @@ from alphaflow.distributed import resolve_device
 from alphaflow.images import save_grid
 from alphaflow.io import atomic_write_json
 from alphaflow.provenance import file_hash, fingerprint, stage_reads
-from alphaflow.reference import (INCEPTION_LIKE, capped, is_score, metric_plan, reference_images,
-                                 reference_stats_for)
-from alphaflow.samples import (generate, labels_for_seeds, load_samples, no_autocast, sample_fingerprint,
-                               samples_parts)
+from alphaflow.reference import INCEPTION_LIKE, capped, is_score, metric_plan, reference_images, reference_stats_for
+from alphaflow.samples import generate, labels_for_seeds, load_samples, no_autocast, sample_fingerprint, samples_parts
 from alphaflow.tracking import mlflow_metric_name
 
 
@@ -44,8 +42,9 @@ def evaluate_images(params, images, device, weights=None):
             continue
         gen = capped(params, extractor, images, "generated")
         if extractor not in features:
-            features[extractor] = M.extract_features(extractor, gen, weights_path=weights_path, device=device,
-                                                     progress=False)
+            features[extractor] = M.extract_features(
+                extractor, gen, weights_path=weights_path, device=device, progress=False
+            )
         feats = features[extractor]
         if is_score(metric):
             results[metric] = M.bootstrap_is(feats["logits"], n_boot=n_boot, seed=seed)
@@ -82,8 +81,9 @@ def in_training_metrics(params, nets, device):
         for name, sampler in params.samplers.items():
             with torch.no_grad():
                 images = generate(net, encoder, seeds, labels, sampler, torch.device(device), no_autocast)
-            feats = M.extract_features("classifier-local", images.cpu(), weights_path=weights_path, device=device,
-                                       progress=False)["features"]
+            feats = M.extract_features(
+                "classifier-local", images.cpu(), weights_path=weights_path, device=device, progress=False
+            )["features"]
             out[mlflow_metric_name("fd_classifier", name, weights)] = M.fd_from_stats(*M.stats(feats), mu, sigma)
         net.train(was_training)
     return out
@@ -98,19 +98,33 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
     metrics = evaluate_images(params, images, device, weights=weights)
     reference = params.reference_marker()
     upstream = [samples_fp, file_hash(reference) if reference.exists() else None]
-    record = {"run": run_name, "weights": weights, "sampler": sampler_name,
-              "fingerprint": fingerprint("evaluate", stage_reads(params, "evaluate", weights=weights), upstream),
-              "samples_fingerprint": samples_fp, "num_samples": len(images),
-              "labels": params.samplers[sampler_name].get("labels") or params.raw["eval"].get("labels", "random"),
-              "t_steps": params.samplers[sampler_name]["t_steps"],
-              "mode": params.samplers[sampler_name]["mode"], "seconds": time.perf_counter() - t0, "metrics": metrics}
-    atomic_write_json(params.eval_file(run_name, weights, sampler_name), record,
-                      what=f"the evaluation of {run_name}/{weights}/{sampler_name}")
+    record = {
+        "run": run_name,
+        "weights": weights,
+        "sampler": sampler_name,
+        "fingerprint": fingerprint("evaluate", stage_reads(params, "evaluate", weights=weights), upstream),
+        "samples_fingerprint": samples_fp,
+        "num_samples": len(images),
+        "labels": params.samplers[sampler_name].get("labels") or params.raw["eval"].get("labels", "random"),
+        "t_steps": params.samplers[sampler_name]["t_steps"],
+        "mode": params.samplers[sampler_name]["mode"],
+        "seconds": time.perf_counter() - t0,
+        "metrics": metrics,
+    }
+    atomic_write_json(
+        params.eval_file(run_name, weights, sampler_name),
+        record,
+        what=f"the evaluation of {run_name}/{weights}/{sampler_name}",
+    )
     # A class-sorted grid (8 per class) for the report.
     order = torch.argsort(labels, stable=True)
     per_class = [order[labels[order] == c][:8] for c in range(min(10, int(labels.max()) + 1))]
-    save_grid(images[torch.cat(per_class)], out.parent / f"{sampler_name}.png", nrow=8,
-              scale=2 if images.shape[-1] < 64 else 1)
+    save_grid(
+        images[torch.cat(per_class)],
+        out.parent / f"{sampler_name}.png",
+        nrow=8,
+        scale=2 if images.shape[-1] < 64 else 1,
+    )
     if not quiet:
         shown = ", ".join(f"{m} {v['value']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for m, v in metrics.items())
         print(f"[alphaflow] evaluate {run_name}/{weights}/{sampler_name}: {shown}")

@@ -28,7 +28,7 @@ NFE_T_STEPS = {1: [1.0, 0.0], 2: [1.0, 0.5, 0.0]}
 
 
 def parse_int_list(text, what):
-    """"0-15" / "3,5,9-11" → [0, …]; ranges inclusive."""
+    """ "0-15" / "3,5,9-11" → [0, …]; ranges inclusive."""
     out = []
     try:
         for part in str(text).split(","):
@@ -69,14 +69,17 @@ def net_from_state(state, model=None, model_overrides=None, device="cpu"):
         model = preset_of(state)
         if model is None:
             hidden, depth, patch = state_shapes(state)
-            raise InvalidInputError(f"weights of a DiT with hidden size {hidden}, {depth} blocks, patch {patch}: no "
-                                    "preset has these shapes; give --model (and --model-overrides)")
+            raise InvalidInputError(
+                f"weights of a DiT with hidden size {hidden}, {depth} blocks, patch {patch}: no "
+                "preset has these shapes; give --model (and --model-overrides)"
+            )
     net = build_model(model, num_classes=num_classes, input_size=h, in_channels=c, **(model_overrides or {}))
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise InvalidInputError(f"the weights do not fit model {model} {model_overrides or ''}: "
-                                f"{str(e)[:400]}") from None
+        raise InvalidInputError(
+            f"the weights do not fit model {model} {model_overrides or ''}: {str(e)[:400]}"
+        ) from None
     return net.to(device).eval()
 
 
@@ -109,23 +112,30 @@ def checkpoint_decoder(net, vae=None, device="cpu"):
         return build_encoder("sd-vae-ft-ema", path=vae, device=device)
     if net.in_channels in (1, 3):
         return build_encoder("identity", device=device)
-    raise ParamsError(f"the latents have {net.in_channels} channels: give the SD-VAE with --vae DIR "
-                      "(pixel space only for 1 or 3 channels)")
+    raise ParamsError(
+        f"the latents have {net.in_channels} channels: give the SD-VAE with --vae DIR "
+        "(pixel space only for 1 or 3 channels)"
+    )
 
 
-def generate_images(net, decoder, seeds, labels, *, nfe=1, mode="ode", protocol="alphaflow", device="cpu",
-                    batch_size=64):
+def generate_images(
+    net, decoder, seeds, labels, *, nfe=1, mode="ode", protocol="alphaflow", device="cpu", batch_size=64
+):
     """uint8 [N,C,H,W] for seeds/labels, batch by batch (a sample depends on its seed only)."""
     from alphaflow.samples import generate
 
     device = torch.device(device)
     sampler = {"t_steps": NFE_T_STEPS[nfe], "mode": mode}
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else contextlib.nullcontext)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
     out = []
     for i in range(0, len(seeds), batch_size):
-        out.append(generate(net, decoder, seeds[i:i + batch_size], labels[i:i + batch_size], sampler, device,
-                            autocast, protocol).cpu())
+        out.append(
+            generate(
+                net, decoder, seeds[i : i + batch_size], labels[i : i + batch_size], sampler, device, autocast, protocol
+            ).cpu()
+        )
     return torch.cat(out)
 
 
@@ -166,8 +176,9 @@ def run_generate(args, params, device=None):
     if args.checkpoint:
         if args.run:
             raise ParamsError("give either --run or --checkpoint, not both")
-        net = load_checkpoint_net(args.checkpoint, weights=args.weights, model=args.model, model_overrides=overrides,
-                                  device=device)
+        net = load_checkpoint_net(
+            args.checkpoint, weights=args.weights, model=args.model, model_overrides=overrides, device=device
+        )
         decoder = checkpoint_decoder(net, args.vae, device)
     elif args.run:
         from alphaflow.samples import load_run_net
@@ -183,11 +194,22 @@ def run_generate(args, params, device=None):
     if bad:
         raise ParamsError(f"--classes {bad}: the model has {net.num_classes} classes (0 … {net.num_classes - 1})")
     labels = labels_cyclic(seeds, classes)
-    images = generate_images(net, decoder, seeds, labels, nfe=args.nfe, mode=args.mode, protocol=args.protocol,
-                             device=device, batch_size=args.batch_size)
+    images = generate_images(
+        net,
+        decoder,
+        seeds,
+        labels,
+        nfe=args.nfe,
+        mode=args.mode,
+        protocol=args.protocol,
+        device=device,
+        batch_size=args.batch_size,
+    )
     written = write_images(images, seeds, args.out, args.nrow)
     if not args.quiet:
         where = written[0] if len(written) == 1 else f"{Path(args.out)}/ ({len(written)} PNGs)"
-        print(f"[alphaflow] generate: {len(seeds)} images ({args.nfe}-NFE {args.mode}, {args.protocol} protocol) "
-              f"→ {where}")
+        print(
+            f"[alphaflow] generate: {len(seeds)} images ({args.nfe}-NFE {args.mode}, {args.protocol} protocol) "
+            f"→ {where}"
+        )
     return images

@@ -20,7 +20,7 @@ def make_grid(images, nrow, pad=2):
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, img in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
     return grid
 
 

@@ -27,10 +27,10 @@ from pathlib import Path
 from alphaflow.errors import OutOfSpace
 
 _UMASK = os.umask(0)
-os.umask(_UMASK)                # read the process umask once (there is no getter)
+os.umask(_UMASK)  # read the process umask once (there is no getter)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # fsync
 
 
@@ -54,7 +54,7 @@ def fsync_dir(directory) -> None:
         os.close(fd)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Atomic writes
 
 
@@ -112,7 +112,7 @@ def publish_dir(tmp, final) -> Path:
     return final
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A full disk
 
 
@@ -169,9 +169,11 @@ def out_of_space(path, needed, what=None, err=None, margin=0) -> OutOfSpace:
         full = "disk quota exceeded" if _is_quota(err) else "no space left on device"
         cause, outcome = f"{full} writing {what}", "nothing was lost: the partial files were removed"
     need = human_bytes(needed) + (f" plus a margin of {human_bytes(margin)}" if margin else "")
-    return OutOfSpace(f"{cause}: it needs {need}, {human_bytes(free_bytes(path))} free there; {outcome} and what "
-                      "was saved before is intact. Free space (or move the results folder to a larger disk) and "
-                      "re-run the same command: it resumes from what was saved.")
+    return OutOfSpace(
+        f"{cause}: it needs {need}, {human_bytes(free_bytes(path))} free there; {outcome} and what "
+        "was saved before is intact. Free space (or move the results folder to a larger disk) and "
+        "re-run the same command: it resumes from what was saved."
+    )
 
 
 def remove_path(path) -> None:
@@ -205,7 +207,7 @@ def ensure_space(path, needed, what=None, margin=0) -> None:
         raise out_of_space(path, needed, what, margin=margin)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Checksums
 
 

@@ -39,8 +39,9 @@ class StageFailed(RuntimeError):
 STAGE_FAILED_RE = re.compile(r"StageFailed: stage exited with code (\d+)")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Inside the job: one StageJob call per task.
+
 
 def _exit_code(returncode):
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N -> 128 + N, as shells do
@@ -115,8 +116,11 @@ class StageJob(submitit.helpers.Checkpointable):
     def _run_once(self, env, extra_args):
         cmd = self.command + extra_args
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        print(f"[alphaflow.launch] job {env.job_id} rank {dist_env.rank}/{dist_env.world_size} on {env.hostname} "
-              f"(restart {self.restarts}): {shlex.join(cmd)}", flush=True)
+        print(
+            f"[alphaflow.launch] job {env.job_id} rank {dist_env.rank}/{dist_env.world_size} on {env.hostname} "
+            f"(restart {self.restarts}): {shlex.join(cmd)}",
+            flush=True,
+        )
         sys.stderr.flush()
         self._forwarded = set()
         self._proc = subprocess.Popen(cmd, env=dict(os.environ), preexec_fn=_die_with_parent)
@@ -164,14 +168,17 @@ class StageJob(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self._forward(signal.SIGUSR2)
         if not self._wait_child(self.checkpoint_timeout_s):
-            print(f"[alphaflow.launch] stage still running {self.checkpoint_timeout_s:.0f} s after SIGUSR2; "
-                  "requeueing anyway (it resumes from its last checkpoint)", flush=True)
+            print(
+                f"[alphaflow.launch] stage still running {self.checkpoint_timeout_s:.0f} s after SIGUSR2; "
+                "requeueing anyway (it resumes from its last checkpoint)",
+                flush=True,
+            )
         if self.restarts >= self.max_requeues:
             return None  # submitit: "not requeued", the job fails
         self.restarts += 1
         return super().checkpoint(extra_args)
 
-    #------------------------------------------------------------------------
+    # ------------------------------------------------------------------------
     # Child process and signals.
 
     def _install_handlers(self, forward):
@@ -187,6 +194,7 @@ class StageJob(submitit.helpers.Checkpointable):
                     self._forward(num)
                 if callable(previous):
                     previous(num, frame)  # submitit: SIGUSR2 -> checkpoint + requeue, SIGTERM -> logged
+
             signal.signal(signum, handler)
         return saved
 

@@ -33,8 +33,11 @@ def _record(line):
 def _warn_torn(path, number, size):
     if (str(path), number) not in _torn_warned:
         _torn_warned.add((str(path), number))
-        warnings.warn(f"{path}: dropping a torn last line {number} ({size} bytes, left by a kill or a full disk "
-                      f"during an append)", stacklevel=3)
+        warnings.warn(
+            f"{path}: dropping a torn last line {number} ({size} bytes, left by a kill or a full disk "
+            f"during an append)",
+            stacklevel=3,
+        )
 
 
 def read_jsonl(path):
@@ -46,16 +49,17 @@ def read_jsonl(path):
     lines = path.read_bytes().split(b"\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []
-    for i, line in enumerate(lines[:last + 1]):
+    for i, line in enumerate(lines[: last + 1]):
         if not line.strip():
             continue
         try:
             records.append(_record(line))
         except ValueError as err:
             if i < last:
-                raise JsonlError(f"{path}: line {i + 1} is not a JSON record ({err}). Only a torn last line is "
-                                 f"expected after a crash, so the file is corrupt: repair or delete that line."
-                                 ) from None
+                raise JsonlError(
+                    f"{path}: line {i + 1} is not a JSON record ({err}). Only a torn last line is "
+                    f"expected after a crash, so the file is corrupt: repair or delete that line."
+                ) from None
             _warn_torn(path, i + 1, len(line))
     return records
 

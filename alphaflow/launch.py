@@ -23,12 +23,24 @@ from alphaflow.job import STAGE_FAILED_RE, StageJob
 
 EXECUTORS = ("slurm", "local", "debug")
 NO_RESULT_EXIT_CODE = 1  # the job ended without reporting (cancelled, killed, vanished)
-_TERMINAL = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
-             "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}  # SLURM states after which no task runs
+_TERMINAL = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "REVOKED",
+    "SPECIAL_EXIT",
+    "TIMEOUT",
+}  # SLURM states after which no task runs
 
 
 @dataclass
 class Resources:
+    # fmt: off
     nodes:             int = 1              # SLURM nodes (local: must be 1)
     gpus_per_node:     int = 0              # GPUs per node (local: sets CUDA_VISIBLE_DEVICES=0..n-1)
     tasks_per_node:    int | None = None    # None = gpus_per_node or 1 (one task per GPU for DDP)
@@ -38,17 +50,21 @@ class Resources:
     partition:         str | None = None    # None = the cluster's default partition
     account:           str | None = None    # None = the user's default account
     qos:               str | None = None    # None = the default QOS
-    additional:        dict = field(default_factory=dict)  # extra sbatch flags, e.g. {"constraint": "a100"}
+    # fmt: on
+    additional: dict = field(default_factory=dict)  # extra sbatch flags, e.g. {"constraint": "a100"}
+    # fmt: off
     array_parallelism: int = 16             # array elements running at once (local executor included)
     max_requeues:      int = 20             # restarts after preemption/time limit before giving up
+    # fmt: on
 
     @property
     def ntasks_per_node(self):
         return self.tasks_per_node if self.tasks_per_node is not None else max(self.gpus_per_node, 1)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Launcher side: submit, report, poll, cancel on interrupt.
+
 
 class _Interrupted(BaseException):
     """SIGINT/SIGTERM reached the launcher (BaseException: must not be caught as a job error)."""
@@ -92,6 +108,7 @@ class _Interrupts:
                 interrupts._defer = False
                 if interrupts.signum is not None and exc[0] is None:
                     raise _Interrupted(interrupts.signum)
+
         return _Block()
 
 
@@ -184,8 +201,12 @@ def _squeue_states(job_ids):
     """{job id: state} for the jobs slurmctld still remembers (finished ones for MinJobAge seconds)."""
     masters = sorted({j.split("_")[0] for j in job_ids})
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(masters), "-o", "%i %T"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-t", "all", "-j", ",".join(masters), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {}
     states = {}
@@ -199,8 +220,12 @@ def _squeue_states(job_ids):
 def _sacct_states(job_ids):
     """{job id: state} from accounting; {} when accounting is disabled or unreachable."""
     try:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {}
     if out.returncode != 0:
@@ -252,8 +277,11 @@ def _poll(watches, executor, vanish_timeout_s):
             print(f"[launch] {w.label}: job {w.job.job_id} {state} without a result from every task", flush=True)
             w.code = next((c for c in codes if c), NO_RESULT_EXIT_CODE)
         elif w.quiet_since is not None and now - w.quiet_since >= vanish_timeout_s:
-            print(f"[launch] {w.label}: job {w.job.job_id} is unknown to squeue/sacct and left no result "
-                  f"for {vanish_timeout_s:.0f} s; treating it as lost", flush=True)
+            print(
+                f"[launch] {w.label}: job {w.job.job_id} is unknown to squeue/sacct and left no result "
+                f"for {vanish_timeout_s:.0f} s; treating it as lost",
+                flush=True,
+            )
             w.code = NO_RESULT_EXIT_CODE
 
 
@@ -301,8 +329,10 @@ def launch(command, *, executor, resources, log_dir, job_name, array=None, poll_
                     jobs = ex.map_array(fn, todo)
                     watches = [_Watch(j, f"{job_name}[{i}]") for i, j in enumerate(jobs)]
                 todo = []
-                print(f"[launch] {job_name}: array job {jobs[0].job_id.split('_')[0]} with {len(jobs)} elements",
-                      flush=True)
+                print(
+                    f"[launch] {job_name}: array job {jobs[0].job_id.split('_')[0]} with {len(jobs)} elements",
+                    flush=True,
+                )
                 for w in watches[:3]:
                     _announce(w, executor)
             while True:
@@ -334,8 +364,10 @@ def launch(command, *, executor, resources, log_dir, job_name, array=None, poll_
         pass
     failed = [w for w in watches if w.code]
     for w in failed:
-        print(f"[launch] {w.label}: job {w.job.job_id} failed with exit code {w.code}; log: {w.tasks[0].paths.stderr}",
-              flush=True)
+        print(
+            f"[launch] {w.label}: job {w.job.job_id} failed with exit code {w.code}; log: {w.tasks[0].paths.stderr}",
+            flush=True,
+        )
     if not failed:
         print(f"[launch] {job_name}: done ({len(watches)} job{'s' if len(watches) > 1 else ''})", flush=True)
     return failed[0].code if failed else 0

@@ -31,7 +31,7 @@ from alphaflow import features as F
 from alphaflow.data.shards import read_shard, write_shard
 from alphaflow.io import atomic_write_json, sha256_file
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Features.
 
 
@@ -65,7 +65,7 @@ def extract_features(
     device       = "cpu",
     batch_size   = 64,
     progress     = True,        # tqdm bar over images
-):
+):  # fmt: skip
     """{"features": float64 [N, D]} plus "logits" float64 [N, K] where the extractor has them."""
     path = str(F.resolve_weights(extractor, weights_path))
     ex = _extractor(extractor, path, _stamp(path), str(torch.device(device)))
@@ -76,17 +76,17 @@ def extract_features(
         raise ValueError(f"extract_features({extractor!r}) got no images")
     with tqdm(total=n, disable=not progress, unit="img", desc=f"features {extractor}", leave=False) as bar:
         for i in range(0, n, batch_size):
-            batch = images_uint8[i:i + batch_size].to(device)
+            batch = images_uint8[i : i + batch_size].to(device)
             for k, v in ex.convert_features_tuple_to_dict(ex(batch)).items():
                 out[k].append(v.to("cpu", torch.float64))
             bar.update(batch.shape[0])
-    result = {"features": torch.cat(out[names[0]])}                         # (N, D)
+    result = {"features": torch.cat(out[names[0]])}  # (N, D)
     if len(names) > 1:
-        result["logits"] = torch.cat(out[names[1]])                          # (N, K)
+        result["logits"] = torch.cat(out[names[1]])  # (N, K)
     return result
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Fréchet distance.
 
 
@@ -99,8 +99,9 @@ def stats(features):
 def fd_from_stats(mu1, sigma1, mu2, sigma2):
     """Fréchet distance ‖mu1 − mu2‖² + tr(S1 + S2 − 2 (S1 S2)^½) with torch-fidelity's formula, float64."""
     f = lambda a: np.asarray(a.cpu() if torch.is_tensor(a) else a, dtype=np.float64)
-    return fid_statistics_to_metric({"mu": f(mu1), "sigma": f(sigma1)}, {"mu": f(mu2), "sigma": f(sigma2)},
-                                    verbose=False)[KEY_METRIC_FID]
+    return fid_statistics_to_metric(
+        {"mu": f(mu1), "sigma": f(sigma1)}, {"mu": f(mu2), "sigma": f(sigma2)}, verbose=False
+    )[KEY_METRIC_FID]
 
 
 def _sqrt_psd(sigma):
@@ -124,8 +125,10 @@ def _fd_against(x, z, mu_ref, tr_ref):
     Y = (z − mean z) / sqrt(N − 1); its nonzero eigenvalues are those of the smaller of YᵀY, YYᵀ,
     so a bootstrap resample costs one Gram matrix and one symmetric eigendecomposition.
     """
+    # fmt: off
     y = (z - z.mean(dim=0)) / (x.shape[0] - 1) ** 0.5                        # (N, D)
     gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y                  # (min(N, D),)²
+    # fmt: on
     return _fd_with(x, torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(), mu_ref, tr_ref)
 
 
@@ -146,8 +149,13 @@ def _interval(values, point, ci, method):
         raise ValueError(f"method must be 'shifted' or 'percentile', got {method!r}")
     lo, med, hi = np.quantile(values, [(1 - ci) / 2, 0.5, (1 + ci) / 2])
     shift = med - point if method == "shifted" else 0.0
-    return {"value": float(point), "low": float(lo - shift), "high": float(hi - shift),
-            "n_boot": int(len(values)), "bias": float(med - point)}
+    return {
+        "value": float(point),
+        "low": float(lo - shift),
+        "high": float(hi - shift),
+        "n_boot": int(len(values)),
+        "bias": float(med - point),
+    }
 
 
 def bootstrap_fd(
@@ -160,7 +168,7 @@ def bootstrap_fd(
     ci     = 0.95,              # central coverage of the interval
     method = "shifted",         # "shifted" = percentile interval minus bootstrap bias; "percentile" = plain
     device = None,              # where the resamples are computed; None = the features' device
-):
+):  # fmt: skip
     """{"value", "low", "high", "n_boot", "bias"}: FD of all features and its bootstrap interval."""
     x = torch.as_tensor(features).detach().to(device=device, dtype=torch.float64)
     if x.dim() != 2 or x.shape[0] < 2:
@@ -173,10 +181,10 @@ def bootstrap_fd(
     # Gram matrix x S_ref xᵀ, no D×D decomposition at all; else S_ref^½ once, then D×D Gram matrices.
     n = x.shape[0]
     if n < x.shape[1]:
-        gram = x @ sigma_ref @ x.T                                           # (N, N), once
+        gram = x @ sigma_ref @ x.T  # (N, N), once
         fd = lambda idx: _fd_from_gram(x[idx], gram[idx][:, idx], mu_ref, tr_ref)
     else:
-        z = x @ _sqrt_psd(sigma_ref)                                         # (N, D), once
+        z = x @ _sqrt_psd(sigma_ref)  # (N, D), once
         fd = lambda idx: _fd_against(x[idx], z[idx], mu_ref, tr_ref)
     value = fd(torch.arange(n, device=x.device))
     if n_boot <= 0:
@@ -186,7 +194,7 @@ def bootstrap_fd(
     return _interval(boots, value, ci, method)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Inception Score.
 
 
@@ -203,19 +211,19 @@ def bootstrap_is(logits, *, n_boot=100, seed=0, ci=0.95, method="shifted"):
     if n_boot <= 0:
         return _interval([value], value, ci, method)
     # With resample counts w: p(y) = wᵀp / N and IS = exp((wᵀ Σ_y p log p − (wᵀp)·log p(y)) / N).
-    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)             # (N, K)
-    neg_entropy = (p * log_p).sum(dim=1)                                     # (N,)
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)  # (N, K)
+    neg_entropy = (p * log_p).sum(dim=1)  # (N,)
     gen = torch.Generator().manual_seed(seed)
     n = logits.shape[0]
     boots = []
     for _ in range(n_boot):
         w = torch.bincount(torch.randint(n, (n,), generator=gen), minlength=n).double()
-        wp = w @ p                                                           # (K,)
+        wp = w @ p  # (K,)
         boots.append(float(torch.exp((w @ neg_entropy - wp @ (wp / n).log()) / n)))
     return _interval(boots, value, ci, method)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Cached reference statistics.
 
 
@@ -227,7 +235,7 @@ def reference_stats(
     content_hash,               # identifies the images (e.g. shard checksums + count)
     weights_path = None,        # None = the extractor's env variable / packaged file
     device       = "cpu",
-):
+):  # fmt: skip
     """(mu, sigma) float64 numpy of the reference features; computed once, then read from the cache.
 
     The sidecar records the weights file's sha256: a cache made with other weights (a retrained
@@ -243,11 +251,20 @@ def reference_stats(
     t0 = time.perf_counter()
     feats = extract_features(extractor, images_uint8, weights_path=str(weights), device=device, progress=False)
     mu, sigma = stats(feats["features"])
-    sha = write_shard(path, {"mu": mu, "sigma": sigma})                        # atomic (temp, fsync, rename)
-    atomic_write_json(sidecar, {"extractor": extractor, "sha256": sha, "n": int(images_uint8.shape[0]),
-                                "dim": int(mu.shape[0]),
-                                "content_hash": content_hash, "weights_file": weights.name,
-                                "weights_sha256": weights_id, "seconds": time.perf_counter() - t0})
+    sha = write_shard(path, {"mu": mu, "sigma": sigma})  # atomic (temp, fsync, rename)
+    atomic_write_json(
+        sidecar,
+        {
+            "extractor": extractor,
+            "sha256": sha,
+            "n": int(images_uint8.shape[0]),
+            "dim": int(mu.shape[0]),
+            "content_hash": content_hash,
+            "weights_file": weights.name,
+            "weights_sha256": weights_id,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
     return mu, sigma
 
 
@@ -267,11 +284,14 @@ def _read_cache(path, sidecar, weights_id):
         if mu.shape != (meta["dim"],) or sigma.shape != (meta["dim"], meta["dim"]):
             raise ValueError(f"shapes {mu.shape}, {sigma.shape} do not match dim {meta['dim']}")
     except Exception as e:  # any unreadable file: recompute rather than fail the evaluation
-        warnings.warn(f"reference statistics cache {path} is unreadable ({type(e).__name__}: {e}); recomputing",
-                      stacklevel=2)
+        warnings.warn(
+            f"reference statistics cache {path} is unreadable ({type(e).__name__}: {e}); recomputing", stacklevel=2
+        )
         return None
     if meta.get("weights_sha256") != weights_id:
-        warnings.warn(f"reference statistics cache {path} was made with other weights "
-                      f"({meta.get('weights_file')}); recomputing", stacklevel=2)
+        warnings.warn(
+            f"reference statistics cache {path} was made with other weights ({meta.get('weights_file')}); recomputing",
+            stacklevel=2,
+        )
         return None
     return mu.astype(np.float64), sigma.astype(np.float64)

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from alphaflow.curriculum import alpha_schedule  # noqa: F401  (the α curriculum, paper Alg. 2; torch-free)
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Time sampling (paper Table 3: logit-normal(−0.4, 1.0); official code: sample_traj_params)
 
 
@@ -47,7 +47,7 @@ def sample_times(n, fm_ratio, loc=-0.4, scale=1.0, generator=None):
     return t, r
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Training-time classifier-free guidance (paper §4.2; official code: _compute_velocity_cfg)
 
 
@@ -91,7 +91,7 @@ def guided_velocity(net, z_t, t, y, v, *, omega=1.0, kappa=0.0, cfg_interval=(0.
     return v.index_put((idx,), v_tilde_in)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Targets
 
 
@@ -141,7 +141,7 @@ def shortcut_shift_velocity(net, z_t, r, t, y):
         return net(z_t, 0.5 * (t + r), t, y)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The loss
 
 JVP_MODES = ("tangent", "split", "fused")
@@ -160,11 +160,13 @@ def contiguous(index):
 class LossTerms:
     """Per-sample values [B]. Only `loss` carries gradient; the rest are logged (paper App. E)."""
 
+    # fmt: off
     loss: torch.Tensor        # sg(w) · Δ², what the optimiser minimises (batch mean)
     delta_sq: torch.Tensor    # Δ² = mean over elements of (u − sg(target))², unweighted, with gradient
     tfm: torch.Tensor         # L_TFM: mean (u − ṽ)²
     tc: torch.Tensor          # L_TC:  mean 2 (ṽ − target) · u
     is_fm: torch.Tensor       # bool, r == t
+    # fmt: on
 
 
 def mean_per_sample(a):
@@ -186,7 +188,7 @@ def alpha_flow_loss(
                              # "fused" = one torch.func.jvp on the whole batch whose primal carries grad
     teacher=None,            # module for the no-grad passes (teachers, JVP, u(z_s)); None = net.
                              # Under DDP pass the DDP wrapper as net and its .module here.
-):
+):  # fmt: skip
     """The whole α-Flow objective (paper Def. 1, Alg. 1, §4.2) for one micro-batch; returns LossTerms."""
     if shift not in ("velocity", "shortcut"):
         raise ValueError(f"shift must be 'velocity' or 'shortcut', got {shift!r}")
@@ -204,8 +206,10 @@ def alpha_flow_loss(
     )
     is_fm = t == r
     mf_index = (~is_fm).nonzero(as_tuple=True)[0]  # the r ≠ t subset
+    # fmt: off
     target = v_tilde.clone()  # r == t: flow matching
     a = torch.ones_like(t)    # weight numerator
+    # fmt: on
     u = None
 
     if mf_index.numel() > 0:
@@ -218,9 +222,7 @@ def alpha_flow_loss(
         if alpha == 0.0 and jvp_mode == "fused":
             # One JVP over the whole batch; (t − r) = 0 zeroes du/dt on the r == t samples.
             with sdpa_kernel([SDPBackend.MATH]):
-                u, dudt = torch.func.jvp(
-                    lambda z, tt: net(z, r, tt, y), (z_t, t), (v_tilde, torch.ones_like(t))
-                )
+                u, dudt = torch.func.jvp(lambda z, tt: net(z, r, tt, y), (z_t, t), (v_tilde, torch.ones_like(t)))
             target = v_tilde - bcast(t - r, v_tilde) * dudt.detach().to(v_tilde.dtype)
         elif alpha == 0.0 and jvp_mode == "tangent":
             # One pass: u with its gradient on the whole batch, du/dt along (ṽ, 0, 1) on r ≠ t (no grad).
@@ -244,16 +246,43 @@ def alpha_flow_loss(
     return LossTerms(loss=weight * delta_sq, delta_sq=delta_sq, tfm=tfm, tc=tc, is_fm=is_fm)
 
 
-def per_sample_loss(net, x, y, t, r, noise, alpha, *, omega=1.0, kappa=0.0, cfg_interval=(0.0, 1.0),
-                    null_label=None, clamp_target=4.0, weight_eps=1e-3, **options):
+def per_sample_loss(
+    net,
+    x,
+    y,
+    t,
+    r,
+    noise,
+    alpha,
+    *,
+    omega=1.0,
+    kappa=0.0,
+    cfg_interval=(0.0, 1.0),
+    null_label=None,
+    clamp_target=4.0,
+    weight_eps=1e-3,
+    **options,
+):
     """Stable API (docs/architecture.md): the per-sample α-Flow loss sg(w_i)·Δ²_i, a Tensor [B]."""
     return alpha_flow_loss(
-        net, x, y, t, r, noise, alpha, omega=omega, kappa=kappa, cfg_interval=cfg_interval,
-        null_label=null_label, clamp_target=clamp_target, weight_eps=weight_eps, **options,
+        net,
+        x,
+        y,
+        t,
+        r,
+        noise,
+        alpha,
+        omega=omega,
+        kappa=kappa,
+        cfg_interval=cfg_interval,
+        null_label=null_label,
+        clamp_target=clamp_target,
+        weight_eps=weight_eps,
+        **options,
     ).loss
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Gradient conflict analysis (paper Eq. 6, App. D.1, App. E)
 
 

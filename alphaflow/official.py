@@ -28,18 +28,22 @@ import torch
 from alphaflow.errors import MissingInputError, UserError
 from alphaflow.presets import PRESETS, preset_of, state_shapes
 
+# fmt: off
 WEIGHTS = {"ema": "ema", "raw": "net"}      # this project's weight-set names → the snapshot's keys
 STD_EPS = 1e-16                             # x = (z − μ) / √(σ² + eps), as the official wrapper
+# fmt: on
 VAE_PREFIXES = ("autoencoder.model.model.", "model.model.")  # in a model snapshot / in sd_vae_ft_ema.pt
-SD_VAE_CONFIG = "sd_vae_ft_ema.json"        # alphaflow/data/: the diffusers config of stabilityai/sd-vae-ft-ema
+SD_VAE_CONFIG = "sd_vae_ft_ema.json"  # alphaflow/data/: the diffusers config of stabilityai/sd-vae-ft-ema
 
 # Globals a statistics dict may pickle that only rebuild data (numpy scalars, arrays, dtypes); see is_data_only.
 DATA_ONLY_GLOBALS = {
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.ndarray", "numpy.dtype",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
 }
-
 
 
 def is_data_only(name):
@@ -59,7 +63,7 @@ class OfficialCheckpointError(UserError):
     """A file that is not an official α-Flow snapshot this project can read."""
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Reading a snapshot without running its code.
 
 
@@ -67,9 +71,11 @@ def read_snapshot(path):
     """The snapshot dict, loaded with weights_only=True (numpy data globals allowed, nothing else)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{path}: no such file. The released checkpoints are on Hugging Face "
-                                "(snap-research/alphaflow); download them on a machine with internet and copy "
-                                "them here (see the README, 'Check the pipeline against the paper').")
+        raise MissingInputError(
+            f"{path}: no such file. The released checkpoints are on Hugging Face "
+            "(snap-research/alphaflow); download them on a machine with internet and copy "
+            "them here (see the README, 'Check the pipeline against the paper')."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -79,14 +85,16 @@ def read_snapshot(path):
     try:
         needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception as e:
-        raise OfficialCheckpointError(f"{path}: refused, nothing in it was run: it is not a torch.save checkpoint "
-                                      f"and would need unpickling ({e})") from None
+        raise OfficialCheckpointError(
+            f"{path}: refused, nothing in it was run: it is not a torch.save checkpoint and would need unpickling ({e})"
+        ) from None
     unsafe = sorted(n for n in needed if not is_data_only(n))
     if unsafe:
         raise OfficialCheckpointError(
             f"{path}: refused, nothing in it was run. Reading it would unpickle Python objects other than "
             f"tensors and plain containers: {', '.join(unsafe)}. An official α-Flow snapshot needs none; if you "
-            "trust this file, re-save its 'net'/'ema' state dicts with torch.save on plain dicts.")
+            "trust this file, re-save its 'net'/'ema' state dicts with torch.save on plain dicts."
+        )
     allowed = [_resolve_global(name) for name in sorted(needed)] + numpy_dtype_classes()
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -114,12 +122,13 @@ def wrapper_state(snapshot, weights, path):
     state = snapshot.get(key) if isinstance(snapshot, dict) else None
     if not isinstance(state, dict) or not state:
         found = sorted(snapshot) if isinstance(snapshot, dict) else type(snapshot).__name__
-        raise OfficialCheckpointError(f"{path}: no '{key}' state dict (the {weights} weights) in this snapshot; "
-                                      f"it holds {found}")
+        raise OfficialCheckpointError(
+            f"{path}: no '{key}' state dict (the {weights} weights) in this snapshot; it holds {found}"
+        )
     return state
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The DiT.
 
 
@@ -131,34 +140,51 @@ def official_to_dit(state, path="<state>", num_classes=1000):
     for key, value in state.items():
         if not key.startswith("model.") or key == "model.pos_embed":
             continue
-        name = key[len("model."):]
+        name = key[len("model.") :]
         for old, new in RENAMES.items():
             if name.startswith(old):
-                name = new + name[len(old):]
-        if not (name.startswith(("x_embedder.proj.", "t_embedder.mlp.", "dt_embedder.mlp.", "y_embedder.table.",
-                                 "blocks.", "final_layer.")) and name.endswith((".weight", ".bias"))):
+                name = new + name[len(old) :]
+        if not (
+            name.startswith(
+                (
+                    "x_embedder.proj.",
+                    "t_embedder.mlp.",
+                    "dt_embedder.mlp.",
+                    "y_embedder.table.",
+                    "blocks.",
+                    "final_layer.",
+                )
+            )
+            and name.endswith((".weight", ".bias"))
+        ):
             unknown.append(key)
         dit[name] = value.detach().to(torch.float32)
     if unknown:
-        raise OfficialCheckpointError(f"{path}: DiT keys this project's DiT does not have: {unknown[:8]}"
-                                      f"{' …' if len(unknown) > 8 else ''}")
+        raise OfficialCheckpointError(
+            f"{path}: DiT keys this project's DiT does not have: {unknown[:8]}{' …' if len(unknown) > 8 else ''}"
+        )
     if "x_embedder.proj.weight" not in dit:
-        raise OfficialCheckpointError(f"{path}: no 'model.x_embedder.proj.weight': not an α-Flow DiT snapshot "
-                                      f"(keys: {sorted(state)[:8]} …)")
+        raise OfficialCheckpointError(
+            f"{path}: no 'model.x_embedder.proj.weight': not an α-Flow DiT snapshot (keys: {sorted(state)[:8]} …)"
+        )
     hidden, channels, patch, _ = dit["x_embedder.proj.weight"].shape
     pos = state.get("model.pos_embed")
     if pos is not None:
         grid = int(round(pos.shape[1] ** 0.5))
         ours = sincos_2d_pos_embed(hidden, grid)[None]
         if pos.shape != ours.shape or not torch.allclose(pos.float(), ours, atol=1e-5):
-            raise OfficialCheckpointError(f"{path}: model.pos_embed {tuple(pos.shape)} is not the fixed 2-D sin-cos "
-                                          "table this project's DiT computes; the architectures differ")
+            raise OfficialCheckpointError(
+                f"{path}: model.pos_embed {tuple(pos.shape)} is not the fixed 2-D sin-cos "
+                "table this project's DiT computes; the architectures differ"
+            )
     table = dit["y_embedder.table.weight"]
     if table.shape[0] == num_classes:  # trained without label dropout, so no null row: add an unused one (zero)
         dit["y_embedder.table.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
     elif table.shape[0] != num_classes + 1:
-        raise OfficialCheckpointError(f"{path}: a label table of {table.shape[0]} rows; expected {num_classes} "
-                                      f"(no null class) or {num_classes + 1} (null class last)")
+        raise OfficialCheckpointError(
+            f"{path}: a label table of {table.shape[0]} rows; expected {num_classes} "
+            f"(no null class) or {num_classes + 1} (null class last)"
+        )
     dit.update(latent_statistics(state, path))
     return dit
 
@@ -168,13 +194,14 @@ def latent_statistics(state, path):
     if "autoencoder_mean" not in state or "autoencoder_var" not in state:
         raise OfficialCheckpointError(f"{path}: no autoencoder_mean / autoencoder_var (the latent statistics)")
     if "are_ldm_stats_inited" in state and not bool(state["are_ldm_stats_inited"]):
-        raise OfficialCheckpointError(f"{path}: are_ldm_stats_inited is False: the latent statistics were never "
-                                      "estimated, so this snapshot cannot be sampled")
+        raise OfficialCheckpointError(
+            f"{path}: are_ldm_stats_inited is False: the latent statistics were never "
+            "estimated, so this snapshot cannot be sampled"
+        )
     mean = state["autoencoder_mean"].double()
     var = state["autoencoder_var"].double()
     shape = (1, *mean.shape[-3:])
-    return {"latent_mean": mean.reshape(shape).float(),
-            "latent_std": (var.reshape(shape) + STD_EPS).sqrt().float()}
+    return {"latent_mean": mean.reshape(shape).float(), "latent_std": (var.reshape(shape) + STD_EPS).sqrt().float()}
 
 
 def official_preset(state, path="<state>"):
@@ -183,10 +210,15 @@ def official_preset(state, path="<state>"):
     if name is not None:
         return name
     hidden, depth, patch = state_shapes(state)
-    known = ", ".join(f"{n} (D={p['hidden_size']}, depth {p['depth']}, patch {p['patch_size']})"
-                      for n, p in PRESETS.items() if n in ("B/2", "M/2", "L/2", "XL/2"))
-    raise OfficialCheckpointError(f"{path}: a DiT with hidden size {hidden}, {depth} blocks and patch {patch}: no "
-                                  f"preset has these shapes (known: {known})")
+    known = ", ".join(
+        f"{n} (D={p['hidden_size']}, depth {p['depth']}, patch {p['patch_size']})"
+        for n, p in PRESETS.items()
+        if n in ("B/2", "M/2", "L/2", "XL/2")
+    )
+    raise OfficialCheckpointError(
+        f"{path}: a DiT with hidden size {hidden}, {depth} blocks and patch {patch}: no "
+        f"preset has these shapes (known: {known})"
+    )
 
 
 def load_official_snapshot(path, weights="ema", num_classes=1000):
@@ -219,7 +251,7 @@ def build_official_model(path, weights="ema", num_classes=1000):
     return net.eval(), preset
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The SD-VAE.
 
 
@@ -236,11 +268,12 @@ def vae_state(snapshot, path):
         if not isinstance(state, dict):
             continue
         for prefix in VAE_PREFIXES:
-            vae = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            vae = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if vae:
                 return {_diffusers_attention_name(k): v.float() for k, v in vae.items()}
-    raise OfficialCheckpointError(f"{path}: no VAE weights (keys starting with {' or '.join(VAE_PREFIXES)} in "
-                                  "'ema' or 'net')")
+    raise OfficialCheckpointError(
+        f"{path}: no VAE weights (keys starting with {' or '.join(VAE_PREFIXES)} in 'ema' or 'net')"
+    )
 
 
 def _diffusers_attention_name(key):
@@ -264,6 +297,7 @@ def load_official_vae(path, config=None):
     state = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v for k, v in state.items()}
     missing, unexpected = vae.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise OfficialCheckpointError(f"{path}: the VAE weights do not fit the SD-VAE config: missing "
-                                      f"{missing[:5]}, unexpected {unexpected[:5]}")
+        raise OfficialCheckpointError(
+            f"{path}: the VAE weights do not fit the SD-VAE config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return vae.eval()

@@ -115,7 +115,7 @@ def reconstruct(snapshots, sigma_rel, t=None):
     return out
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Snapshots on disk
 
 
@@ -126,19 +126,23 @@ def snapshot_path(folder, step):
 def save_snapshot(folder, phema, step, images, dtype=torch.float32):
     """Every tracked profile at `step` (`images` seen) as one safetensors file, written atomically."""
     path = snapshot_path(folder, step)
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
-               for k, v in phema.state_dict().items()}
+    tensors = {
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in phema.state_dict().items()
+    }
     # One metadata key: safetensors writes a metadata map in no fixed order, so several keys would make the
     # bytes of equal snapshots differ from run to run.
     record = {"step": step, "images": images, "sigma_rels": list(phema.sigma_rels)}
-    atomic_write_bytes(path, st_save(tensors, metadata={"snapshot": json.dumps(record)}),
-                       what=f"the post-hoc EMA snapshot of step {step}")
+    atomic_write_bytes(
+        path,
+        st_save(tensors, metadata={"snapshot": json.dumps(record)}),
+        what=f"the post-hoc EMA snapshot of step {step}",
+    )
     return path
 
 
 def discard_after(folder, step):
     """Deletes the snapshots of steps after `step` (a rolled-back trajectory's); returns how many."""
-    gone = [path for path in Path(folder).glob("phema-*.safetensors") if int(path.stem[len("phema-"):]) > step]
+    gone = [path for path in Path(folder).glob("phema-*.safetensors") if int(path.stem[len("phema-") :]) > step]
     for path in gone:
         path.unlink()
     return len(gone)
@@ -177,19 +181,23 @@ def reconstruct_snapshots(folder, sigma_rel, images=None, max_step=None):
             for key in f.keys():
                 if not key.startswith(prefix):
                     continue
-                name, v = key[len(prefix):], f.get_tensor(key)
+                name, v = key[len(prefix) :], f.get_tensor(key)
                 if v.is_floating_point():
                     out[name] = out.get(name, 0.0) + float(c) * v.double()
                 else:
                     out[name] = v
     weights = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
-    record = {"sigma_rel": float(sigma_rel), "images": int(images),
-              "snapshots": [{"images": t, "sigma_rel": s, "file": p.name, "coefficient": float(c)}
-                            for (t, s, p), c in zip(snaps, x)]}
+    record = {
+        "sigma_rel": float(sigma_rel),
+        "images": int(images),
+        "snapshots": [
+            {"images": t, "sigma_rel": s, "file": p.name, "coefficient": float(c)} for (t, s, p), c in zip(snaps, x)
+        ],
+    }
     return weights, record
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The stage: `alphaflow phema --params P --run R --sigma-rel S [--step K]`
 
 
@@ -217,20 +225,25 @@ def write_posthoc(params, run_name, sigma_rel, step=None):
 
     run = params.run(run_name)
     if not run.phema_every:
-        raise ParamsError(f"params key 'runs.{run_name}.phema_every' is null: the run keeps no post-hoc EMA "
-                          "snapshots; set it (e.g. to 1/40 of the steps) and re-run training")
+        raise ParamsError(
+            f"params key 'runs.{run_name}.phema_every' is null: the run keeps no post-hoc EMA "
+            "snapshots; set it (e.g. to 1/40 of the steps) and re-run training"
+        )
     if not 0 < float(sigma_rel) <= 0.28:
-        raise ParamsError(f"--sigma-rel {sigma_rel}: σ_rel must lie in (0, 0.28] "
-                          "(0.28 is the widest power profile, γ = 0)")
+        raise ParamsError(
+            f"--sigma-rel {sigma_rel}: σ_rel must lie in (0, 0.28] (0.28 is the widest power profile, γ = 0)"
+        )
     folder = params.run_dir(run_name) / "checkpoints" / "phema"
     images = None if step is None else step * run.batch_size
     weights, record = reconstruct_snapshots(folder, sigma_rel, images=images, max_step=run.steps)
     record["step"] = record["images"] // run.batch_size
     record["trained"] = trained_identity(params, run_name)
     out = posthoc_path(params, run_name, sigma_rel, step)
-    atomic_write_bytes(out, st_save({k: v.contiguous() for k, v in weights.items()},
-                                    metadata={"phema": json.dumps(record)}),
-                       what=f"the post-hoc EMA weights σ_rel={sigma_rel:g} of run {run_name}")
+    atomic_write_bytes(
+        out,
+        st_save({k: v.contiguous() for k, v in weights.items()}, metadata={"phema": json.dumps(record)}),
+        what=f"the post-hoc EMA weights σ_rel={sigma_rel:g} of run {run_name}",
+    )
     return out, record
 
 

@@ -36,11 +36,22 @@ from alphaflow.presets import PRESETS
 # (a link to it in the source tree, a copy in an installed package).
 BENCH_DIR = Path(__file__).resolve().parent / "data" / "costs"
 # The metric network each extractor runs (alphaflow.features.EXTRACTORS): the three FID Inceptions are one graph.
-NETWORKS = {"inception-fid-ts": "inception", "inception-nvidia-ts": "inception", "inception-v3-compat": "inception",
-            "dinov2-timm-local": "dinov2", "clip-vit-b32-local": "clip", "classifier-local": "classifier"}
-INCEPTION_LIKE = ("inception", "dinov2", "clip")   # the slow ImageNet networks (alphaflow.reference.INCEPTION_LIKE)
-EVAL_WHAT = {"sd-vae-decode": "SD-VAE decoding", "inception": "FID Inception-v3", "dinov2": "DINOv2 ViT-L/14 (FDD)",
-             "clip": "CLIP ViT-B/32 (FCD)", "classifier": "the demo classifier (FD_classifier)"}
+NETWORKS = {
+    "inception-fid-ts": "inception",
+    "inception-nvidia-ts": "inception",
+    "inception-v3-compat": "inception",
+    "dinov2-timm-local": "dinov2",
+    "clip-vit-b32-local": "clip",
+    "classifier-local": "classifier",
+}
+INCEPTION_LIKE = ("inception", "dinov2", "clip")  # the slow ImageNet networks (alphaflow.reference.INCEPTION_LIKE)
+EVAL_WHAT = {
+    "sd-vae-decode": "SD-VAE decoding",
+    "inception": "FID Inception-v3",
+    "dinov2": "DINOv2 ViT-L/14 (FDD)",
+    "clip": "CLIP ViT-B/32 (FCD)",
+    "classifier": "the demo classifier (FD_classifier)",
+}
 
 
 def latent_shape(params):
@@ -74,9 +85,11 @@ def load_measurements(folder=BENCH_DIR, kind="step-cost"):
     folder = Path(folder)
     files = sorted(folder.glob("*.json"))
     if not files:
-        raise NoMeasurementsError(f"{folder}: no measured tables (*.json of benchmarks/step_cost.py and "
-                                  "benchmarks/eval_throughput.py). Pass --bench with the folder that holds them "
-                                  "(benchmarks/results/ of the repository)")
+        raise NoMeasurementsError(
+            f"{folder}: no measured tables (*.json of benchmarks/step_cost.py and "
+            "benchmarks/eval_throughput.py). Pass --bench with the folder that holds them "
+            "(benchmarks/results/ of the repository)"
+        )
     records = [json.loads(p.read_text()) for p in files]
     return [r for r in records if r.get("kind", "step-cost") == kind]
 
@@ -84,8 +97,13 @@ def load_measurements(folder=BENCH_DIR, kind="step-cost"):
 def row_ms(record, objective, cfg=False, jvp_mode=None):
     """Median ms per step of one measured row (None if the row is missing or failed)."""
     for row in record["rows"]:
-        if (row["objective"] == objective and row["cfg"] == cfg and not row.get("compiled")
-                and (jvp_mode is None or row["jvp_mode"] == jvp_mode) and "ms" in row):
+        if (
+            row["objective"] == objective
+            and row["cfg"] == cfg
+            and not row.get("compiled")
+            and (jvp_mode is None or row["jvp_mode"] == jvp_mode)
+            and "ms" in row
+        ):
             return row["ms"]
     return None
 
@@ -96,14 +114,21 @@ def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None,
     small batches, an N/7 MeanFlow step at batch 32 takes 51 ms measured but 38 ms scaled from batch 64 on one
     CPU thread; else its largest batch), else the
     largest-batch table of any model (how says 'scaled from' it; branch_ms_per_image scales it by FLOPs)."""
-    pool = [r for r in records if r["device_type"] == device_type and r["dtype"] == dtype
-            and (gpu is None or gpu.lower() in r["device"].lower())
-            and (threads is None or r.get("threads") == threads)]
+    pool = [
+        r
+        for r in records
+        if r["device_type"] == device_type
+        and r["dtype"] == dtype
+        and (gpu is None or gpu.lower() in r["device"].lower())
+        and (threads is None or r.get("threads") == threads)
+    ]
     if not pool:
         measured = sorted({f"{r['device']} ({r['device_type']}, {r['dtype']})" for r in records})
-        raise LookupError(f"no step-cost measurement for device {device_type!r} {gpu or ''} {dtype}"
-                          f"{f', {threads} threads' if threads else ''}; measured: {', '.join(measured) or 'none'}. "
-                          "Pass --gpu with a measured name, --device cpu, or run benchmarks/step_cost.py there first")
+        raise LookupError(
+            f"no step-cost measurement for device {device_type!r} {gpu or ''} {dtype}"
+            f"{f', {threads} threads' if threads else ''}; measured: {', '.join(measured) or 'none'}. "
+            "Pass --gpu with a measured name, --device cpu, or run benchmarks/step_cost.py there first"
+        )
     largest = lambda records: max(records, key=lambda r: r["batch"])
     exact = [r for r in pool if r["model"] == model]
     same_batch = [r for r in exact if r["batch"] == batch]
@@ -123,15 +148,21 @@ def branch_ms_per_image(record, run_flops):
     fm = per_img(row_ms(record, "fm"))
     extra = lambda ms: None if ms is None else max(per_img(ms) - fm, 0.0)
     meanflow = row_ms(record, "meanflow", jvp_mode="tangent") or row_ms(record, "meanflow", jvp_mode="split")
-    return {"fm": fm, "alphaflow": extra(row_ms(record, "alphaflow")), "meanflow": extra(meanflow),
-            "cfg": extra(row_ms(record, "fm", cfg=True)), "forward": per_img(row_ms(record, "forward"))}
+    return {
+        "fm": fm,
+        "alphaflow": extra(row_ms(record, "alphaflow")),
+        "meanflow": extra(meanflow),
+        "cfg": extra(row_ms(record, "fm", cfg=True)),
+        "forward": per_img(row_ms(record, "forward")),
+    }
 
 
 def pick_throughputs(records, device_type, gpu=None, threads=None):
     """{network: (images/s row, record)} measured on this device kind (and GPU name), from eval_throughput.py's
     tables; at `threads` CPU threads where measured so, and the newest table first."""
-    pool = [r for r in records if r["device_type"] == device_type
-            and (gpu is None or gpu.lower() in r["device"].lower())]
+    pool = [
+        r for r in records if r["device_type"] == device_type and (gpu is None or gpu.lower() in r["device"].lower())
+    ]
     pool.sort(key=lambda r: (threads is None or r.get("threads") == threads, r["date"]), reverse=True)
     found = {}
     for record in pool:
@@ -187,10 +218,12 @@ def step_mix(run):
         return counts
     start = min(max(run.alpha_start, 0), run.steps)
     end = min(max(run.alpha_end + 1, start), run.steps)
+    # fmt: off
     add(run.alpha(0), start)                       # before the window: α = 1
     for step in range(start, end):                 # inside: the sigmoid, step by step
         add(run.alpha(step), 1)
-    add(run.alpha(run.steps), run.steps - end)     # after: α = 0 (η with discrete_only)
+    # fmt: on
+    add(run.alpha(run.steps), run.steps - end)  # after: α = 0 (η with discrete_only)
     return counts
 
 
@@ -216,14 +249,26 @@ def run_plan(params, name, ms, how, gpus=None, throughputs=None):
     wall_h = train_s / n_gpus / 3600
     timeout_h = res.get("timeout_min", 0) / 60
     ckpt_h = wall_h * run.checkpoint_every / max(run.steps, 1)  # one checkpoint interval, at the mean step cost
-    return {"run": name, "model": run.model, "steps": run.steps, "fm_steps": mix["fm"],
-            "alphaflow_steps": mix["alphaflow"], "meanflow_steps": mix["meanflow"], "cfg": guided,
-            "step_cost": how, "gpus": n_gpus, "train_device_h": train_s / 3600, "train_wall_h": wall_h,
-            "sample_device_h": sample_s / 3600, "decode_device_h": decode_s / 3600,
-            "metrics_device_h": metric_s / 3600, "eval_networks": sorted(networks),
-            "eval_unmeasured": sorted(networks - set(throughputs or {})),
-            "requeues": max(math.ceil(wall_h / timeout_h) - 1, 0) if timeout_h else None,
-            "warning": ("time limit shorter than one checkpoint interval" if timeout_h and ckpt_h > timeout_h else "")}
+    return {
+        "run": name,
+        "model": run.model,
+        "steps": run.steps,
+        "fm_steps": mix["fm"],
+        "alphaflow_steps": mix["alphaflow"],
+        "meanflow_steps": mix["meanflow"],
+        "cfg": guided,
+        "step_cost": how,
+        "gpus": n_gpus,
+        "train_device_h": train_s / 3600,
+        "train_wall_h": wall_h,
+        "sample_device_h": sample_s / 3600,
+        "decode_device_h": decode_s / 3600,
+        "metrics_device_h": metric_s / 3600,
+        "eval_networks": sorted(networks),
+        "eval_unmeasured": sorted(networks - set(throughputs or {})),
+        "requeues": max(math.ceil(wall_h / timeout_h) - 1, 0) if timeout_h else None,
+        "warning": ("time limit shorter than one checkpoint interval" if timeout_h and ckpt_h > timeout_h else ""),
+    }
 
 
 def plan(params, *, device_type, gpu=None, gpus=None, threads=None, dtype=None, bench_dir=BENCH_DIR):
@@ -244,8 +289,9 @@ def plan(params, *, device_type, gpu=None, gpus=None, threads=None, dtype=None, 
         source += f" ({record['source']})" if "source" in record else ""
         notes.add(f"step costs: {source}")
         if row_ms(record, "meanflow", jvp_mode="tangent") is None:
-            notes.add("MeanFlow steps use the torch.func.jvp split row, measured before the tangent pass "
-                      "(an overestimate)")
+            notes.add(
+                "MeanFlow steps use the torch.func.jvp split row, measured before the tangent pass (an overestimate)"
+            )
         ms = branch_ms_per_image(record, flops)
         rows.append(run_plan(params, name, ms, how, gpus, throughputs))
         if rows[-1]["cfg"] and ms["cfg"] is None:
@@ -261,8 +307,10 @@ def throughput_notes(rows, throughputs, device_type, gpu):
     for network in sorted({n for r in rows for n in r["eval_networks"]}):
         what, where = EVAL_WHAT.get(network, network), f"{device_type} {gpu}" if gpu else device_type
         if network not in throughputs:
-            notes.add(f"{what}: images/s not measured on {where}, not counted "
-                      "(measure it with benchmarks/eval_throughput.py; on a GPU benchmarks/gpu_suite.sh)")
+            notes.add(
+                f"{what}: images/s not measured on {where}, not counted "
+                "(measure it with benchmarks/eval_throughput.py; on a GPU benchmarks/gpu_suite.sh)"
+            )
             continue
         row, record = throughputs[network]
         at = f" at {row['resolution']} px" if row.get("resolution") else ""
@@ -272,7 +320,7 @@ def throughput_notes(rows, throughputs, device_type, gpu):
 
 
 def profile_device(params):
-    """"cuda" when the profile's training or sampling jobs request GPUs (its SLURM resources), else "cpu": a
+    """ "cuda" when the profile's training or sampling jobs request GPUs (its SLURM resources), else "cpu": a
     plan prices the hardware the profile asks for, not the machine it is typed on."""
     stages = [params.resources("train", r) for r in params.run_names] + [params.resources("sample")]
     return "cuda" if any(res.get("gpus_per_node", 0) > 0 for res in stages) else "cpu"
@@ -303,24 +351,46 @@ def eval_total(rows, key, counts, what):
 
 
 def format_plan(rows, notes, device):
-    head = ["run", "model", "steps (FM / α-Flow / MeanFlow)", "step cost", "devices", "training, device time",
-            "training, wall time", "sampling, device time", "evaluation, device time (decode + metrics)",
-            "SLURM requeues", "warning"]
-    lines = [f"Cost plan on {device} (estimates; see `alphaflow/plan.py` for what is and is not counted)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "run",
+        "model",
+        "steps (FM / α-Flow / MeanFlow)",
+        "step cost",
+        "devices",
+        "training, device time",
+        "training, wall time",
+        "sampling, device time",
+        "evaluation, device time (decode + metrics)",
+        "SLURM requeues",
+        "warning",
+    ]
+    lines = [
+        f"Cost plan on {device} (estimates; see `alphaflow/plan.py` for what is and is not counted)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['model']} | {r['steps']:,} ({r['fm_steps']:,} / {r['alphaflow_steps']:,} / "
-                     f"{r['meanflow_steps']:,}) | {r['step_cost']} | {r['gpus']} | {hours(r['train_device_h'])} | "
-                     f"{hours(r['train_wall_h'])} | {hours(r['sample_device_h'])} | "
-                     f"{eval_hours(r)} | "
-                     f"{'–' if r['requeues'] is None else r['requeues']} | {r['warning']} |")
+        lines.append(
+            f"| {r['run']} | {r['model']} | {r['steps']:,} ({r['fm_steps']:,} / {r['alphaflow_steps']:,} / "
+            f"{r['meanflow_steps']:,}) | {r['step_cost']} | {r['gpus']} | {hours(r['train_device_h'])} | "
+            f"{hours(r['train_wall_h'])} | {hours(r['sample_device_h'])} | "
+            f"{eval_hours(r)} | "
+            f"{'–' if r['requeues'] is None else r['requeues']} | {r['warning']} |"
+        )
     total_train = sum(r["train_device_h"] for r in rows)
     total_sample = sum(r["sample_device_h"] for r in rows)
     decode = eval_total(rows, "decode_device_h", lambda n: n == "sd-vae-decode", "SD-VAE decoding")
     metrics = eval_total(rows, "metrics_device_h", lambda n: n != "sd-vae-decode", "metric networks")
-    parts = [f"{total_train:,.1f} device-hours of training", f"{total_sample:,.1f} of sampling",
-             *(p for p in (decode, metrics) if p)]
-    lines += ["", f"Total: {', '.join(parts[:-1])} and {parts[-1]} ({len(rows)} runs). Not estimated: data "
-                  "preparation, encoding, the classifier's training, reference statistics."]
+    parts = [
+        f"{total_train:,.1f} device-hours of training",
+        f"{total_sample:,.1f} of sampling",
+        *(p for p in (decode, metrics) if p),
+    ]
+    lines += [
+        "",
+        f"Total: {', '.join(parts[:-1])} and {parts[-1]} ({len(rows)} runs). Not estimated: data "
+        "preparation, encoding, the classifier's training, reference statistics.",
+    ]
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines)

@@ -27,7 +27,7 @@ def save_figure(fig, out_png):
     return out_png
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Training
 
 
@@ -55,7 +55,7 @@ def training_curves_figure(records, title=""):
         ax_t = axes[2]
         colors = plt.cm.viridis([k / max(len(bucket_keys()) // 2 - 1, 1) for k in range(len(bucket_keys()) // 2)])
         for key in buckets:
-            k = int(key[len("loss_t"):])
+            k = int(key[len("loss_t") :])
             ax_t.plot(steps, [r.get(key) for r in records], color=colors[k], label=bucket_label(key))
         ax_t.set_yscale("log")
         ax_t.set(xlabel="step", title="loss per t bucket")
@@ -85,7 +85,7 @@ def plot_all_training(params, out_png):
     return save_figure(fig, out_png)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # In-training curves per group (mean over seeds, min–max band)
 
 
@@ -93,8 +93,9 @@ def curves_by_group(params, key):
     """{group: [{step: value} per seed]} for a metrics.jsonl key; a run without a group is its own group."""
     curves = {}
     for run_name in params.run_names:
-        points = {r["step"]: r[key] for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl")
-                  if r.get(key) is not None}
+        points = {
+            r["step"]: r[key] for r in read_jsonl(params.run_dir(run_name) / "metrics.jsonl") if r.get(key) is not None
+        }
         if points:
             curves.setdefault(params.run(run_name).group or run_name, []).append(points)
     return curves
@@ -104,7 +105,7 @@ def plot_band(ax, runs, label):
     """Mean over seeds (line) and min–max band over seeds, at the steps every seed logged."""
     steps = sorted(set.intersection(*(set(p) for p in runs)))
     vals = pd.DataFrame([[p[s] for s in steps] for p in runs], columns=steps)
-    line, = ax.plot(steps, vals.mean(), marker="o", ms=3, label=f"{label} (n={len(runs)})")
+    (line,) = ax.plot(steps, vals.mean(), marker="o", ms=3, label=f"{label} (n={len(runs)})")
     if len(runs) > 1:
         ax.fill_between(steps, vals.min(), vals.max(), alpha=0.2, color=line.get_color())
 
@@ -145,14 +146,15 @@ def plot_metric_vs_step_by_group(params, metric_key, out_png):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for group, runs in curves.items():
         plot_band(ax, runs, group)
-    ax.set(xlabel="training step", ylabel=metric_key, title=f"{metric_key}: mean over seeds, band = min–max",
-           yscale="log")
+    ax.set(
+        xlabel="training step", ylabel=metric_key, title=f"{metric_key}: mean over seeds, band = min–max", yscale="log"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, out_png)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Evaluated metrics
 
 
@@ -216,7 +218,7 @@ def plot_metric_vs_step(params, results, metric, out_png):
     return save_figure(fig, out_png)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Sample sheets
 
 
@@ -245,8 +247,7 @@ def group_sample_sheet(params, weights, out_png):
     grids = {(g, s): params.run_dir(r) / "samples" / weights / f"{s}.png" for g, r in first.items() for s in samplers}
     if not first or not any(p.exists() for p in grids.values()):
         return None
-    fig, axes = plt.subplots(len(samplers), len(first), figsize=(3.2 * len(first), 3.6 * len(samplers)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(samplers), len(first), figsize=(3.2 * len(first), 3.6 * len(samplers)), squeeze=False)
     for j, (group, run_name) in enumerate(first.items()):
         for i, sampler in enumerate(samplers):
             ax = axes[i][j]
@@ -259,7 +260,7 @@ def group_sample_sheet(params, weights, out_png):
     return save_figure(fig, out_png)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Seeds and the post-hoc EMA sweep
 
 
@@ -272,13 +273,23 @@ def plot_primary_endpoint(va, vb, spec, out_png):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
     for seed in va.index:
         ax1.plot([0, 1], [va[seed], vb[seed]], "o-", color="0.5", lw=1)
-    ax1.set(xticks=[0, 1], xticklabels=[a, b], xlim=(-0.4, 1.4), ylabel=spec["metric"],
-            title=f"{spec['weights']}, {spec['sampler']}: one line per seed")
+    ax1.set(
+        xticks=[0, 1],
+        xticklabels=[a, b],
+        xlim=(-0.4, 1.4),
+        ylabel=spec["metric"],
+        title=f"{spec['weights']}, {spec['sampler']}: one line per seed",
+    )
     d = va - vb
     ax2.axhline(0, color="k", lw=0.8)
     ax2.plot(range(len(d)), d.values, "o")
-    ax2.set(xticks=range(len(d)), xticklabels=[str(s) for s in d.index], xlabel="seed", ylabel=f"{a} − {b}",
-            title="paired differences (below 0: A better)")
+    ax2.set(
+        xticks=range(len(d)),
+        xticklabels=[str(s) for s in d.index],
+        xlabel="seed",
+        ylabel=f"{a} − {b}",
+        title="paired differences (below 0: A better)",
+    )
     fig.tight_layout()
     return save_figure(fig, out_png)
 
@@ -293,18 +304,32 @@ def plot_metric_vs_sigma_rel(rows, sweep, out_png, title):
         for i, (sampler, sub) in enumerate(sweep[sweep.metric == metric].groupby("sampler")):
             sub = sub.sort_values("sigma_rel")
             color = f"C{i}"
-            ax.errorbar(sub.sigma_rel, sub.value, yerr=[(sub.value - sub.low).clip(lower=0),
-                                                        (sub.high - sub.value).clip(lower=0)],
-                        marker="o", capsize=2, color=color, label=f"post-hoc EMA, {sampler}")
+            ax.errorbar(
+                sub.sigma_rel,
+                sub.value,
+                yerr=[(sub.value - sub.low).clip(lower=0), (sub.high - sub.value).clip(lower=0)],
+                marker="o",
+                capsize=2,
+                color=color,
+                label=f"post-hoc EMA, {sampler}",
+            )
             best = float(sub.loc[best_index(sub.value, metric), "sigma_rel"])
             ax.plot([best], sub[sub.sigma_rel == best].value, marker="*", markersize=14, color=color, linestyle="")
             for fixed, style in (("raw", "--"), ("ema", ":")):
                 hit = rows[(rows.metric == metric) & (rows.sampler == sampler) & (rows.weights == fixed)]
                 if len(hit):
-                    ax.axhline(float(hit.value.iloc[0]), color=color, linestyle=style, linewidth=1,
-                               label=f"{'raw weights' if fixed == 'raw' else 'training EMA'}, {sampler}")
-        ax.set(xlabel="σ_rel (relative EMA width)", ylabel=METRIC_LABELS.get(metric, metric),
-               title=f"{title}: {METRIC_LABELS.get(metric, metric)} vs σ_rel (★ best)")
+                    ax.axhline(
+                        float(hit.value.iloc[0]),
+                        color=color,
+                        linestyle=style,
+                        linewidth=1,
+                        label=f"{'raw weights' if fixed == 'raw' else 'training EMA'}, {sampler}",
+                    )
+        ax.set(
+            xlabel="σ_rel (relative EMA width)",
+            ylabel=METRIC_LABELS.get(metric, metric),
+            title=f"{title}: {METRIC_LABELS.get(metric, metric)} vs σ_rel (★ best)",
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, out_png)

@@ -2,6 +2,7 @@
 
 # DiT configs: name -> (depth, hidden_size, num_heads, patch_size)
 
+# fmt: off
 PRESETS = {
     # Paper scales (paper Table 3; M/2 and L/2 use MeanFlow's sizes).
     "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),  # ≈ 676M
@@ -18,6 +19,7 @@ PRESETS = {
     "N/4": dict(depth=3, hidden_size=96, num_heads=3, patch_size=4),
     "N/7": dict(depth=3, hidden_size=96, num_heads=3, patch_size=7),   # 16 tokens: the CPU decisive test
 }
+# fmt: on
 
 
 def state_shapes(state):

@@ -22,17 +22,42 @@ from alphaflow.config import eval_protocol
 from alphaflow.io import sha256_file, sha256_json
 
 # Bump when a change of the code changes the stage's output for the same params and inputs.
-CODE_VERSION = {"prepare": 1, "encode": 1, "classifier": 1, "reference": 1, "train": 2, "sample": 2,
-                "evaluate": 2, "report": 1}
+CODE_VERSION = {
+    "prepare": 1,
+    "encode": 1,
+    "classifier": 1,
+    "reference": 1,
+    "train": 2,
+    "sample": 2,
+    "evaluate": 2,
+    "report": 1,
+}
 
 # Training settings that do not change the trained weights: cadence of logs/checkpoints/evaluation,
 # bookkeeping, resources, and how the same arithmetic is carried out (jvp_mode, compile: they change float
 # rounding only, like the number of GPUs). `steps` is handled apart: a larger count extends a finished run.
-TRAIN_VOLATILE = frozenset({"log_every", "checkpoint_every", "snapshot_every", "conflict_every", "conflict_batch",
-                            "paper_row", "resources", "steps", "eval_every", "group", "jvp_mode", "compile",
-                            # how a diverging run reacts: a rollback records the batches it skipped in the run
-                            "divergence", "divergence_window", "divergence_events", "spike_factor",
-                            "max_rollbacks"})
+TRAIN_VOLATILE = frozenset(
+    {
+        "log_every",
+        "checkpoint_every",
+        "snapshot_every",
+        "conflict_every",
+        "conflict_batch",
+        "paper_row",
+        "resources",
+        "steps",
+        "eval_every",
+        "group",
+        "jvp_mode",
+        "compile",
+        # how a diverging run reacts: a rollback records the batches it skipped in the run
+        "divergence",
+        "divergence_window",
+        "divergence_events",
+        "spike_factor",
+        "max_rollbacks",
+    }
+)
 
 
 def pick(mapping, keys):
@@ -49,8 +74,10 @@ def stage_reads(params, stage, *, split=None, run=None, weights=None, sampler=No
 def params_read(params, stage, *, split=None, run=None, weights=None, sampler=None):
     raw, ev = params.raw, params.raw["eval"]
     if stage == "prepare":
-        return {"data": pick(raw["data"], ("name", "source", "path", "ref_path", "resolution", "limit_per_class")),
-                "split": split}
+        return {
+            "data": pick(raw["data"], ("name", "source", "path", "ref_path", "resolution", "limit_per_class")),
+            "split": split,
+        }
     if stage == "encode":  # the seed picks the latent-statistics samples
         return {"seed": raw["seed"], "encoder": pick(raw["encoder"], ("kind", "path"))}
     if stage == "classifier":
@@ -69,28 +96,44 @@ def params_read(params, stage, *, split=None, run=None, weights=None, sampler=No
     if stage == "sample":
         chosen = params.samplers[sampler]
         keys = ("t_steps", "mode", "labels") if "labels" in chosen else ("t_steps", "mode")  # others: as before
-        reads = {"sampler": pick(chosen, keys), "weights": weights,
-                 "eval": pick(ev, ("num_samples", "labels", "batch_size", "parts")),
-                 "decoder": params_read(params, "encode")["encoder"]}
+        reads = {
+            "sampler": pick(chosen, keys),
+            "weights": weights,
+            "eval": pick(ev, ("num_samples", "labels", "batch_size", "parts")),
+            "decoder": params_read(params, "encode")["encoder"],
+        }
         if eval_protocol(ev) != "default":  # only then (the default protocol's samples keep their fingerprint)
             reads["protocol"] = "alphaflow"  # alphaflow and adm sample alike (noise streams, uint8 truncation)
         return reads
     if stage == "evaluate":
         slow = ev.get("slow_metric_weights") or ev["weights"]
-        reads = {"seed": raw["seed"], "slow_metrics": weights in slow,
-                 "eval": pick(ev, ("metrics", "n_boot", "fid_samples", "fid_ref_samples", "ref_samples", "inception"))}
+        reads = {
+            "seed": raw["seed"],
+            "slow_metrics": weights in slow,
+            "eval": pick(ev, ("metrics", "n_boot", "fid_samples", "fid_ref_samples", "ref_samples", "inception")),
+        }
         if eval_protocol(ev) == "adm":  # FID against the ADM reference batch
             reads["adm_reference"] = ev["adm_reference"]
         return reads
     if stage == "report":  # tables and plots name runs, their settings, groups, seeds, samplers, metrics
         shown = TRAIN_VOLATILE - {"steps", "group", "paper_row"}
-        runs = {name: {k: v for k, v in params.run(name).to_dict().items()
-                       if k not in shown and not (k == "checkpoint" and v is None)  # trained runs: as before
-                       and not (k == "skip_batches" and not v)}
-                for name in params.run_names}
-        reads = {"profile": raw["profile"], "paper_results": raw.get("paper_results", {}),
-                 "comparisons": raw.get("comparisons"), "runs": runs,
-                 "eval": pick(ev, ("samplers", "metrics", "weights"))}
+        runs = {
+            name: {
+                k: v
+                for k, v in params.run(name).to_dict().items()
+                if k not in shown
+                and not (k == "checkpoint" and v is None)  # trained runs: as before
+                and not (k == "skip_batches" and not v)
+            }
+            for name in params.run_names
+        }
+        reads = {
+            "profile": raw["profile"],
+            "paper_results": raw.get("paper_results", {}),
+            "comparisons": raw.get("comparisons"),
+            "runs": runs,
+            "eval": pick(ev, ("samplers", "metrics", "weights")),
+        }
         if ev.get("phema_samplers"):  # only profiles that restrict them (the others' reads stay as they were)
             reads["eval"]["phema_samplers"] = ev["phema_samplers"]
         if "preregistered" in raw:  # only profiles that declare a test (the others' reads stay as they were)

@@ -22,14 +22,20 @@ from alphaflow.io import atomic_write_json
 from alphaflow.metrics import reference_stats
 from alphaflow.provenance import file_hash, fingerprint, stage_reads
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Which network measures each metric
 
 
-INCEPTION_ENV = {"inception-fid-ts": "ALPHAFLOW_INCEPTION_TS", "inception-nvidia-ts": "ALPHAFLOW_INCEPTION_NVIDIA",
-                 "inception-v3-compat": "ALPHAFLOW_INCEPTION_WEIGHTS"}  # eval.inception → its weights' variable
-WEIGHTS_ENV = {**INCEPTION_ENV, "dinov2-timm-local": "ALPHAFLOW_DINOV2_WEIGHTS",
-               "clip-vit-b32-local": "ALPHAFLOW_CLIP_WEIGHTS"}
+INCEPTION_ENV = {
+    "inception-fid-ts": "ALPHAFLOW_INCEPTION_TS",
+    "inception-nvidia-ts": "ALPHAFLOW_INCEPTION_NVIDIA",
+    "inception-v3-compat": "ALPHAFLOW_INCEPTION_WEIGHTS",
+}  # eval.inception → its weights' variable
+WEIGHTS_ENV = {
+    **INCEPTION_ENV,
+    "dinov2-timm-local": "ALPHAFLOW_DINOV2_WEIGHTS",
+    "clip-vit-b32-local": "ALPHAFLOW_CLIP_WEIGHTS",
+}
 
 
 def is_score(metric):
@@ -51,7 +57,7 @@ def metric_plan(params):
     return plan
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Reference images and their statistics
 
 
@@ -80,8 +86,13 @@ def content_hash(manifest, n):
     return hashlib.sha256(shards + f"|{n}{transform}".encode()).hexdigest()[:16]
 
 
-INCEPTION_LIKE = ("inception-fid-ts", "inception-nvidia-ts", "inception-v3-compat", "dinov2-timm-local",
-                  "clip-vit-b32-local")
+INCEPTION_LIKE = (
+    "inception-fid-ts",
+    "inception-nvidia-ts",
+    "inception-v3-compat",
+    "dinov2-timm-local",
+    "clip-vit-b32-local",
+)
 
 
 def capped(params, extractor, images, kind):
@@ -95,9 +106,14 @@ def reference_stats_for(params, extractor, images, manifest, device="cpu", weigh
     if weights_path is None:
         weights_path = dict((e, w) for _, e, w in metric_plan(params)).get(extractor)
     images = capped(params, extractor, images, "reference")
-    return reference_stats(images, extractor, cache_dir=params.results / "reference",
-                           content_hash=content_hash(manifest, len(images)), weights_path=weights_path,
-                           device=device)
+    return reference_stats(
+        images,
+        extractor,
+        cache_dir=params.results / "reference",
+        content_hash=content_hash(manifest, len(images)),
+        weights_path=weights_path,
+        device=device,
+    )
 
 
 def reference_cache_stem(params, extractor, images, manifest):
@@ -105,7 +121,7 @@ def reference_cache_stem(params, extractor, images, manifest):
     return f"{extractor}-{content_hash(manifest, len(capped(params, extractor, images, 'reference')))}"
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The reference stage
 
 

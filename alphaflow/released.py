@@ -28,7 +28,8 @@ def released_file(params, run_name, key="checkpoint"):
             f"params key 'runs.{run_name}.{key}' = {value!r}: {path} does not exist. Download the released "
             "checkpoints (Hugging Face snap-research/alphaflow) on a machine with internet, put them in "
             "released/ of this project or in a folder named by $ALPHAFLOW_RELEASED (see the README, 'Check the "
-            "pipeline against the paper').")
+            "pipeline against the paper')."
+        )
     return path
 
 
@@ -36,8 +37,10 @@ def data_num_classes(params):
     """Classes of the prepared training data (the label table the imported network must have)."""
     manifest = params.data_dir("train") / "manifest.json"
     if not manifest.exists():
-        raise MissingInputError(f"{manifest} is missing: run `alphaflow prepare --params {params.path}` first "
-                                "(the imported network's label table is checked against the data's classes)")
+        raise MissingInputError(
+            f"{manifest} is missing: run `alphaflow prepare --params {params.path}` first "
+            "(the imported network's label table is checked against the data's classes)"
+        )
     return json.loads(manifest.read_text())["num_classes"]
 
 
@@ -60,16 +63,24 @@ def import_released(params, run_name, *, quiet=False):
             print(f"[alphaflow] {run_name}: already imported from {path} (sha256 {file_sha[:16]})")
         return finished
     if run.model_overrides:
-        raise UserError(f"params key 'runs.{run_name}.model_overrides' = {run.model_overrides}: a run imported from "
-                        "a released file has the shapes of its preset; remove the overrides")
+        raise UserError(
+            f"params key 'runs.{run_name}.model_overrides' = {run.model_overrides}: a run imported from "
+            "a released file has the shapes of its preset; remove the overrides"
+        )
     sets = load_official_weight_sets(path, data_num_classes(params))
     preset = official_preset(sets["ema"], path)
     if preset != run.model:
-        raise UserError(f"params key 'runs.{run_name}.model' = {run.model!r}, but {path} holds a {preset} network: "
-                        f"set model: {preset}")
+        raise UserError(
+            f"params key 'runs.{run_name}.model' = {run.model!r}, but {path} holds a {preset} network: "
+            f"set model: {preset}"
+        )
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # whatever was trained or imported here before
-    state = {"step": run.steps, "fingerprint": fp, "run": run.to_dict(),
-             "source": {"format": SOURCE_FORMAT, "file": str(path), "sha256": file_sha, "preset": preset}}
+    state = {
+        "step": run.steps,
+        "fingerprint": fp,
+        "run": run.to_dict(),
+        "source": {"format": SOURCE_FORMAT, "file": str(path), "sha256": file_sha, "preset": preset},
+    }
     final = ckpt.write_final(ckpt_dir, sets, state)
     if not quiet:
         print(f"[alphaflow] {run_name}: imported {preset} weights (EMA and raw) from {path} → {final}")

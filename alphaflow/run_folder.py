@@ -18,8 +18,11 @@ from alphaflow.released import released_file
 
 def changed_keys(saved, current):
     keys = set(saved) | set(current)
-    return sorted(k for k in keys - TRAIN_VOLATILE
-                  if json.dumps(saved.get(k), default=list) != json.dumps(current.get(k), default=list))
+    return sorted(
+        k
+        for k in keys - TRAIN_VOLATILE
+        if json.dumps(saved.get(k), default=list) != json.dumps(current.get(k), default=list)
+    )
 
 
 def train_fingerprint(params, run):
@@ -51,14 +54,19 @@ def discard_stale(run_dir, latest, fp, run, quiet):
     if not ckpt_dir.exists() and not (run_dir / "metrics.jsonl").exists():
         return None  # a fresh run
     if not quiet:
-        why = (f"no checkpoint at or before step {run.steps}" if old is None or old.get("fingerprint") == fp
-               else f"trained with other params or data (changed keys: "
-                    f"{changed_keys(old.get('run', {}), run.to_dict()) or 'none: upstream data or code'})")
+        why = (
+            f"no checkpoint at or before step {run.steps}"
+            if old is None or old.get("fingerprint") == fp
+            else f"trained with other params or data (changed keys: "
+            f"{changed_keys(old.get('run', {}), run.to_dict()) or 'none: upstream data or code'})"
+        )
         print(f"[alphaflow] {run.name}: {run_dir}: {why}; starting over", flush=True)
     for lock, holder in runlock.live_locks(run_dir / "samples"):  # clearing samples/ under a live sampler
-        raise runlock.RunLocked(f"{run.name}: {lock} is held by {runlock.describe(holder)} ({holder.get('what')}): "
-                                "it still samples the old weights, which this start would clear; wait for it to "
-                                "end (or stop it), then start again")
+        raise runlock.RunLocked(
+            f"{run.name}: {lock} is held by {runlock.describe(holder)} ({holder.get('what')}): "
+            "it still samples the old weights, which this start would clear; wait for it to "
+            "end (or stop it), then start again"
+        )
     final = ckpt.read_state(ckpt_dir / "final", missing_ok=True)
     if final is not None:
         keep = run_dir / "superseded" / f"{final.get('fingerprint')}-step{final['step']}"

@@ -63,7 +63,7 @@ class RunLocked(UserError):
     """Another live process holds the lock; the message names it and how to take over if it is gone."""
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The holder record
 
 
@@ -86,8 +86,16 @@ def process_start(pid):
 def holder_record(what):
     """This process's record for a new lock."""
     now = time.time()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
-            "slurm_job": slurm_job(), "started": now, "heartbeat": now, "what": what, "token": uuid.uuid4().hex}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
+        "slurm_job": slurm_job(),
+        "started": now,
+        "heartbeat": now,
+        "what": what,
+        "token": uuid.uuid4().hex,
+    }
 
 
 def read_record(path):
@@ -146,13 +154,18 @@ def describe(record):
 def refusal(path, holder, stale_s, waited=None):
     """The one-line message of RunLocked."""
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started") or 0)))
-    check = f"`squeue -j {holder['slurm_job']}`" if holder.get("slurm_job") else \
-        f"`ps -p {holder.get('pid')}` on {holder.get('host')}"
+    check = (
+        f"`squeue -j {holder['slurm_job']}`"
+        if holder.get("slurm_job")
+        else f"`ps -p {holder.get('pid')}` on {holder.get('host')}"
+    )
     wait = f" (waited {waited:.1f} s)" if waited is not None else ""
-    return (f"{path} is held by {describe(holder)} since {since}, last heartbeat {heartbeat_age(holder):.0f} s "
-            f"ago ({holder.get('what')}): another process is writing here{wait}. If it is gone, the next start "
-            f"takes the lock over (at once on {holder.get('host')}, from another host once the heartbeat is "
-            f"{stale_s:g} s old); to take over now, check that it is gone ({check}) and delete {path}")
+    return (
+        f"{path} is held by {describe(holder)} since {since}, last heartbeat {heartbeat_age(holder):.0f} s "
+        f"ago ({holder.get('what')}): another process is writing here{wait}. If it is gone, the next start "
+        f"takes the lock over (at once on {holder.get('host')}, from another host once the heartbeat is "
+        f"{stale_s:g} s old); to take over now, check that it is gone ({check}) and delete {path}"
+    )
 
 
 def live_locks(folder, pattern=".lock-part-*-of-*"):
@@ -167,7 +180,7 @@ def live_locks(folder, pattern=".lock-part-*-of-*"):
     return out
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Create, take over, acquire
 
 
@@ -197,8 +210,9 @@ def _take_over(path, stale, record, stale_s):
     brk = path.with_name(f"{path.name}.break")
     if not _create(brk, record):
         breaker = read_record(brk)
-        if breaker is not None and (stale_reason(breaker, record, stale_s, requeue=False) is not None
-                                    or heartbeat_age(breaker) > BREAK_S):
+        if breaker is not None and (
+            stale_reason(breaker, record, stale_s, requeue=False) is not None or heartbeat_age(breaker) > BREAK_S
+        ):
             _unlink_if(brk, breaker)  # a taker died (or hangs) while taking over
         else:
             time.sleep(0.01)  # another taker is at it, for milliseconds
@@ -241,8 +255,12 @@ def acquire(path, what, *, heartbeat_s=None, stale_s=None, wait=False, timeout=N
         reason = stale_reason(holder, record, stale_s)
         if reason is not None:
             if _take_over(path, holder, record, stale_s):
-                print(f"[alphaflow] took over the stale lock {path} of {describe(holder)} ({holder.get('what')}): "
-                      f"{reason}", file=sys.stderr, flush=True)
+                print(
+                    f"[alphaflow] took over the stale lock {path} of {describe(holder)} ({holder.get('what')}): "
+                    f"{reason}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
             continue  # another taker is at it or came first: look again
         waited = time.monotonic() - t0
@@ -262,7 +280,7 @@ def hold(path, what, **kw):
         lock.release()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The held lock
 
 
@@ -287,8 +305,11 @@ class RunLock:
             return _create(self.path, self.record)
         if current.get("token") != self.record["token"]:
             if not self.lost:
-                print(f"[alphaflow] lost the lock {self.path} to {describe(current)}: stop this process, two are "
-                      f"writing", file=sys.stderr, flush=True)
+                print(
+                    f"[alphaflow] lost the lock {self.path} to {describe(current)}: stop this process, two are writing",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.lost = True
             return False
         atomic_write_json(self.path, self.record)

@@ -36,7 +36,7 @@ from alphaflow.phema import ensure_posthoc
 from alphaflow.provenance import fingerprint, stage_reads
 from alphaflow.sampling import protocol_noise, sample
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Labels and seeds
 
 
@@ -53,7 +53,7 @@ def part_range(n, part, num_parts):
     return n * part // num_parts, n * (part + 1) // num_parts
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Loading a trained run
 
 
@@ -126,8 +126,9 @@ def sample_run(params, run_name, weights, sampler_name, *, part=0, num_parts=1, 
         raise ParamsError(f"unknown sampler {sampler_name!r}; params eval.samplers has {sorted(params.samplers)}")
     lock = params.samples_dir(run_name, weights, sampler_name) / f".lock-part-{part}-of-{num_parts}"
     with runlock.hold(lock, f"sample {run_name}/{weights}/{sampler_name} part {part} of {num_parts}"):
-        return _sample_part(params, run_name, weights, sampler_name, part=part, num_parts=num_parts, device=device,
-                            quiet=quiet)
+        return _sample_part(
+            params, run_name, weights, sampler_name, part=part, num_parts=num_parts, device=device, quiet=quiet
+        )
 
 
 def _sample_part(params, run_name, weights, sampler_name, *, part, num_parts, device, quiet):
@@ -154,16 +155,26 @@ def _sample_part(params, run_name, weights, sampler_name, *, part, num_parts, de
         seeds = list(range(lo, hi))
         labels = labels_for_seeds(seeds, num_classes, sampler.get("labels") or ev.get("labels", "random"))
         images = generate(net, encoder, seeds, labels, sampler, device, autocast, eval_protocol(ev))
-        atomic_write_bytes(path, st_save({"images": images.cpu().contiguous(),
-                                          "labels": torch.as_tensor(labels), "seeds": torch.as_tensor(seeds)}),
-                           what=f"the sample chunk of seeds {lo}…{hi - 1} of {run_name}/{weights}/{sampler_name}")
+        atomic_write_bytes(
+            path,
+            st_save(
+                {
+                    "images": images.cpu().contiguous(),
+                    "labels": torch.as_tensor(labels),
+                    "seeds": torch.as_tensor(seeds),
+                }
+            ),
+            what=f"the sample chunk of seeds {lo}…{hi - 1} of {run_name}/{weights}/{sampler_name}",
+        )
     elapsed = time.perf_counter() - t0
     atomic_write_json(chunk_dir / f"part-{part}-of-{num_parts}.json", {"start": start, "end": end, "seconds": elapsed})
     if all((chunk_dir / f"part-{i}-of-{num_parts}.json").exists() for i in range(num_parts)):
         write_samples_manifest(out, chunk_dir, n, batch, num_parts, sampler, fp)
     if not quiet:
-        print(f"[alphaflow] sample {run_name}/{weights}/{sampler_name}: seeds {start}…{end - 1} "
-              f"({(end - start) / max(elapsed, 1e-9):.1f} images/s)")
+        print(
+            f"[alphaflow] sample {run_name}/{weights}/{sampler_name}: seeds {start}…{end - 1} "
+            f"({(end - start) / max(elapsed, 1e-9):.1f} images/s)"
+        )
 
 
 def no_autocast():
@@ -183,12 +194,20 @@ def write_samples_manifest(out, chunk_dir, n, batch, num_parts, sampler, fp):
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise ShardError(f"{chunk_dir}: chunks missing: {missing[:5]} — rerun `alphaflow sample` for the missing parts")
-    atomic_write_json(out / "done.json", {"count": n, "sampler": sampler, "num_parts": num_parts, "fingerprint": fp,
-                                          "chunks": [{"file": f"{chunk_dir.name}/{f.name}", "sha256": sha256_file(f)}
-                                                     for f in files]})
+    atomic_write_json(
+        out / "done.json",
+        {
+            "count": n,
+            "sampler": sampler,
+            "num_parts": num_parts,
+            "fingerprint": fp,
+            "chunks": [{"file": f"{chunk_dir.name}/{f.name}", "sha256": sha256_file(f)} for f in files],
+        },
+    )
     for stale in out.iterdir():  # sample sets of other fingerprints (and the older flat layout)
-        if stale != chunk_dir and (stale.name.startswith("chunks-") or stale.name.startswith("seeds-")
-                                   or stale.name.startswith("part-")):
+        if stale != chunk_dir and (
+            stale.name.startswith("chunks-") or stale.name.startswith("seeds-") or stale.name.startswith("part-")
+        ):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
@@ -207,8 +226,10 @@ def load_samples(out, fingerprint=None):
         raise ShardError(f"{manifest_path} is missing: run `alphaflow sample` for this run/weights/sampler first")
     manifest = json.loads(manifest_path.read_text())
     if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
-        raise ShardError(f"{out} holds samples of other weights or settings (fingerprint "
-                         f"{manifest.get('fingerprint')}, expected {fingerprint}): run `alphaflow sample` again")
+        raise ShardError(
+            f"{out} holds samples of other weights or settings (fingerprint "
+            f"{manifest.get('fingerprint')}, expected {fingerprint}): run `alphaflow sample` again"
+        )
     images, labels = [], []
     for rec in manifest["chunks"]:
         data = (out / rec["file"]).read_bytes()

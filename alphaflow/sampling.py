@@ -38,8 +38,9 @@ class SeededNoise:
         """shape excludes the batch dimension; returns [len(seeds), *shape]."""
         shape = tuple(shape)
         if self.stream == "alphaflow":
-            return torch.cat([torch.randn([1, *shape], generator=g, device=self.device, dtype=dtype)
-                              for g in self.generators])
+            return torch.cat(
+                [torch.randn([1, *shape], generator=g, device=self.device, dtype=dtype) for g in self.generators]
+            )
         return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
 
 
@@ -48,8 +49,10 @@ def protocol_noise(seeds, shape, device="cpu", protocol="default"):
     evaluation protocol (params eval.protocol): "default" = this project's streams (fresh noise from seeds +
     2**40), "alphaflow"/"adm" = the official α-Flow streams (fresh noise: the same per-seed generators)."""
     if protocol == "default":
-        return (SeededNoise(seeds, device=device).randn(shape),
-                SeededNoise([s + (1 << 40) for s in seeds], device=device))
+        return (
+            SeededNoise(seeds, device=device).randn(shape),
+            SeededNoise([s + (1 << 40) for s in seeds], device=device),
+        )
     noise = SeededNoise(seeds, device=device, stream="alphaflow")
     return noise.randn(shape), noise
 
@@ -57,8 +60,9 @@ def protocol_noise(seeds, shape, device="cpu", protocol="default"):
 def randn_like(z, generator):
     if isinstance(generator, SeededNoise):
         return generator.randn(z.shape[1:], dtype=z.dtype).to(z.device)
-    return torch.randn(z.shape, generator=generator, device=z.device if generator is None else generator.device,
-                       dtype=z.dtype).to(z.device)
+    return torch.randn(
+        z.shape, generator=generator, device=z.device if generator is None else generator.device, dtype=z.dtype
+    ).to(z.device)
 
 
 def uniform_t_steps(num_steps):

@@ -15,7 +15,7 @@ from alphaflow.errors import MissingInputError
 # where torch must not load (tests/test_cli_errors.py).
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # prepare / encode
 
 
@@ -24,8 +24,10 @@ def folder_path(params, split):
     path = data.get("ref_path") if split == "test" and data.get("ref_path") else data.get("path")
     path = path or os.environ.get("ALPHAFLOW_IMAGENET")
     if not path:
-        raise MissingInputError("params data.path is unset and ALPHAFLOW_IMAGENET is not set: point either at an "
-                                "ImageNet-style folder (one sub-folder per class)")
+        raise MissingInputError(
+            "params data.path is unset and ALPHAFLOW_IMAGENET is not set: point either at an "
+            "ImageNet-style folder (one sub-folder per class)"
+        )
     return path
 
 
@@ -35,8 +37,13 @@ def prepare(params, split="train"):
     data = params.raw["data"]
     out = params.data_dir(split)
     if data["source"] == "folder":
-        manifest = prepare_folder(folder_path(params, split), out, resolution=data.get("resolution") or 256,
-                                  workers=data.get("workers", 2), limit_per_class=data.get("limit_per_class"))
+        manifest = prepare_folder(
+            folder_path(params, split),
+            out,
+            resolution=data.get("resolution") or 256,
+            workers=data.get("workers", 2),
+            limit_per_class=data.get("limit_per_class"),
+        )
     else:
         manifest = prepare_embedded(data["source"], out, split=split, resolution=data.get("resolution"))
     print(f"[alphaflow] prepare {split}: {manifest['count']} images → {out}")
@@ -50,15 +57,21 @@ def encode(params, part=0, num_parts=1, finalize=False, device=None):
     # Lazy imports in the stage functions keep torch off the login node (the Snakefile imports this module).
     out, device = params.latent_dir(), resolve_device(device)
     if not finalize:
-        encode_dataset(params.data_dir("train"), out, build_encoder(**params.encoder_args(), device=device),
-                       batch_size=params.raw["encoder"].get("batch_size", 64), part=part, num_parts=num_parts,
-                       device=device)
+        encode_dataset(
+            params.data_dir("train"),
+            out,
+            build_encoder(**params.encoder_args(), device=device),
+            batch_size=params.raw["encoder"].get("batch_size", 64),
+            part=part,
+            num_parts=num_parts,
+            device=device,
+        )
     if finalize or num_parts == 1:
         manifest = finalize_latents(out, num_parts=num_parts, seed=params.raw["seed"])
         print(f"[alphaflow] encode: {manifest['count']} latents {manifest['latent_shape']} → {out}")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The FD_classifier network
 
 
@@ -70,14 +83,21 @@ def classifier(params, device=None):
 
     images, labels, _ = load_prepared(params.data_dir("train"))
     val_images, val_labels, _ = load_prepared(params.data_dir("test"))
-    info = train_classifier(images, labels, out_path=params.classifier_path(),
-                            epochs=params.raw["eval"].get("classifier_epochs", 2), seed=params.raw["seed"],
-                            device=resolve_device(device), val_images=val_images, val_labels=val_labels)
+    info = train_classifier(
+        images,
+        labels,
+        out_path=params.classifier_path(),
+        epochs=params.raw["eval"].get("classifier_epochs", 2),
+        seed=params.raw["seed"],
+        device=resolve_device(device),
+        val_images=val_images,
+        val_labels=val_labels,
+    )
     print(f"[alphaflow] classifier: {info}")
     return info
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # launch: a stage as a submitit job
 
 

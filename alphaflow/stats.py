@@ -8,8 +8,14 @@ import pandas as pd
 from scipy import stats as st
 
 # Display names of the metrics (tables, plot axes).
-METRIC_LABELS = {"fid": "FID", "fdd": "FDD", "fcd": "FCD", "is": "IS", "fd_classifier": "FD_clf",
-                 "is_classifier": "IS_clf"}
+METRIC_LABELS = {
+    "fid": "FID",
+    "fdd": "FDD",
+    "fcd": "FCD",
+    "is": "IS",
+    "fd_classifier": "FD_clf",
+    "is_classifier": "IS_clf",
+}
 
 
 def lower_is_better(metric):
@@ -28,7 +34,7 @@ def t_interval(values, level=0.95):
     n = len(x)
     if n < 2:
         return float(x.mean()), float("nan")
-    return float(x.mean()), float(st.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / n ** 0.5)
+    return float(x.mean()), float(st.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / n**0.5)
 
 
 def welch_interval(a, b, level=0.95):
@@ -37,7 +43,7 @@ def welch_interval(a, b, level=0.95):
     if len(a) < 2 or len(b) < 2:
         return float(a.mean() - b.mean()), float("nan")
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
     return float(a.mean() - b.mean()), float(st.t.ppf(0.5 + level / 2, dof) * (va + vb) ** 0.5)
 
 
@@ -47,7 +53,7 @@ def paired_interval(a, b, level=0.95):
 
 
 def verdict_of(diff, half, a, b, lower_better=True):
-    """"not separable" when the interval diff ± half contains 0, else which of a, b is better."""
+    """ "not separable" when the interval diff ± half contains 0, else which of a, b is better."""
     if pd.isna(half) or abs(diff) <= half:
         return "not separable"
     return f"{a if (diff < 0) == lower_better else b} better"
@@ -58,4 +64,4 @@ def detectable_difference(sd, n, level=0.95, power=0.8):
     `power` over n seeds with per-seed difference SD sd: (t_{(1+level)/2, n−1} + t_{power, n−1}) · sd / √n."""
     if n < 2 or pd.isna(sd):
         return float("nan")
-    return float((st.t.ppf(0.5 + level / 2, n - 1) + st.t.ppf(power, n - 1)) * sd / n ** 0.5)
+    return float((st.t.ppf(0.5 + level / 2, n - 1) + st.t.ppf(power, n - 1)) * sd / n**0.5)

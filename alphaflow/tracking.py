@@ -53,7 +53,7 @@ def store_lock(uri):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    lock_path = Path(uri[len("sqlite:///") :] + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -63,17 +63,19 @@ def store_lock(uri):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Transient failures: a SQLite store locked by another writer for longer than MLflow's busy timeout (20 s),
 # a tracking server that is down, restarting or overloaded. The tracker keeps what it could not send, in
 # order, and sends it again with back-off; re-sending is idempotent (a metric is keyed by key, timestamp,
 # step and value, and the kept items carry their first timestamp).
 
+# fmt: off
 BACKOFF_S = (0.5, 8.0)       # first retry delay, doubling up to the cap
 WARN_AFTER_FAILURES = 4      # consecutive failures before the one warning (a store-creation race is quieter)
+# fmt: on
 TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
 TRANSIENT_TEXT = re.compile(r"database is locked|failed with exception|error code 50[234]\b", re.IGNORECASE)
-_RETRY = object()            # the worker's queue timed out: time to retry pending items
+_RETRY = object()  # the worker's queue timed out: time to retry pending items
 
 
 def is_transient(err):
@@ -128,8 +130,10 @@ def ui_links(uri, experiment, run_ids):
         return None
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
     quoted = lambda x: urllib.parse.quote(json.dumps(x))
-    return {"runs": f"{base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning",
-            "compare": f"{base}/#/compare-runs?runs={quoted(list(run_ids))}&experiments={quoted([exp.experiment_id])}"}
+    return {
+        "runs": f"{base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning",
+        "compare": f"{base}/#/compare-runs?runs={quoted(list(run_ids))}&experiments={quoted([exp.experiment_id])}",
+    }
 
 
 def open_run(client, experiment, run_name, tags, run_id_file, *, reopen=True):
@@ -165,7 +169,7 @@ def replay_jsonl(client, run_id, path, *, batch=1000):
         present += len(logged & by_step.keys())
         missing += [Metric(key, v, ts, step) for step, v in by_step.items() if step not in logged]
     for i in range(0, len(missing), batch):  # MLflow takes at most 1000 metrics per log_batch
-        client.log_batch(run_id, metrics=missing[i:i + batch])
+        client.log_batch(run_id, metrics=missing[i : i + batch])
     return len(missing), present
 
 
@@ -203,12 +207,14 @@ class Tracker:
         self.run_id = None
         self.run_name = run_name
         self.queue = queue.Queue()
+        # fmt: off
         self.pending = collections.deque()  # items not sent yet, oldest first (owned by the worker)
         self.failures = 0                   # consecutive failed attempts
         self.dropped = 0                    # items the store refused for good
+        # fmt: on
         self.last_error = None
         self._client = None
-        self._retry_s = 10                  # close's last-attempt budget
+        self._retry_s = 10  # close's last-attempt budget
         self._thread = None
         if not enabled:
             return
@@ -226,15 +232,23 @@ class Tracker:
         if not any(isinstance(f, _QuietWorker) for f in db_log.filters):
             db_log.addFilter(_QuietWorker())
         self.run_id_file = Path(run_id_file)
-        self._thread = threading.Thread(target=self._worker, args=(uri, experiment, run_name, tags or {}),
-                                        name=f"alphaflow-tracker-{run_name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._worker,
+            args=(uri, experiment, run_name, tags or {}),
+            name=f"alphaflow-tracker-{run_name}",
+            daemon=True,
+        )
         self._thread.start()
 
     def _warn(self, err):
         if not self.warned:
             self.warned = True
-            print(f"[alphaflow] WARNING: MLflow tracking failed ({type(err).__name__}: {err}); training goes on, "
-                  f"metrics stay in metrics.jsonl", file=sys.stderr, flush=True)
+            print(
+                f"[alphaflow] WARNING: MLflow tracking failed ({type(err).__name__}: {err}); training goes on, "
+                f"metrics stay in metrics.jsonl",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _send(self, uri, experiment, run_name, tags):
         """Opens the run if needed, then sends pending items in order until one fails transiently.
@@ -295,13 +309,19 @@ class Tracker:
     def _report_unsent(self):
         unsent = len(self.pending) + self.dropped
         if unsent:
-            self._warn_unsent(f"{unsent} MLflow item(s) of run {self.run_name} were not sent (last error: "
-                              f"{type(self.last_error).__name__}: {self.last_error})")
+            self._warn_unsent(
+                f"{unsent} MLflow item(s) of run {self.run_name} were not sent (last error: "
+                f"{type(self.last_error).__name__}: {self.last_error})"
+            )
 
     def _warn_unsent(self, what):
-        print(f"[alphaflow] WARNING: {what}. The run's files keep every value: `alphaflow track-replay --params P "
-              f"--run {self.run_name}` logs what MLflow lacks of its metrics.jsonl (for an evaluation's metrics, "
-              f"run `alphaflow evaluate` again).", file=sys.stderr, flush=True)
+        print(
+            f"[alphaflow] WARNING: {what}. The run's files keep every value: `alphaflow track-replay --params P "
+            f"--run {self.run_name}` logs what MLflow lacks of its metrics.jsonl (for an evaluation's metrics, "
+            f"run `alphaflow evaluate` again).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _put(self, fn):
         if self.enabled:
@@ -350,11 +370,13 @@ class Tracker:
         self.queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():  # stuck in a call (a store locked past its busy timeout, a slow server)
-            self._warn_unsent(f"MLflow did not answer within {timeout} s; {len(self.pending)} item(s) of run "
-                              f"{self.run_name} may not be sent")
+            self._warn_unsent(
+                f"MLflow did not answer within {timeout} s; {len(self.pending)} item(s) of run "
+                f"{self.run_name} may not be sent"
+            )
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The report's evaluations on each run's MLflow run
 
 
@@ -390,7 +412,10 @@ def log_to_mlflow(uri, experiment, runs, run_id_files, out_md):
     if links is None:
         return None
     local = "" if uri.startswith("http") else "Start `mlflow ui` in the project root, then open\n"
-    return atomic_write_text(out_md, f"# MLflow — {experiment}\n\n{local}"
-                             f"- the runs table (model-training view): {links['runs']}\n"
-                             "- every run compared, FD/FID with their intervals among the metrics: "
-                             f"{links['compare']}\n")
+    return atomic_write_text(
+        out_md,
+        f"# MLflow — {experiment}\n\n{local}"
+        f"- the runs table (model-training view): {links['runs']}\n"
+        "- every run compared, FD/FID with their intervals among the metrics: "
+        f"{links['compare']}\n",
+    )

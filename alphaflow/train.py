@@ -24,8 +24,16 @@ from alphaflow import distributed, runlock
 from alphaflow.config import ParamsError, RunConfig
 from alphaflow.data import LatentLoader, build_encoder
 from alphaflow.data.latents import estimate_latent_stats
-from alphaflow.divergence import (BUCKETS, Diverged, bucket_means, bucket_sums, fault_batches, monitor_for, poison,
-                                  worst_bucket)
+from alphaflow.divergence import (
+    BUCKETS,
+    Diverged,
+    bucket_means,
+    bucket_sums,
+    fault_batches,
+    monitor_for,
+    poison,
+    worst_bucket,
+)
 from alphaflow.ema import EMA
 from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.images import save_grid
@@ -62,20 +70,24 @@ def learning_rate(run, step):
     return run.lr * (1e-4 + (1 - 1e-4) * step / run.warmup_steps)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Set-up
 
 
 def batch_split(run, world_size):
     """(per-device batch, micro-batch, accumulation steps) with clear errors."""
     if run.batch_size % world_size:
-        raise ParamsError(f"params key 'runs.{run.name}.batch_size' = {run.batch_size}: not divisible by the "
-                          f"{world_size} processes of this job (change batch_size or the job's GPUs/nodes)")
+        raise ParamsError(
+            f"params key 'runs.{run.name}.batch_size' = {run.batch_size}: not divisible by the "
+            f"{world_size} processes of this job (change batch_size or the job's GPUs/nodes)"
+        )
     per_rank = run.batch_size // world_size
     micro = run.micro_batch_size or per_rank
     if per_rank % micro:
-        raise ParamsError(f"params key 'runs.{run.name}.micro_batch_size' = {micro}: the per-device batch {per_rank} "
-                          f"is not divisible by micro_batch_size {micro}")
+        raise ParamsError(
+            f"params key 'runs.{run.name}.micro_batch_size' = {micro}: the per-device batch {per_rank} "
+            f"is not divisible by micro_batch_size {micro}"
+        )
     return per_rank, micro, per_rank // micro
 
 
@@ -100,8 +112,9 @@ def micro_batch_draws(gen, x, y, run, null_label, info):
 def build_run_model(run, loader, device):
     c, h, w = loader.latent_shape
     torch.manual_seed(run.seed)
-    return build_model(run.model, num_classes=loader.num_classes, input_size=h, in_channels=c,
-                       **run.model_overrides).to(device)
+    return build_model(
+        run.model, num_classes=loader.num_classes, input_size=h, in_channels=c, **run.model_overrides
+    ).to(device)
 
 
 class SignalFlag:
@@ -124,7 +137,7 @@ class SignalFlag:
             signal.signal(sig, handler)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The training state, and the functions that set it up, advance it and save it
 
 
@@ -135,26 +148,32 @@ class TrainState:
     run: RunConfig
     info: distributed.DistInfo
     device: torch.device
-    fingerprint: str            # train_fingerprint: what the weights depend on
+    fingerprint: str  # train_fingerprint: what the weights depend on
     loader: LatentLoader
-    net: torch.nn.Module        # the raw weights (DDP wraps it in `forward`)
+    net: torch.nn.Module  # the raw weights (DDP wraps it in `forward`)
     ema: EMA
-    phema: PowerEMA | None      # post-hoc EMA profiles (phema_every), else None
+    phema: PowerEMA | None  # post-hoc EMA profiles (phema_every), else None
     opt: torch.optim.Optimizer
+    # fmt: off
     gen: torch.Generator        # ε, (t, r) and label dropout of the whole global batch (micro_batch_draws)
     accum: int                  # micro-batches per optimizer step on this rank
     monitor: object = None      # divergence.Monitor: events and the policy
     step: int = 0               # optimizer steps done
     batch: int = 0              # global batches consumed (= step, plus the skipped ones)
+    # fmt: on
     skip: set = field(default_factory=set)  # global batches not trained on (skip_batches, rollbacks)
+    # fmt: off
     ema_offset: int = 0         # steps of a fine-tune's source, so its EMA ramp-up continues
     bad_total: int = 0          # steps whose non-finite gradients were zeroed, over the run
     bad_run: int = 0            # … in a row now
+    # fmt: on
     sums: dict = field(default_factory=dict)  # LOG_KEYS summed over the logging window (float64 tensors)
     bucket_sums: object = None  # per-t-bucket loss sums and sample counts of the window (divergence.bucket_sums)
     bucket_counts: object = None
+    # fmt: off
     window_n: int = 0           # steps in the logging window
     window_t0: float = 0.0      # when the window started (perf_counter), for images/s
+    # fmt: on
     window_images: int = 0
 
 
@@ -170,15 +189,34 @@ def setup(params, run, info, dev, fp):
     ema = EMA(net, run.ema_halflife, run.ema_rampup)
     # Post-hoc EMA: power-function EMAs of the raw weights, snapshotted every phema_every steps.
     phema = PowerEMA(net, run.phema_sigma_rels) if run.phema_every else None
-    opt = torch.optim.Adam(net.parameters(), lr=run.lr, betas=tuple(run.betas), eps=run.adam_eps, weight_decay=0.0,
-                           fused=(dev.type == "cuda") or None)
+    opt = torch.optim.Adam(
+        net.parameters(),
+        lr=run.lr,
+        betas=tuple(run.betas),
+        eps=run.adam_eps,
+        weight_decay=0.0,
+        fused=(dev.type == "cuda") or None,
+    )
     # One generator stream for the whole global batch, the same on every rank (see micro_batch_draws).
     gen = torch.Generator(dev).manual_seed(run.seed * 1000)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return TrainState(run=run, info=info, device=dev, fingerprint=fp, loader=loader, net=net, ema=ema, phema=phema,
-                      opt=opt, gen=gen, accum=accum, monitor=monitor_for(run), skip=set(run.skip_batches))
+    return TrainState(
+        run=run,
+        info=info,
+        device=dev,
+        fingerprint=fp,
+        loader=loader,
+        net=net,
+        ema=ema,
+        phema=phema,
+        opt=opt,
+        gen=gen,
+        accum=accum,
+        monitor=monitor_for(run),
+        skip=set(run.skip_batches),
+    )
 
 
 def start(state, params, latest, quiet):
@@ -187,8 +225,9 @@ def start(state, params, latest, quiet):
     run, dev, say = state.run, state.device, state.info.is_main and not quiet
     window = {}
     if latest is not None:
-        saved, rng = ckpt.load_checkpoint(latest, net=state.net, ema=state.ema, optimizer=state.opt, device=dev,
-                                          phema=state.phema)
+        saved, rng = ckpt.load_checkpoint(
+            latest, net=state.net, ema=state.ema, optimizer=state.opt, device=dev, phema=state.phema
+        )
         state.loader.load_state_dict(saved["loader"])
         state.gen.set_state(rng[f"gen.{state.info.rank}"].to(torch.uint8))
         state.step, state.bad_total, window = saved["step"], saved["bad_total"], saved.get("window", {})
@@ -229,14 +268,31 @@ def start(state, params, latest, quiet):
 def open_tracker(params, state, tracking):
     """The run's MLflow run (rank 0), and its resolved params.yaml."""
     run, run_dir = state.run, params.run_dir(state.run.name)
-    tracker = Tracker(params.tracking_uri(), params.profile, run.name, run_id_file=run_dir / "mlflow_run_id",
-                      tags={"method": run.method, "scale": run.model, "profile": params.profile,
-                            "git_commit": git_commit(), "paper_row": str(run.paper_row)},
-                      enabled=tracking and state.info.is_main)
+    tracker = Tracker(
+        params.tracking_uri(),
+        params.profile,
+        run.name,
+        run_id_file=run_dir / "mlflow_run_id",
+        tags={
+            "method": run.method,
+            "scale": run.model,
+            "profile": params.profile,
+            "git_commit": git_commit(),
+            "paper_row": str(run.paper_row),
+        },
+        enabled=tracking and state.info.is_main,
+    )
     with distributed.main_work("writing params.yaml") as mine:
         if mine:
-            resolved = yaml.safe_dump({"run": run.to_dict(), "profile": params.profile,
-                                       "data": params.raw["data"], "encoder": params.raw["encoder"]}, sort_keys=False)
+            resolved = yaml.safe_dump(
+                {
+                    "run": run.to_dict(),
+                    "profile": params.profile,
+                    "data": params.raw["data"],
+                    "encoder": params.raw["encoder"],
+                },
+                sort_keys=False,
+            )
             atomic_write_bytes(run_dir / "params.yaml", resolved.encode())
             if state.step == 0:
                 tracker.log_params(run.to_dict())
@@ -282,9 +338,23 @@ def train_step(state, forward, teacher, autocast, ddp, faults=frozenset()):
         sync = contextlib.nullcontext() if (i == state.accum - 1 or info.world_size == 1) else ddp.no_sync()
         with sync, autocast():
             terms = alpha_flow_loss(
-                forward, x, y, t, r, noise, alpha, omega=run.cfg_omega, kappa=run.cfg_kappa,
-                cfg_interval=run.cfg_interval, null_label=net.null_label, clamp_target=run.clamp_target,
-                weight_eps=run.weight_eps, shift=run.shift, jvp_mode=run.jvp_mode, teacher=teacher)
+                forward,
+                x,
+                y,
+                t,
+                r,
+                noise,
+                alpha,
+                omega=run.cfg_omega,
+                kappa=run.cfg_kappa,
+                cfg_interval=run.cfg_interval,
+                null_label=net.null_label,
+                clamp_target=run.clamp_target,
+                weight_eps=run.weight_eps,
+                shift=run.shift,
+                jvp_mode=run.jvp_mode,
+                teacher=teacher,
+            )
             if state.batch in faults:
                 terms.loss = poison(terms.loss, t)
             (terms.loss.mean() / state.accum).backward()
@@ -292,8 +362,13 @@ def train_step(state, forward, teacher, autocast, ddp, faults=frozenset()):
             sums, counts = bucket_sums(terms.loss, t, r)
             step_sums += sums
             step_counts += counts
-            for key, value in (("loss", terms.loss.detach()), ("L_TFM", terms.tfm), ("L_TC", terms.tc),
-                               ("L_sum", terms.tfm + terms.tc), ("delta_sq", terms.delta_sq.detach())):
+            for key, value in (
+                ("loss", terms.loss.detach()),
+                ("L_TFM", terms.tfm),
+                ("L_TC", terms.tc),
+                ("L_sum", terms.tfm + terms.tc),
+                ("delta_sq", terms.delta_sq.detach()),
+            ):
                 state.sums[key] += value.mean() / state.accum
     # NaN/Inf gradients → zero and count (official code: grad_nan_to_num); then the global-norm clip.
     params_list = list(net.parameters())
@@ -302,8 +377,7 @@ def train_step(state, forward, teacher, autocast, ddp, faults=frozenset()):
     finite = math.isfinite(norm_value)
     event = state.monitor.observe(state.step, state.batch, norm_value)
     if event is not None:
-        where = worst_bucket(bucket_means(step_sums, step_counts), bucket_means(state.bucket_sums,
-                                                                                 state.bucket_counts))
+        where = worst_bucket(bucket_means(step_sums, step_counts), bucket_means(state.bucket_sums, state.bucket_counts))
         raise DivergenceEvent(event, where)
     state.bucket_sums += step_sums
     state.bucket_counts += step_counts
@@ -313,8 +387,10 @@ def train_step(state, forward, teacher, autocast, ddp, faults=frozenset()):
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
         state.bad_total, state.bad_run = state.bad_total + 1, state.bad_run + 1
         if state.bad_run >= run.max_bad_steps:
-            raise RuntimeError(f"{run.name}: {state.bad_run} consecutive steps with NaN/Inf gradients at step "
-                               f"{state.step}; aborting (lower lr, check the data, or raise max_bad_steps)")
+            raise RuntimeError(
+                f"{run.name}: {state.bad_run} consecutive steps with NaN/Inf gradients at step "
+                f"{state.step}; aborting (lower lr, check the data, or raise max_bad_steps)"
+            )
     else:
         state.bad_run = 0
     if run.grad_clip is not None:
@@ -341,8 +417,15 @@ def log_step(state, params, tracker, bar, alpha, lr, norm, conflict_batch):
     with distributed.main_work(f"logging step {done}") as mine:
         if mine:
             elapsed = time.perf_counter() - state.window_t0
-            record = {"step": done, "alpha": alpha, "fm_ratio": run.fm_ratio, "lr": lr, "grad_norm": float(norm),
-                      "bad_steps": state.bad_total, "images_per_s": state.window_images / max(elapsed, 1e-9)}
+            record = {
+                "step": done,
+                "alpha": alpha,
+                "fm_ratio": run.fm_ratio,
+                "lr": lr,
+                "grad_norm": float(norm),
+                "bad_steps": state.bad_total,
+                "images_per_s": state.window_images / max(elapsed, 1e-9),
+            }
             if spread is not None:
                 record["rank_param_spread"] = spread
             record.update({k: float(v) / max(state.window_n, 1) for k, v in state.sums.items()})
@@ -376,16 +459,36 @@ def save(state, ckpt_dir):
     name = step_name(state.step)
     with distributed.main_work(f"writing checkpoint {ckpt_dir / name}") as mine:
         if mine:
-            saved = {"step": state.step, "bad_total": state.bad_total, "loader": state.loader.state_dict(),
-                     "fingerprint": state.fingerprint, "run": state.run.to_dict(),
-                     "world_size": state.info.world_size, "ema_step_offset": state.ema_offset,
-                     "batch": state.batch, "skipped": sorted(state.skip), "divergence": state.monitor.state_dict(),
-                     "window": {**{k: float(v) for k, v in state.sums.items()}, "n": state.window_n,
-                                "bucket_sums": state.bucket_sums.tolist(),
-                                "bucket_counts": state.bucket_counts.tolist()}}
+            saved = {
+                "step": state.step,
+                "bad_total": state.bad_total,
+                "loader": state.loader.state_dict(),
+                "fingerprint": state.fingerprint,
+                "run": state.run.to_dict(),
+                "world_size": state.info.world_size,
+                "ema_step_offset": state.ema_offset,
+                "batch": state.batch,
+                "skipped": sorted(state.skip),
+                "divergence": state.monitor.state_dict(),
+                "window": {
+                    **{k: float(v) for k, v in state.sums.items()},
+                    "n": state.window_n,
+                    "bucket_sums": state.bucket_sums.tolist(),
+                    "bucket_counts": state.bucket_counts.tolist(),
+                },
+            }
             rng = {f"gen.{r}": s for r, s in enumerate(states)}
-            ckpt.save_checkpoint(ckpt_dir, name, net=state.net, ema=state.ema, optimizer=state.opt, rng=rng,
-                                 state=saved, phema=state.phema, what=f"checkpoint {name} of run {state.run.name}")
+            ckpt.save_checkpoint(
+                ckpt_dir,
+                name,
+                net=state.net,
+                ema=state.ema,
+                optimizer=state.opt,
+                rng=rng,
+                state=saved,
+                phema=state.phema,
+                what=f"checkpoint {name} of run {state.run.name}",
+            )
 
 
 def checkpoint(state, params, ckpt_dir, tracker):
@@ -396,8 +499,13 @@ def checkpoint(state, params, ckpt_dir, tracker):
         if mine:
             ckpt.prune(ckpt_dir, set(range(run.snapshot_every, run.steps + 1, run.snapshot_every)))
             if done % run.snapshot_every == 0:
-                log_grid(state.ema.module, params, params.run_dir(run.name) / "samples" / f"grid-{done:07d}.png",
-                         tracker, state.loader)
+                log_grid(
+                    state.ema.module,
+                    params,
+                    params.run_dir(run.name) / "samples" / f"grid-{done:07d}.png",
+                    tracker,
+                    state.loader,
+                )
 
 
 def finish(state, params, ckpt_dir, tracker, plot_curves):
@@ -414,7 +522,7 @@ def finish(state, params, ckpt_dir, tracker, plot_curves):
         return str(grid)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The loop
 
 
@@ -429,8 +537,9 @@ def run_lock(params, run_name):
         yield
 
 
-def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracking=True, evaluate=None,
-          plot_curves=None):
+def train(
+    params, run_name, *, device=None, quiet=False, stop_after=None, tracking=True, evaluate=None, plot_curves=None
+):
     """Trains (or resumes) `run_name`; returns a summary dict. stop_after: optional step at which to stop.
 
     The CLI passes the two pieces that belong to later stages: `evaluate(params, {"ema": net, "raw": net}, device)
@@ -442,16 +551,27 @@ def train(params, run_name, *, device=None, quiet=False, stop_after=None, tracki
     launch, a requeued job racing its predecessor) ends with runlock.RunLocked (exit 2) instead."""
     run = params.run(run_name)  # an unknown run: its error, before a lock folder is made
     if run.checkpoint is None and run.eval_every and evaluate is None:
-        raise ParamsError(f"runs.{run_name}.eval_every is {run.eval_every}, but no in-training evaluator was "
-                          "given: train through `alphaflow train` or pass evaluate=")
+        raise ParamsError(
+            f"runs.{run_name}.eval_every is {run.eval_every}, but no in-training evaluator was "
+            "given: train through `alphaflow train` or pass evaluate="
+        )
     if distributed.env_info().world_size > 1:
         distributed.init(device)  # the process group run_lock's main_work needs
     with run_lock(params, run_name):
         if run.checkpoint is not None:  # released weights: imported, not trained
             return import_released(params, run_name, quiet=quiet)
         info, dev = distributed.init(device)
-        return training_loop(params, run, info, dev, quiet=quiet, stop_after=stop_after, tracking=tracking,
-                             evaluate=evaluate, plot_curves=plot_curves)
+        return training_loop(
+            params,
+            run,
+            info,
+            dev,
+            quiet=quiet,
+            stop_after=stop_after,
+            tracking=tracking,
+            evaluate=evaluate,
+            plot_curves=plot_curves,
+        )
 
 
 def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evaluate, plot_curves):
@@ -462,8 +582,12 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
     if finished is not None and finished.get("fingerprint") == fp and finished["step"] == run.steps:
         if info.is_main and not quiet:
             print(f"[alphaflow] {run.name}: already finished ({ckpt_dir / 'final'}, fingerprint {fp})")
-        return {"run": run.name, "step": finished["step"], "bad_steps": finished.get("bad_total", 0),
-                "already_finished": True}
+        return {
+            "run": run.name,
+            "step": finished["step"],
+            "bad_steps": finished.get("bad_total", 0),
+            "already_finished": True,
+        }
     with distributed.main_work("clearing outputs of other params and partial checkpoints") as mine:
         if mine:
             ckpt.clear_partial(ckpt_dir)  # a save a kill interrupted: its space is needed now
@@ -473,8 +597,11 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
 
     state = setup(params, run, info, dev, fp)
     start(state, params, latest, quiet)
-    ddp = torch.nn.parallel.DistributedDataParallel(state.net, device_ids=[dev.index] if dev.type == "cuda" else None) \
-        if info.world_size > 1 else state.net
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(state.net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if info.world_size > 1
+        else state.net
+    )
     # torch.compile (params `compile`): the gradient forward (with its tangent pass) and the no-grad teachers.
     forward, teacher = (torch.compile(ddp), torch.compile(state.net)) if run.compile else (ddp, state.net)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
@@ -486,8 +613,14 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
     if run.divergence == "rollback" and latest is None:
         save(state, ckpt_dir)  # a rollback before the first periodic checkpoint returns here
     faults = fault_batches()
-    bar = tqdm(total=run.steps, initial=state.step, disable=quiet or not info.is_main, desc=run.name,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=run.steps,
+        initial=state.step,
+        disable=quiet or not info.is_main,
+        desc=run.name,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     state.window_t0 = time.perf_counter()
     try:
         while state.step < last_step:
@@ -506,8 +639,13 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
             if state.phema is not None and (done % run.phema_every == 0 or done == run.steps):
                 with distributed.main_work(f"the post-hoc EMA snapshot at step {done}") as mine:
                     if mine:
-                        save_snapshot(ckpt_dir / "phema", state.phema, done, done * run.batch_size,
-                                      getattr(torch, run.phema_dtype))
+                        save_snapshot(
+                            ckpt_dir / "phema",
+                            state.phema,
+                            done,
+                            done * run.batch_size,
+                            getattr(torch, run.phema_dtype),
+                        )
             if done % run.log_every == 0 or done == last_step:
                 log_step(state, params, tracker, bar, alpha, lr, norm, conflict_batch)
             if run.eval_every and done % run.eval_every == 0:
@@ -519,8 +657,11 @@ def training_loop(params, run, info, dev, *, quiet, stop_after, tracking, evalua
                 checkpoint(state, params, ckpt_dir, tracker)
             if stop:
                 if info.is_main:
-                    print(f"[alphaflow] {run.name}: {signals.received} at step {done}; checkpoint written, "
-                          f"exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)
+                    print(
+                        f"[alphaflow] {run.name}: {signals.received} at step {done}; checkpoint written, "
+                        f"exiting {REQUEUE_EXIT_CODE} for requeue",
+                        flush=True,
+                    )
                 tracker.close(status="KILLED")
                 raise Preempted(REQUEUE_EXIT_CODE)
     finally:
@@ -550,16 +691,20 @@ def roll_back(state, params, ckpt_dir, tracker, diverged, quiet):
         raise Diverged(f"{what}{why}")
 
     if run.divergence == "stop":
-        give_up(". The last checkpoint is kept; lower lr, or set divergence: rollback (it restores a checkpoint from "
-                "before and skips the batches that did this)")
+        give_up(
+            ". The last checkpoint is kept; lower lr, or set divergence: rollback (it restores a checkpoint from "
+            "before and skips the batches that did this)"
+        )
     if monitor.rollbacks >= run.max_rollbacks:
         give_up(f", after {monitor.rollbacks} rollback{'s' * (monitor.rollbacks != 1)} (max_rollbacks); lower lr")
     first, batches = monitor.take_events()
     skipped, rollbacks = state.skip | set(batches), monitor.rollbacks + 1
     latest = ckpt.latest_checkpoint(ckpt_dir, max_step=first)  # from before the window's first event
     if latest is None:
-        give_up(f". No checkpoint from before step {first} (the window's first event) is left to roll back to: "
-                "lower divergence_window below checkpoint_every, or lower lr")
+        give_up(
+            f". No checkpoint from before step {first} (the window's first event) is left to roll back to: "
+            "lower divergence_window below checkpoint_every, or lower lr"
+        )
     state.opt.zero_grad(set_to_none=True)  # the abandoned step's gradients
     start(state, params, latest, quiet=True)  # weights, optimizer, EMA, generators, loader, window; metrics.jsonl
     state.skip, state.monitor.rollbacks = state.skip | skipped, rollbacks
@@ -568,13 +713,22 @@ def roll_back(state, params, ckpt_dir, tracker, diverged, quiet):
             ckpt.rewind(ckpt_dir, latest)  # the abandoned trajectory's checkpoints and post-hoc EMA snapshots
             if state.phema is not None:
                 discard_after(ckpt_dir / "phema", state.step)
-            record = {"step": state.step, "rollback": rollbacks, "from_step": step, "event": diverged.event,
-                      "where": diverged.where, "skipped_batches": sorted(state.skip)}
+            record = {
+                "step": state.step,
+                "rollback": rollbacks,
+                "from_step": step,
+                "event": diverged.event,
+                "where": diverged.where,
+                "skipped_batches": sorted(state.skip),
+            }
             append_jsonl(params.run_dir(run.name) / "metrics.jsonl", record)
             tracker.set_tags({"rollbacks": rollbacks, "skipped_batches": ",".join(map(str, sorted(state.skip)))})
             if not quiet:
-                print(f"[alphaflow] {what}; rolled back to {latest.name} (rollback {rollbacks} of at most "
-                      f"{run.max_rollbacks}), skipping global batches {sorted(state.skip)}", flush=True)
+                print(
+                    f"[alphaflow] {what}; rolled back to {latest.name} (rollback {rollbacks} of at most "
+                    f"{run.max_rollbacks}), skipping global batches {sorted(state.skip)}",
+                    flush=True,
+                )
 
 
 def step_name(step):

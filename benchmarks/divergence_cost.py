@@ -55,10 +55,12 @@ def main():
 
     loss = step()
     monitor = Monitor("rollback", window=200, max_events=3, spike_factor=10.0)
-    counter = iter(range(10 ** 9))
-    rows = {"training step (α = 0.5)": median_us(step, args.repeats, sync),
-            "per-t-bucket sums": median_us(lambda: bucket_sums(loss, t, r), 20 * args.repeats, sync),
-            "Monitor.observe": median_us(lambda: monitor.observe(next(counter), 0, 1.0), 20 * args.repeats, sync)}
+    counter = iter(range(10**9))
+    rows = {
+        "training step (α = 0.5)": median_us(step, args.repeats, sync),
+        "per-t-bucket sums": median_us(lambda: bucket_sums(loss, t, r), 20 * args.repeats, sync),
+        "Monitor.observe": median_us(lambda: monitor.observe(next(counter), 0, 1.0), 20 * args.repeats, sync),
+    }
     base = rows["training step (α = 0.5)"]
     print(f"{args.model} batch {args.batch} on {dev} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     for name, us in rows.items():

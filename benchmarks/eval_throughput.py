@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 SECTIONS = ("sample", "vae", "inception", "dinov2", "clip", "classifier")
-TINY_DINOV2 = "vit_small_patch14_dinov2.lvd142m"                  # --tiny: ViT-S/14 instead of ViT-L/14
+TINY_DINOV2 = "vit_small_patch14_dinov2.lvd142m"  # --tiny: ViT-S/14 instead of ViT-L/14
 TINY_CLIP = dict(embed_dim=64, depth=2, num_heads=2, num_classes=32)  # --tiny: a 2-block CLIP-shaped ViT
 
 
@@ -62,7 +62,7 @@ def device_label(device):
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Sections: each returns a list of rows {name, images_per_s, ...}.
 
 
@@ -70,8 +70,11 @@ def sample_rows(args, device):
     from alphaflow.models import build_model
     from alphaflow.sampling import sample
 
-    net = build_model(args.model, num_classes=args.num_classes, input_size=args.input_size,
-                      in_channels=args.channels).to(device).eval()
+    net = (
+        build_model(args.model, num_classes=args.num_classes, input_size=args.input_size, in_channels=args.channels)
+        .to(device)
+        .eval()
+    )
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(args.n, args.channels, args.input_size, args.input_size, generator=g).to(device)
     y = torch.randint(0, args.num_classes, (args.n,), generator=g).to(device)
@@ -84,12 +87,19 @@ def sample_rows(args, device):
         def run(t_steps=t_steps):
             with autocast():
                 for i in range(0, args.n, args.sample_batch):
-                    sample(net, noise[i:i + args.sample_batch], y[i:i + args.sample_batch], t_steps)
+                    sample(net, noise[i : i + args.sample_batch], y[i : i + args.sample_batch], t_steps)
 
-        rows.append({"name": f"sample-{args.model}-{nfe}nfe", "model": args.model, "nfe": nfe,
-                     "input": [args.channels, args.input_size, args.input_size], "batch": args.sample_batch,
-                     "dtype": "bf16" if args.bf16 else "fp32",
-                     "images_per_s": timed(run, args.n, device, args.repeats)})
+        rows.append(
+            {
+                "name": f"sample-{args.model}-{nfe}nfe",
+                "model": args.model,
+                "nfe": nfe,
+                "input": [args.channels, args.input_size, args.input_size],
+                "batch": args.sample_batch,
+                "dtype": "bf16" if args.bf16 else "fp32",
+                "images_per_s": timed(run, args.n, device, args.repeats),
+            }
+        )
     return rows
 
 
@@ -107,12 +117,18 @@ def vae_rows(args, device):
 
     def run():
         for i in range(0, n, batch):
-            encoder.decode(latents[i:i + batch])
+            encoder.decode(latents[i : i + batch])
 
-    return [{"name": "sd-vae-decode", "resolution": args.resolution, "batch": batch,
-             "dtype": "bf16" if device.type == "cuda" else "fp32",
-             "weights": "random init (the sd-vae-ft-ema architecture)",
-             "images_per_s": timed(run, n, device, args.repeats)}]
+    return [
+        {
+            "name": "sd-vae-decode",
+            "resolution": args.resolution,
+            "batch": batch,
+            "dtype": "bf16" if device.type == "cuda" else "fp32",
+            "weights": "random init (the sd-vae-ft-ema architecture)",
+            "images_per_s": timed(run, n, device, args.repeats),
+        }
+    ]
 
 
 def random_state_file(model, folder, name):
@@ -159,8 +175,9 @@ def feature_weights(network, args, folder):
         vit.CLIP_MODEL_KWARGS = TINY_CLIP if args.tiny else {}
         if not args.tiny and usual("clip-vit-b32-local"):
             return "clip-vit-b32-local", None, ""
-        net = timm.create_model(vit.CLIP_MODEL, pretrained=False, **{"num_classes": 512, "act_layer": "quick_gelu",
-                                                                    **vit.CLIP_MODEL_KWARGS})
+        net = timm.create_model(
+            vit.CLIP_MODEL, pretrained=False, **{"num_classes": 512, "act_layer": "quick_gelu", **vit.CLIP_MODEL_KWARGS}
+        )
         what = f"random init ({vit.CLIP_MODEL}{', a 2-block ViT, --tiny' if args.tiny else ''})"
         return "clip-vit-b32-local", random_state_file(net, folder, "clip"), what
     raise ValueError(network)
@@ -193,17 +210,24 @@ def feature_rows(network, args, device):
         extractor, path, weights = feature_weights(network, args, tmp)
         if extractor is None:
             features = torchvision_inception(device)
-            run = lambda: [features(images[i:i + args.batch]) for i in range(0, n, args.batch)]
+            run = lambda: [features(images[i : i + args.batch]) for i in range(0, n, args.batch)]
         else:
-            run = lambda: M.extract_features(extractor, images, weights_path=path, device=device,
-                                             batch_size=args.batch, progress=False)
+            run = lambda: M.extract_features(
+                extractor, images, weights_path=path, device=device, batch_size=args.batch, progress=False
+            )
         ips = timed(run, n, device, args.repeats)
-    row = {"name": network, "extractor": extractor or "torchvision inception_v3", "resolution": size,
-           "batch": args.batch, "dtype": "fp32", "images_per_s": ips}
+    row = {
+        "name": network,
+        "extractor": extractor or "torchvision inception_v3",
+        "resolution": size,
+        "batch": args.batch,
+        "dtype": "fp32",
+        "images_per_s": ips,
+    }
     return [{**row, "weights": weights} if weights else row]
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 
 
 def weights_of(row):
@@ -212,12 +236,18 @@ def weights_of(row):
 
 
 def markdown(record):
-    lines = [f"Evaluation throughput, {record['device']}, torch {record['torch']}, {record['date']}", "",
-             "| what | images/s | input | batch | dtype | weights |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Evaluation throughput, {record['device']}, torch {record['torch']}, {record['date']}",
+        "",
+        "| what | images/s | input | batch | dtype | weights |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in record["rows"]:
         size = row.get("input") or f"{row.get('resolution')} px"
-        lines.append(f"| {row['name']} | {row['images_per_s']:,.1f} | {size} | {row.get('batch', '')} | "
-                     f"{row.get('dtype', '')} | {row.get('weights') or weights_of(row)} |")
+        lines.append(
+            f"| {row['name']} | {row['images_per_s']:,.1f} | {size} | {row.get('batch', '')} | "
+            f"{row.get('dtype', '')} | {row.get('weights') or weights_of(row)} |"
+        )
     lines += [f"| {name} | failed: {err} | | | | |" for name, err in record["failed"].items()]
     return "\n".join(lines) + "\n"
 
@@ -227,8 +257,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sections", nargs="*", default=["sample", "classifier", "inception"], choices=SECTIONS)
     ap.add_argument("--n", type=int, default=None, help="images per measurement (default 512 cpu, 4096 cuda)")
-    ap.add_argument("--n-features", type=int, default=None,
-                    help="images for the ImageNet networks (default 16 cpu, = n cuda)")
+    ap.add_argument(
+        "--n-features", type=int, default=None, help="images for the ImageNet networks (default 16 cpu, = n cuda)"
+    )
     ap.add_argument("--n-vae", type=int, default=None, help="images for SD-VAE decoding (default = n-features)")
     ap.add_argument("--batch", type=int, default=64, help="feature-extraction and decoding batch size")
     ap.add_argument("--repeats", type=int, default=3)
@@ -242,8 +273,12 @@ def main(argv=None):
     ap.add_argument("--resolution", type=int, default=256, help="image size of decoding and the ImageNet networks")
     ap.add_argument("--tiny", action="store_true", help="small DINOv2/CLIP architectures (the smoke test)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                    help="folder for the .json/.md tables ('' = do not write)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="folder for the .json/.md tables ('' = do not write)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,14 +287,26 @@ def main(argv=None):
     args.n_features = args.n_features or (args.n if device.type == "cuda" else 16)
     args.n_vae = args.n_vae or args.n_features
 
-    record = {"kind": "eval-throughput", "device": device_label(device), "device_type": device.type,
-              "threads": torch.get_num_threads() if device.type == "cpu" else None, "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "rows": [], "failed": {}}
+    record = {
+        "kind": "eval-throughput",
+        "device": device_label(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "rows": [],
+        "failed": {},
+    }
     print(f"device: {record['device']}", flush=True)
     for section in args.sections:
         try:
-            rows = (sample_rows(args, device) if section == "sample" else vae_rows(args, device)
-                    if section == "vae" else feature_rows(section, args, device))
+            rows = (
+                sample_rows(args, device)
+                if section == "sample"
+                else vae_rows(args, device)
+                if section == "vae"
+                else feature_rows(section, args, device)
+            )
         except Exception as err:  # one line per failed section, the others go on
             record["failed"][section] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
             print(f"  {section:24s} FAILED {record['failed'][section]}", flush=True)

@@ -32,7 +32,8 @@ def official_meanflow_loss(net, x, y, t, r, noise, weight_eps=1e-3):
         with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
             u, dudt = torch.autograd.functional.jvp(
                 lambda z, rr, tt: net(z, rr, tt, y_m),
-                (z_m, r_m, t_m), (v_m, torch.zeros_like(r_m), torch.ones_like(t_m)),
+                (z_m, r_m, t_m),
+                (v_m, torch.zeros_like(r_m), torch.ones_like(t_m)),
                 create_graph=True,
             )
         target = (v_m - bcast(t_m - r_m, v_m) * dudt).detach()

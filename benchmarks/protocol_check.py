@@ -32,8 +32,10 @@ from alphaflow.samples import generate
 from alphaflow.sampling import protocol_noise
 
 SEEDS = [0, 1, 7, 49_999, 2**32 + 7]
-SAMPLERS = [{"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]},
-            {"name": "2nfe-cons-0.5", "mode": "consistency", "t_steps": [1.0, 0.5, 0.0]}]
+SAMPLERS = [
+    {"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]},
+    {"name": "2nfe-cons-0.5", "mode": "consistency", "t_steps": [1.0, 0.5, 0.0]},
+]
 
 
 def official_draws(seed, shape, device):
@@ -49,7 +51,7 @@ def noise_parity(shape, device):
     ok = True
     for i, seed in enumerate(SEEDS):
         first, eps = official_draws(seed, shape, device)
-        ok &= torch.equal(noise[i:i + 1], first) and torch.equal(second[i:i + 1], eps)
+        ok &= torch.equal(noise[i : i + 1], first) and torch.equal(second[i : i + 1], eps)
     return ok
 
 
@@ -60,8 +62,16 @@ def timed_generate(net, sampler, n, batch, device, autocast):
     def run():
         for start in range(0, n, batch):
             seeds = list(range(start, min(start + batch, n)))
-            generate(net, encoder, seeds, [s % net.num_classes for s in seeds], sampler, device, autocast,
-                     protocol="alphaflow")
+            generate(
+                net,
+                encoder,
+                seeds,
+                [s % net.num_classes for s in seeds],
+                sampler,
+                device,
+                autocast,
+                protocol="alphaflow",
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -91,25 +101,42 @@ def main(argv=None):
 
     parity = noise_parity(shape, device)
     torch.manual_seed(0)
-    net = build_model(args.model, num_classes=args.num_classes, input_size=args.input_size,
-                      in_channels=args.channels).to(device).eval()
+    net = (
+        build_model(args.model, num_classes=args.num_classes, input_size=args.input_size, in_channels=args.channels)
+        .to(device)
+        .eval()
+    )
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     rows = []
     for sampler in SAMPLERS:
         ips = timed_generate(net, sampler, args.n, args.batch, device, autocast)
-        rows.append({"sampler": sampler["name"], "images_per_s": round(ips, 2),
-                     "seconds_per_50k": round(50_000 / ips, 1)})
+        rows.append(
+            {"sampler": sampler["name"], "images_per_s": round(ips, 2), "seconds_per_50k": round(50_000 / ips, 1)}
+        )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    result = {"device": name, "torch": torch.__version__, "model": args.model, "latent": list(shape),
-              "batch": args.batch, "n": args.n, "dtype": "bf16" if args.bf16 else "fp32",
-              "weights": "random init", "noise_parity": parity, "rows": rows}
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "model": args.model,
+        "latent": list(shape),
+        "batch": args.batch,
+        "n": args.n,
+        "dtype": "bf16" if args.bf16 else "fp32",
+        "weights": "random init",
+        "noise_parity": parity,
+        "rows": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"protocol-{device.type}.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"Official protocol on {name} (torch {torch.__version__}): noise streams "
-             f"{'equal to' if parity else 'DIFFER from'} the official generator's; samples.generate, "
-             f"{args.model} ({result['weights']}), batch {args.batch}, {result['dtype']}, decoding apart:", "",
-             "| sampler | images/s | 50K images |", "|---|---|---|"]
+    lines = [
+        f"Official protocol on {name} (torch {torch.__version__}): noise streams "
+        f"{'equal to' if parity else 'DIFFER from'} the official generator's; samples.generate, "
+        f"{args.model} ({result['weights']}), batch {args.batch}, {result['dtype']}, decoding apart:",
+        "",
+        "| sampler | images/s | 50K images |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['sampler']} | {r['images_per_s']} | {r['seconds_per_50k']} s |" for r in rows]
     (out / f"protocol-{device.type}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -44,8 +44,10 @@ def main():
     for key, seconds in medians.items():
         print(f"  {key:<10} {seconds * 1e3:8.3f} ms")
     beat = medians["heartbeat"]
-    print(f"  per training step: 0 (the heartbeat thread writes every {runlock.HEARTBEAT_S:g} s: "
-          f"{beat / runlock.HEARTBEAT_S * 100:.4f} % of one thread's time)")
+    print(
+        f"  per training step: 0 (the heartbeat thread writes every {runlock.HEARTBEAT_S:g} s: "
+        f"{beat / runlock.HEARTBEAT_S * 100:.4f} % of one thread's time)"
+    )
 
 
 if __name__ == "__main__":

@@ -150,34 +150,53 @@ def summarise(rows, results, batch, flops_img, peak_tflops):
     out = []
     for label, objective, jvp_mode, cfg in rows:
         res = results[label]
-        row = {"label": label, "objective": objective, "jvp_mode": jvp_mode, "cfg": cfg,
-               "compiled": "compiled" in label, "error": res["error"]}
+        row = {
+            "label": label,
+            "objective": objective,
+            "jvp_mode": jvp_mode,
+            "cfg": cfg,
+            "compiled": "compiled" in label,
+            "error": res["error"],
+        }
         secs = res["seconds"]
         if secs:
             med = statistics.median(secs)
             ratios = [s / f for s, f in zip(secs, fm)] if fm else []
             work = (1 if objective == "forward" else 3) * flops_img * batch
-            row.update(ms=1e3 * med, ms_all=[1e3 * s for s in secs], images_per_s=batch / med,
-                       ratio_fm=statistics.median(ratios) if ratios else None,
-                       ratio_fm_range=[min(ratios), max(ratios)] if ratios else None,
-                       peak_gib=res["peak_gib"],
-                       mfu=work / med / (peak_tflops * 1e12) if peak_tflops else None)
+            row.update(
+                ms=1e3 * med,
+                ms_all=[1e3 * s for s in secs],
+                images_per_s=batch / med,
+                ratio_fm=statistics.median(ratios) if ratios else None,
+                ratio_fm_range=[min(ratios), max(ratios)] if ratios else None,
+                peak_gib=res["peak_gib"],
+                mfu=work / med / (peak_tflops * 1e12) if peak_tflops else None,
+            )
         out.append(row)
     return out
 
 
 def markdown(header, table, targets):
-    lines = [header, "", "| step | ms/step | images/s | × FM step (median, range) | peak GiB | MFU |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| step | ms/step | images/s | × FM step (median, range) | peak GiB | MFU |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in table:
         if "ms" not in row:
             lines.append(f"| {row['label']} | failed: {row['error']} | | | | |")
             continue
-        ratio = (f"{row['ratio_fm']:.2f} ({row['ratio_fm_range'][0]:.2f}–{row['ratio_fm_range'][1]:.2f})"
-                 if row["ratio_fm"] is not None else "—")
+        ratio = (
+            f"{row['ratio_fm']:.2f} ({row['ratio_fm_range'][0]:.2f}–{row['ratio_fm_range'][1]:.2f})"
+            if row["ratio_fm"] is not None
+            else "—"
+        )
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-        lines.append(f"| {row['label']} | {row['ms']:.1f} | {row['images_per_s']:.1f} | {ratio} | "
-                     f"{row['peak_gib']:.2f} | {mfu} |")
+        lines.append(
+            f"| {row['label']} | {row['ms']:.1f} | {row['images_per_s']:.1f} | {ratio} | "
+            f"{row['peak_gib']:.2f} | {mfu} |"
+        )
     lines += ["", *targets]
     return "\n".join(lines)
 
@@ -216,8 +235,12 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd rows (train.compile)")
     ap.add_argument("--only", nargs="*", default=None, help="objectives to time (default: all rows)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new round after this many seconds")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                    help="folder for the .md/.json tables ('' = do not write)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="folder for the .md/.json tables ('' = do not write)",
+    )
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -227,8 +250,9 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    net = build_model(args.model, num_classes=args.num_classes, input_size=args.input_size,
-                      in_channels=args.channels).to(device)
+    net = build_model(
+        args.model, num_classes=args.num_classes, input_size=args.input_size, in_channels=args.channels
+    ).to(device)
     with torch.no_grad():  # non-zero outputs so every branch does real work
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -248,16 +272,22 @@ def main(argv=None):
     if args.compile:
         compiled = torch.compile(net)
         rows = rows + COMPILED_ROWS
-        steps.update({label: make_step(obj, compiled, opt, x, y, noise, autocast, mode, cfg)
-                      for label, obj, mode, cfg in COMPILED_ROWS})
+        steps.update(
+            {
+                label: make_step(obj, compiled, opt, x, y, noise, autocast, mode, cfg)
+                for label, obj, mode, cfg in COMPILED_ROWS
+            }
+        )
 
     n_params = sum(p.numel() for p in net.parameters())
-    header = (f"DiT {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, input {list(shape[1:])}, "
-              f"{device_name(device)} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{flops_img / 1e9:.3f} GFLOP/img forward (analytic), "
-              f"MFU against {f'the {peak_name} dense bf16 peak, {peak_tflops:.0f} TFLOP/s' if peak_name else 'n/a'}, "
-              f"{args.repeats} rounds × {args.iters} steps, "
-              f"{datetime.date.today().isoformat()}")
+    header = (
+        f"DiT {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch}, input {list(shape[1:])}, "
+        f"{device_name(device)} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{flops_img / 1e9:.3f} GFLOP/img forward (analytic), "
+        f"MFU against {f'the {peak_name} dense bf16 peak, {peak_tflops:.0f} TFLOP/s' if peak_name else 'n/a'}, "
+        f"{args.repeats} rounds × {args.iters} steps, "
+        f"{datetime.date.today().isoformat()}"
+    )
     print(header, flush=True)
     results = measure(rows, steps, device, args)
     table = summarise(rows, results, args.batch, flops_img, peak_tflops)
@@ -267,14 +297,26 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         threads = f"-t{torch.get_num_threads()}" if device.type == "cpu" else ""
         stem = f"{device.type}-{args.model.replace('/', '')}-b{args.batch}-{dtype}{threads}"
-        record = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-                  "date": datetime.date.today().isoformat(), "model": args.model, "params": n_params,
-                  "batch": args.batch, "input": list(shape[1:]), "dtype": dtype, "threads": torch.get_num_threads(),
-                  "fm_ratio": FM_RATIO, "forward_flops_per_image": flops_img,
-                  "flops": "analytic (alphaflow.plan.dit_flops)",
-                  "peak_tflops": peak_tflops, "peak": f"{peak_name} dense bf16" if peak_name else None,
-                  "repeats": args.repeats,
-                  "iters": args.iters, "rows": table}
+        record = {
+            "device": device_name(device),
+            "device_type": device.type,
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "model": args.model,
+            "params": n_params,
+            "batch": args.batch,
+            "input": list(shape[1:]),
+            "dtype": dtype,
+            "threads": torch.get_num_threads(),
+            "fm_ratio": FM_RATIO,
+            "forward_flops_per_image": flops_img,
+            "flops": "analytic (alphaflow.plan.dit_flops)",
+            "peak_tflops": peak_tflops,
+            "peak": f"{peak_name} dense bf16" if peak_name else None,
+            "repeats": args.repeats,
+            "iters": args.iters,
+            "rows": table,
+        }
         for suffix, content in ((".md", text + "\n"), (".json", json.dumps(record, indent=1) + "\n")):
             atomic_write_text(args.out / f"{stem}{suffix}", content)
         print(f"\nwrote {args.out / stem}.md and .json")

@@ -36,36 +36,65 @@ def write_images(folder, classes, per_class, size, seed=0):
         for i in range(per_class):
             img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
             r0, c0 = (k // 2 % 2) * size // 2, (k % 2) * size // 2
-            img[r0:r0 + size // 2, c0:c0 + size // 2] = 200 + rng.integers(0, 55)
+            img[r0 : r0 + size // 2, c0 : c0 + size // 2] = 200 + rng.integers(0, 55)
             Image.fromarray(img).save(d / f"img{i}.png")
 
 
 def profile(out, args):
     steps, half = args.steps, args.steps // 2
     return {
-        "profile": "train-check", "seed": 0, "results": str(out / "results"), "tracking_uri": None,
-        "executor": "none", "device": args.device,
-        "data": {"name": "synthetic", "source": "folder", "path": str(out / "images"), "resolution": args.size,
-                 "workers": 1},
+        "profile": "train-check",
+        "seed": 0,
+        "results": str(out / "results"),
+        "tracking_uri": None,
+        "executor": "none",
+        "device": args.device,
+        "data": {
+            "name": "synthetic",
+            "source": "folder",
+            "path": str(out / "images"),
+            "resolution": args.size,
+            "workers": 1,
+        },
         "encoder": {"kind": "identity", "batch_size": 256, "parts": 1},
-        "defaults": {"model": args.model, **({"model_overrides": {"depth": 1, "hidden_size": 32, "num_heads": 2}}
-                                             if args.tiny else {}),
-                     "steps": steps, "batch_size": args.batch, "lr": 1e-4, "warmup_steps": steps // 10,
-                     "ema_halflife": steps // 4, "ema_rampup": 0.5, "fm_ratio": 0.5, "alpha_start": steps // 4,
-                     "alpha_end": 3 * steps // 4, "stats_samples": 64, "log_every": max(steps // 20, 1),
-                     "checkpoint_every": half, "snapshot_every": steps * 10, "conflict_every": None, "seed": 1},
+        "defaults": {
+            "model": args.model,
+            **({"model_overrides": {"depth": 1, "hidden_size": 32, "num_heads": 2}} if args.tiny else {}),
+            "steps": steps,
+            "batch_size": args.batch,
+            "lr": 1e-4,
+            "warmup_steps": steps // 10,
+            "ema_halflife": steps // 4,
+            "ema_rampup": 0.5,
+            "fm_ratio": 0.5,
+            "alpha_start": steps // 4,
+            "alpha_end": 3 * steps // 4,
+            "stats_samples": 64,
+            "log_every": max(steps // 20, 1),
+            "checkpoint_every": half,
+            "snapshot_every": steps * 10,
+            "conflict_every": None,
+            "seed": 1,
+        },
         "runs": {"alphaflow": {"method": "alphaflow"}},
-        "eval": {"num_samples": 16, "batch_size": 16, "labels": "balanced", "weights": ["ema"],
-                 "samplers": [{"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]}], "metrics": ["fd_classifier"],
-                 "n_boot": 10, "classifier_epochs": 1, "ref_samples": 16},
+        "eval": {
+            "num_samples": 16,
+            "batch_size": 16,
+            "labels": "balanced",
+            "weights": ["ema"],
+            "samplers": [{"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]}],
+            "metrics": ["fd_classifier"],
+            "n_boot": 10,
+            "classifier_epochs": 1,
+            "ref_samples": 16,
+        },
     }
 
 
 def cli(*argv, env):
     """One `python -m alphaflow` call: (return code, seconds, output)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "alphaflow", *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-m", "alphaflow", *argv], cwd=ROOT, env=env, capture_output=True, text=True)
     return proc.returncode, time.perf_counter() - t0, proc.stdout + proc.stderr
 
 
@@ -88,11 +117,22 @@ def main(argv=None):
     params.write_text(yaml.safe_dump(profile(out, args), sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
-    report = {"kind": "train-check", "model": args.model, "steps": args.steps, "batch": args.batch,
-              "device": args.device, "calls": {}, "checks": {}}
+    report = {
+        "kind": "train-check",
+        "model": args.model,
+        "steps": args.steps,
+        "batch": args.batch,
+        "device": args.device,
+        "calls": {},
+        "checks": {},
+    }
     train = ["train", "--run", "alphaflow", "--no-tracking"]
-    calls = [("prepare", ["prepare"]), ("encode", ["encode"]),
-             ("train-first-half", [*train, "--stop-after", str(args.steps // 2)]), ("train-resumed", train)]
+    calls = [
+        ("prepare", ["prepare"]),
+        ("encode", ["encode"]),
+        ("train-first-half", [*train, "--stop-after", str(args.steps // 2)]),
+        ("train-resumed", train),
+    ]
     logs = {}
     for name, call in calls:
         quiet = [] if call[0] == "train" else ["--quiet"]  # train --quiet would not say that it resumed
@@ -109,15 +149,18 @@ def main(argv=None):
     losses = [r["loss"] for r in records if "loss" in r]
     report["checks"] = {
         "every call succeeded": all(c["returncode"] == 0 for c in report["calls"].values())
-                                and len(report["calls"]) == len(calls),
+        and len(report["calls"]) == len(calls),
         "the second call resumed": f"(step {args.steps // 2} of {args.steps})" in logs.get("train-resumed", ""),
         "every logged loss is finite": bool(losses) and all(math.isfinite(v) for v in losses),
         "the run reached its last step": bool(records) and records[-1]["step"] == args.steps,
         "each step was logged once": [r["step"] for r in records] == sorted({r["step"] for r in records}),
         "the final checkpoint exists": (run_dir / "checkpoints" / "final" / "state.json").is_file(),
     }
-    report["losses"] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                        "logged": len(losses)}
+    report["losses"] = {
+        "first": losses[0] if losses else None,
+        "last": losses[-1] if losses else None,
+        "logged": len(losses),
+    }
     steps_per_s = [r["images_per_s"] / args.batch for r in records if "images_per_s" in r]
     report["steps_per_s_median"] = float(np.median(steps_per_s)) if steps_per_s else None
     for check, ok in report["checks"].items():

@@ -31,7 +31,7 @@ def tiny_net64():
     return randomized(net.double())
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A tiny real pipeline input: an ImageNet-style folder of PNGs → prepared shards → identity latents.
 
 
@@ -67,7 +67,7 @@ def tiny_project(tiny_latents, tmp_path):
     return write, results
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A SLURM cluster to run on (tests/slurm/setup.sh brings one up on this machine).
 
 SETUP_HINT = "bring one up, as root: bash tests/slurm/setup.sh"

@@ -20,7 +20,7 @@ from alphaflow.models.dit import sincos_2d_pos_embed
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A snapshot in the official α-Flow layout (the wrapper's `model.*` names and shapes), random weights (none of
 # them zero, so every layer matters).
 
@@ -29,18 +29,24 @@ def official_wrapper_state(depth, hidden, patch=2, channels=4, size=32, rows=100
     """The wrapper state dict (`net` or `ema`) of a DiT with these shapes."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape, std=0.05: torch.randn(*shape, generator=g) * std
-    s = {"model.pos_embed": sincos_2d_pos_embed(hidden, size // patch)[None],
-         "model.x_embedder.proj.weight": rnd(hidden, channels, patch, patch, std=0.2),
-         "model.x_embedder.proj.bias": rnd(hidden),
-         "model.y_embedder.embedding_table.weight": rnd(rows, hidden, std=0.5)}
+    s = {
+        "model.pos_embed": sincos_2d_pos_embed(hidden, size // patch)[None],
+        "model.x_embedder.proj.weight": rnd(hidden, channels, patch, patch, std=0.2),
+        "model.x_embedder.proj.bias": rnd(hidden),
+        "model.y_embedder.embedding_table.weight": rnd(rows, hidden, std=0.5),
+    }
     for emb in ("noise_labels_embedder", "noise_labels_next_embedder"):
         s[f"model.{emb}.mlp.0.weight"], s[f"model.{emb}.mlp.0.bias"] = rnd(hidden, 256, std=0.2), rnd(hidden)
         s[f"model.{emb}.mlp.2.weight"], s[f"model.{emb}.mlp.2.bias"] = rnd(hidden, hidden, std=0.2), rnd(hidden)
     for i in range(depth):
         b = f"model.blocks.{i}."
-        for name, (o, k) in {"attn.qkv": (3 * hidden, hidden), "attn.proj": (hidden, hidden),
-                             "mlp.fc1": (4 * hidden, hidden), "mlp.fc2": (hidden, 4 * hidden),
-                             "adaLN_modulation.1": (6 * hidden, hidden)}.items():
+        for name, (o, k) in {
+            "attn.qkv": (3 * hidden, hidden),
+            "attn.proj": (hidden, hidden),
+            "mlp.fc1": (4 * hidden, hidden),
+            "mlp.fc2": (hidden, 4 * hidden),
+            "adaLN_modulation.1": (6 * hidden, hidden),
+        }.items():
             s[b + name + ".weight"], s[b + name + ".bias"] = rnd(o, k, std=1 / math.sqrt(k)), rnd(o)
     s["model.final_layer.linear.weight"] = rnd(patch * patch * channels, hidden, std=1 / math.sqrt(hidden))
     s["model.final_layer.linear.bias"] = rnd(patch * patch * channels)
@@ -54,17 +60,22 @@ def official_wrapper_state(depth, hidden, patch=2, channels=4, size=32, rows=100
 
 def write_snapshot(path, depth, hidden, rows=1001, extra=None, seed=0, **kw):
     """A torch.save(d) snapshot dict as the official trainer writes it; returns the dict."""
-    snap = {"net": official_wrapper_state(depth, hidden, rows=rows, seed=2 * seed + 1, **kw),
-            "ema": official_wrapper_state(depth, hidden, rows=rows, seed=2 * seed + 2, **kw),
-            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
-            "cfg": {"model": {"label_dropout": 0.1 if rows > 1000 else 0.0}}, "stats": {"step": 400000},
-            "lr_scheduler": None, "grad_scaler": None, "dataloader": None, **(extra or {})}
+    snap = {
+        "net": official_wrapper_state(depth, hidden, rows=rows, seed=2 * seed + 1, **kw),
+        "ema": official_wrapper_state(depth, hidden, rows=rows, seed=2 * seed + 2, **kw),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+        "cfg": {"model": {"label_dropout": 0.1 if rows > 1000 else 0.0}},
+        "stats": {"step": 400000},
+        "lr_scheduler": None,
+        "grad_scaler": None,
+        "dataloader": None,
+        **(extra or {}),
+    }
     torch.save(snap, path)
     return snap
 
 
-
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A tiny project with one trained run.
 
 
@@ -85,7 +96,7 @@ def trained_tiny_project(base, tiny_latents, **eval_keys):
     return params
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A run's final weights, compared bit for bit.
 
 
@@ -101,7 +112,7 @@ def assert_bit_identical(a, b):
             assert torch.equal(a[group][k], b[group][k]), f"{group}/{k} differs"
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The pipeline's tools (snakemake, dvc, alphaflow) from this environment's bin/, as a user runs them.
 
 BIN = Path(sys.executable).parent
@@ -112,8 +123,9 @@ def run(cmd, cwd=ROOT, check=True, timeout=1200, env=None):
     """The command's CompletedProcess (text); check: an AssertionError with the output's tails on failure."""
     proc = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -135,7 +147,7 @@ def changed_stages(repo):
     return set(status)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A tiny profile that runs its stages on SLURM.
 
 SLURM_RESOURCES = {"default": {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 10}}
@@ -159,7 +171,7 @@ def job_ids(name):
     return out.split()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Headless Chromium, as a user's browser (.ci/run installs Debian's chromium and sets ALPHAFLOW_REQUIRE_BROWSER=1)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -178,8 +190,15 @@ def need_chromium():
 
 def browser(url, out_png=None, width=1600, height=1400):
     """The DOM of `url` after its scripts ran, in headless Chromium (and a screenshot to out_png)."""
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--virtual-time-budget=20000", f"--window-size={width},{height}"]
+    base = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=20000",
+        f"--window-size={width},{height}",
+    ]
     if out_png is not None:
         subprocess.run(base + [f"--screenshot={out_png}", url], capture_output=True, timeout=180)
     return subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
@@ -193,7 +212,7 @@ def visible_text(dom):
     return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Local servers and process groups
 
 
@@ -204,7 +223,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A tiny real pipeline input and the CLI as a user types it
 
 
@@ -228,36 +247,67 @@ def write_class_folder(root, classes=3, per_class=24, size=12, seed=0):
         for i in range(per_class):
             img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
             r0, c0 = (k // 2) * size // 2, (k % 2) * size // 2
-            img[r0:r0 + size // 2, c0:c0 + size // 2] = 200 + rng.integers(0, 55)
+            img[r0 : r0 + size // 2, c0 : c0 + size // 2] = 200 + rng.integers(0, 55)
             Image.fromarray(img).save(d / f"img{i}.png")
     return Path(root)
 
 
 def tiny_params_dict(results, folder, **defaults):
     d = {
-        "profile": "test", "seed": 0, "results": str(results), "tracking_uri": None, "executor": "none",
+        "profile": "test",
+        "seed": 0,
+        "results": str(results),
+        "tracking_uri": None,
+        "executor": "none",
         "device": "cpu",
         "data": {"name": "tiny", "source": "folder", "path": str(folder), "resolution": 8, "workers": 1},
         "encoder": {"kind": "identity", "batch_size": 64, "parts": 1},
-        "defaults": {"model": "T/2", "model_overrides": {"depth": 1, "hidden_size": 32, "num_heads": 2},
-                     "steps": 12, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "ema_halflife": 4,
-                     "ema_rampup": 0.5, "fm_ratio": 0.5, "alpha_start": 2, "alpha_end": 8,
-                     "stats_samples": 32, "log_every": 2, "checkpoint_every": 2, "snapshot_every": 1000,
-                     "conflict_every": None, "seed": 3, **defaults},
+        "defaults": {
+            "model": "T/2",
+            "model_overrides": {"depth": 1, "hidden_size": 32, "num_heads": 2},
+            "steps": 12,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "ema_halflife": 4,
+            "ema_rampup": 0.5,
+            "fm_ratio": 0.5,
+            "alpha_start": 2,
+            "alpha_end": 8,
+            "stats_samples": 32,
+            "log_every": 2,
+            "checkpoint_every": 2,
+            "snapshot_every": 1000,
+            "conflict_every": None,
+            "seed": 3,
+            **defaults,
+        },
         "runs": {"alphaflow-tiny": {"method": "alphaflow"}, "meanflow-tiny": {"method": "meanflow"}},
-        "eval": {"num_samples": 24, "batch_size": 12, "labels": "balanced", "weights": ["ema", "raw"],
-                 "samplers": [{"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]},
-                              {"name": "2nfe-cons-0.5", "mode": "consistency", "t_steps": [1.0, 0.5, 0.0]}],
-                 "metrics": ["fd_classifier"], "n_boot": 20, "classifier_epochs": 1, "ref_samples": 24},
+        "eval": {
+            "num_samples": 24,
+            "batch_size": 12,
+            "labels": "balanced",
+            "weights": ["ema", "raw"],
+            "samplers": [
+                {"name": "1nfe", "mode": "ode", "t_steps": [1.0, 0.0]},
+                {"name": "2nfe-cons-0.5", "mode": "consistency", "t_steps": [1.0, 0.5, 0.0]},
+            ],
+            "metrics": ["fd_classifier"],
+            "n_boot": 20,
+            "classifier_epochs": 1,
+            "ref_samples": 24,
+        },
     }
     return d
 
 
 def run_cli(*args, check=True, **kw):
     """`python -m alphaflow ...` as a user types it."""
-    proc = subprocess.run([sys.executable, "-m", "alphaflow", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, **kw)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alphaflow", *map(str, args)], cwd=ROOT, capture_output=True, text=True, **kw
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"alphaflow {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"alphaflow {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc

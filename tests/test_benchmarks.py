@@ -49,9 +49,29 @@ def test_official_formulation_matches_engine_in_float64(tiny_net64):
 
 def test_step_cost_prints_every_row_and_writes_json(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--model", "N/4", "--batch", "8",
-         "--warmup", "1", "--iters", "1", "--repeats", "2", "--no-cfg", "--threads", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, check=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "step_cost.py"),
+            "--model",
+            "N/4",
+            "--batch",
+            "8",
+            "--warmup",
+            "1",
+            "--iters",
+            "1",
+            "--repeats",
+            "2",
+            "--no-cfg",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     ).stdout
     rows = ("FM step", "α-Flow step", "MeanFlow step, tangent pass", "torch.func.jvp split", "official formulation")
     for row in rows:
@@ -68,8 +88,11 @@ def test_step_cost_prints_every_row_and_writes_json(tmp_path):
 
 def test_a_failing_row_is_recorded_and_the_table_goes_on():
     bench = load_benchmark("step_cost")
-    rows = [("FM step", "fm", None, False), ("broken", "official", None, False),
-            ("after", "meanflow", "tangent", False)]
+    rows = [
+        ("FM step", "fm", None, False),
+        ("broken", "official", None, False),
+        ("after", "meanflow", "tangent", False),
+    ]
 
     def broken():
         raise RuntimeError("expected input and grad types to match\nmore")
@@ -86,10 +109,14 @@ def test_a_failing_row_is_recorded_and_the_table_goes_on():
 
 def gpu_suite(tmp, *args, env=None, timeout=60):
     """bash benchmarks/gpu_suite.sh with this Python, no wheels to install and its work folder under `tmp`."""
-    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(ROOT / "no-wheels"), "TMPDIR": str(tmp),
-           **(env or {})}
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(ROOT / "no-wheels"), "TMPDIR": str(tmp), **(env or {})}
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def test_gpu_suite_without_cuda_says_so_in_one_line_and_fails(tmp_path):
@@ -106,8 +133,9 @@ def test_gpu_suite_reports_each_failed_section_and_goes_on(tmp_path):
     proc = gpu_suite(tmp_path, "--smoke", "--results", str(tmp_path), env={"PYTHON": "false"})
     assert proc.returncode == 1
     lines = [line for line in proc.stdout.splitlines() if "FAILED" in line]
-    assert [line.split("]")[0] for line in lines] == ["[step-B2", "[step-XL2", "[eval", "[train", "[protocol"], \
+    assert [line.split("]")[0] for line in lines] == ["[step-B2", "[step-XL2", "[eval", "[train", "[protocol"], (
         proc.stdout
+    )
     assert "failed sections: step-B2 step-XL2 eval train protocol" in proc.stdout
     summary = (tmp_path / "gpu-suite.md").read_text()
     assert "| eval | FAILED (exit 1)" in summary and "| step-compiled | skipped in --smoke" in summary
@@ -121,8 +149,9 @@ def test_gpu_suite_smoke_runs_every_section_and_plan_reads_its_tables(tmp_path):
     """The whole GPU suite on CPU with tiny shapes (about 3 minutes on 2 cores), so it cannot rot."""
     from alphaflow.plan import load_measurements, pick_throughputs
 
-    proc = gpu_suite(tmp_path, "--smoke", "--results", str(tmp_path), "--archive", str(tmp_path / "suite.tgz"),
-                     timeout=600)
+    proc = gpu_suite(
+        tmp_path, "--smoke", "--results", str(tmp_path), "--archive", str(tmp_path / "suite.tgz"), timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "gpu-suite.md").read_text()
     for section in ("step-B2", "step-XL2", "eval", "train", "protocol"):

@@ -19,8 +19,8 @@ def fashion(split, n, offset=0):
     from alphaflow.data.embedded import load_embedded
 
     d = load_embedded("fashion-mnist", split)
-    images = torch.from_numpy(d["images"][offset:offset + n].copy()).unsqueeze(1)                 # (n, 1, 28, 28)
-    return images, torch.from_numpy(d["labels"][offset:offset + n])
+    images = torch.from_numpy(d["images"][offset : offset + n].copy()).unsqueeze(1)  # (n, 1, 28, 28)
+    return images, torch.from_numpy(d["labels"][offset : offset + n])
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     return path, info
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Training, saving, loading
 
 
@@ -66,11 +66,12 @@ def test_train_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         C.train_classifier(torch.zeros(4, 1, 8, 8), torch.zeros(4), out_path=tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match="labels"):
-        C.train_classifier(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(3),
-                           out_path=tmp_path / "c.safetensors")
+        C.train_classifier(
+            torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(3), out_path=tmp_path / "c.safetensors"
+        )
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # classifier-local features
 
 
@@ -81,16 +82,20 @@ def test_classifier_features_shapes_channels_sizes(trained):
     assert f["features"].shape == (5, 128) and f["logits"].shape == (5, 10) and f["features"].dtype == torch.float64
     rgb = M.extract_features("classifier-local", x.repeat(1, 3, 1, 1), weights_path=path, progress=False)
     torch.testing.assert_close(rgb["features"], f["features"], rtol=1e-4, atol=1e-4)  # RGB mean → grey
-    big = M.extract_features("classifier-local", TF.resize(x, [56, 56], antialias=True), weights_path=path,
-                             progress=False)
+    big = M.extract_features(
+        "classifier-local", TF.resize(x, [56, 56], antialias=True), weights_path=path, progress=False
+    )
     assert big["features"].shape == (5, 128)
 
 
 def test_classifier_metric_ranks_real_blur_noise(trained):
     """FD against 5k training images: held-out real < degraded real < pure noise; IS real > IS noise."""
     path, _ = trained
-    ref = M.stats(M.extract_features("classifier-local", fashion("train", 5000, offset=20000)[0], weights_path=path,
-                                     progress=False)["features"])
+    ref = M.stats(
+        M.extract_features(
+            "classifier-local", fashion("train", 5000, offset=20000)[0], weights_path=path, progress=False
+        )["features"]
+    )
     test, _ = fashion("test", 1000, offset=2000)
     g = torch.Generator().manual_seed(0)
     noisy = (test.float() + 60 * torch.randn(test.shape, generator=g)).clamp(0, 255).to(torch.uint8)
@@ -101,8 +106,12 @@ def test_classifier_metric_ranks_real_blur_noise(trained):
         f = M.extract_features("classifier-local", x, weights_path=path, progress=False)
         fd[name] = M.fd_from_stats(*M.stats(f["features"]), *ref)
         isc[name] = M.inception_score(f["logits"])
-    print("classifier-local FD vs train:", {k: round(v, 2) for k, v in fd.items()},
-          "IS:", {k: round(v, 2) for k, v in isc.items()})
+    print(
+        "classifier-local FD vs train:",
+        {k: round(v, 2) for k, v in fd.items()},
+        "IS:",
+        {k: round(v, 2) for k, v in isc.items()},
+    )
     assert fd["real"] < fd["blur"] < fd["noise"]
     assert fd["real"] < fd["noisy"] < fd["noise"]
     assert isc["real"] > 5 > isc["noise"]
@@ -123,12 +132,20 @@ def test_classifier_through_torch_fidelity_calculate_metrics(trained):
         def __getitem__(self, i):
             return self.x[i]
 
-    out = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, isc=True, cuda=False,
-                                           feature_extractor="classifier-local",
-                                           feature_extractor_weights_path=str(path),
-                                           save_cpu_ram=True, verbose=False)
+    out = torch_fidelity.calculate_metrics(
+        input1=Images(a),
+        input2=Images(b),
+        fid=True,
+        isc=True,
+        cuda=False,
+        feature_extractor="classifier-local",
+        feature_extractor_weights_path=str(path),
+        save_cpu_ram=True,
+        verbose=False,
+    )
     fa = M.extract_features("classifier-local", a, weights_path=path, progress=False)
     fb = M.extract_features("classifier-local", b, weights_path=path, progress=False)
-    assert out["frechet_inception_distance"] == pytest.approx(M.fd_from_stats(*M.stats(fa["features"]),
-                                                                              *M.stats(fb["features"])), rel=1e-4)
+    assert out["frechet_inception_distance"] == pytest.approx(
+        M.fd_from_stats(*M.stats(fa["features"]), *M.stats(fb["features"])), rel=1e-4
+    )
     assert out["inception_score_mean"] > 1

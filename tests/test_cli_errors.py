@@ -30,7 +30,7 @@ def assert_user_error(proc, *names):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "alphaflow: " in proc.stderr, proc.stderr
-    message = proc.stderr[proc.stderr.index("alphaflow: "):]
+    message = proc.stderr[proc.stderr.index("alphaflow: ") :]
     for name in names:
         assert str(name) in message, f"{name!r} not in {message!r}"
     return message
@@ -52,7 +52,7 @@ def test_error_classes_keep_their_old_bases():
     assert issubclass(errors.InvalidInputError, ValueError)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # (a) malformed YAML
 
 
@@ -64,12 +64,13 @@ def test_malformed_yaml(tmp_path):
 
 
 def test_malformed_override_value(tmp_path):
-    message = check_both_ways(["validate", "--params", "params/default.yaml", "--set", "seed=[1,"],
-                              "override 'seed=[1,'", "malformed YAML")
+    message = check_both_ways(
+        ["validate", "--params", "params/default.yaml", "--set", "seed=[1,"], "override 'seed=[1,'", "malformed YAML"
+    )
     assert "line 1" in message
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # (b) a corrupt data shard
 
 
@@ -78,12 +79,12 @@ def test_corrupt_shard(tiny_project):
     params = write()
     shard = sorted((results / "data").glob("**/train/*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF                   # one flipped byte in the middle of the image data
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the image data
     shard.write_bytes(bytes(data))
     check_both_ways(["classifier", "--params", params], shard, "corrupt", "sha256")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # (c) bad params values
 
 
@@ -113,24 +114,27 @@ def test_missing_input_folder(tmp_path):
     check_both_ways(["prepare", "--params", path], tmp_path / "no-such-folder", "data.path")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Internal errors keep their traceback.
 
 
 @pytest.mark.parametrize("error", ["RuntimeError('internal bug')", "FileNotFoundError(2, 'No such file', 'x')"])
 def test_internal_error_keeps_traceback(error):
     """A stage that fails with anything but a UserError (stands in for a bug) is not dressed up."""
-    script = ("import sys, alphaflow.cli as cli\n"
-              f"def broken(args, params): raise {error}\n"
-              "cli.cmd_validate = broken\n"
-              "sys.exit(cli.main(['validate', '--params', 'params/default.yaml']))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=debug_env(False))
+    script = (
+        "import sys, alphaflow.cli as cli\n"
+        f"def broken(args, params): raise {error}\n"
+        "cli.cmd_validate = broken\n"
+        "sys.exit(cli.main(['validate', '--params', 'params/default.yaml']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=debug_env(False)
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback (most recent call last)" in proc.stderr and "alphaflow: " not in proc.stderr
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # User-caused failures deep in the library are UserErrors (so the CLI prints them as above).
 
 
@@ -150,7 +154,7 @@ def test_corrupt_or_missing_library_inputs_are_user_errors(tmp_path):
     weights = tmp_path / "clf.safetensors"
     C.save_classifier(C.SmallCNN(), weights)
     data = bytearray(weights.read_bytes())
-    weights.write_bytes(bytes(data[: len(data) // 2]))               # a truncated copy
+    weights.write_bytes(bytes(data[: len(data) // 2]))  # a truncated copy
     with pytest.raises(errors.InvalidInputError, match="retrain"):
         C.load_classifier(weights)
     C._meta_path(weights).write_text("{not json")
@@ -176,10 +180,12 @@ def test_params_snakefile_and_launcher_paths_do_not_import_torch():
     modules = sorted({m for f in sources for m in re.findall(pattern, f.read_text(), re.M)})
     assert "alphaflow.config" in modules and "alphaflow.provenance" in modules
     # Peak RSS from /proc (ru_maxrss would count the forking pytest process's peak too).
-    code = (f"import re, sys\nimport {', '.join(modules + ['alphaflow.cli', 'alphaflow.launch'])}\n"
-            "from alphaflow.config import load_params\nload_params('params/paper.yaml')\n"
-            "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) // 1024\n"
-            "print('torch' in sys.modules, peak)")
+    code = (
+        f"import re, sys\nimport {', '.join(modules + ['alphaflow.cli', 'alphaflow.launch'])}\n"
+        "from alphaflow.config import load_params\nload_params('params/paper.yaml')\n"
+        "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) // 1024\n"
+        "print('torch' in sys.modules, peak)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     loaded, rss_mb = out.split()
     assert loaded == "False", modules

@@ -7,8 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from alphaflow.data import (ShardError, build_encoder, encode_dataset, finalize_latents, load_latent_stats,
-                            load_prepared, prepare_folder)
+from alphaflow.data import (
+    ShardError,
+    build_encoder,
+    encode_dataset,
+    finalize_latents,
+    load_latent_stats,
+    load_prepared,
+    prepare_folder,
+)
 from alphaflow.data.encoders import VAE_ENV
 
 RES = 16
@@ -18,10 +25,19 @@ RES = 16
 def tiny_vae_dir(tmp_path_factory):
     """A real (random-weight) AutoencoderKL, 2 down/up blocks, saved the way the hub stores it."""
     from diffusers import AutoencoderKL
+
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                        block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32, sample_size=RES)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=32,
+        sample_size=RES,
+    )
     path = tmp_path_factory.mktemp("vae") / "sd-vae-ft-ema"
     vae.save_pretrained(path)
     return path
@@ -54,8 +70,9 @@ class CountingEncoder:
         return self.inner.latent_shape(shape)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Encoders.
+
 
 def test_identity_round_trip_exact():
     enc = build_encoder("identity")
@@ -71,6 +88,7 @@ def test_identity_round_trip_exact():
 
 def test_sd_vae_from_local_dir(tiny_vae_dir):
     from diffusers import AutoencoderKL
+
     enc = build_encoder("sd-vae-ft-ema", path=str(tiny_vae_dir))
     assert enc.name == "sd-vae-ft-ema" and enc.latent_shape((3, RES, RES)) == (4, RES // 2, RES // 2)
     images = torch.randint(0, 256, (2, 3, RES, RES), dtype=torch.uint8)
@@ -117,8 +135,9 @@ def test_sd_vae_missing_weights_error(tmp_path, monkeypatch):
         build_encoder("vqgan")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # encode_dataset / finalize_latents.
+
 
 def test_encode_two_parts_then_finalize(prepared, tmp_path):
     out = tmp_path / "lat"
@@ -211,7 +230,7 @@ def test_stats_floor_for_constant_elements(tmp_path):
     torch.testing.assert_close(std[0, :, 0, 0], torch.full((3,), 0.1) * std.median())
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The paper profile's own data stages, on an ImageNet-shaped folder of real JPEGs.
 
 
@@ -224,10 +243,24 @@ def test_paper_profile_prepare_and_encode_on_a_jpeg_folder(tiny_vae_dir, tmp_pat
         for i in range(4):
             size = tuple(int(s) for s in rng.integers(40, 90, 2))
             Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(
-                tmp_path / "imagenet" / c / f"{c}_{i}.JPEG", quality=90)
-    sets = ["--params", "params/paper.yaml", "--set", f"results={tmp_path / 'results'}",
-            "--set", f"data.path={tmp_path / 'imagenet'}", "--set", f"data.resolution={RES}",
-            "--set", "data.workers=1", "--set", f"encoder.path={tiny_vae_dir}", "--set", "encoder.batch_size=4"]
+                tmp_path / "imagenet" / c / f"{c}_{i}.JPEG", quality=90
+            )
+    sets = [
+        "--params",
+        "params/paper.yaml",
+        "--set",
+        f"results={tmp_path / 'results'}",
+        "--set",
+        f"data.path={tmp_path / 'imagenet'}",
+        "--set",
+        f"data.resolution={RES}",
+        "--set",
+        "data.workers=1",
+        "--set",
+        f"encoder.path={tiny_vae_dir}",
+        "--set",
+        "encoder.batch_size=4",
+    ]
     run_cli("prepare", *sets)
     for part in range(2):  # the paper profile encodes as an array job; two parts here, then finalize
         run_cli("encode", *sets, "--part", part, "--num-parts", 2, "--device", "cpu")

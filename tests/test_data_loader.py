@@ -113,14 +113,16 @@ def test_ranks_deal_one_global_stream(latent_dir):
     so W ranks together see every sample once per epoch and any W gives the same global batches."""
     single = take(LatentLoader(latent_dir, 4, seed=7), 24)  # two epochs of 12 micro-batches
     for world_size in (2, 3):
-        ranks = [take(LatentLoader(latent_dir, 4, seed=7, rank=r, world_size=world_size), 24 // world_size)
-                 for r in range(world_size)]
+        ranks = [
+            take(LatentLoader(latent_dir, 4, seed=7, rank=r, world_size=world_size), 24 // world_size)
+            for r in range(world_size)
+        ]
         for k in range(24 // world_size):
             for r in range(world_size):
                 xs, ys, js = single[k * world_size + r]
                 xr, yr, jr = ranks[r][k]
                 assert np.array_equal(js, jr) and torch.equal(xs, xr) and torch.equal(ys, yr)
-        first_epoch = np.concatenate([i for rank in ranks for _, _, i in rank[:12 // world_size]])
+        first_epoch = np.concatenate([i for rank in ranks for _, _, i in rank[: 12 // world_size]])
         assert sorted(first_epoch.tolist()) == list(range(N))
 
 
@@ -138,7 +140,8 @@ def test_rank_resume_and_legacy_single_process_state(latent_dir):
     assert legacy.taken == 8
     with pytest.raises(ValueError, match="per-rank loader"):
         LatentLoader(latent_dir, 8, seed=5, rank=0, world_size=2).load_state_dict(
-            {"epoch": 0, "position": 1, "seed": 5, "batch_size": 8, "world_size": 2})
+            {"epoch": 0, "position": 1, "seed": 5, "batch_size": 8, "world_size": 2}
+        )
 
 
 def test_noise_does_not_depend_on_world_size(latent_dir):
@@ -152,6 +155,7 @@ def test_noise_does_not_depend_on_world_size(latent_dir):
 
 def test_corrupt_or_missing_shard_names_file(latent_dir, tmp_path):
     import shutil
+
     broken = tmp_path / "lat"
     shutil.copytree(latent_dir, broken)
     victim = broken / "latents-00001.safetensors"
@@ -171,6 +175,7 @@ def test_corrupt_or_missing_shard_names_file(latent_dir, tmp_path):
 
 def test_identity_latents_have_no_noise(tmp_path, latent_dir):
     from alphaflow.data import build_encoder
+
     data = latent_dir.parent / "data"
     encode_dataset(data, tmp_path / "id", build_encoder("identity"))
     finalize_latents(tmp_path / "id")

@@ -16,6 +16,7 @@ from alphaflow.data.embedded import find_fashion_mnist
 RES = 24  # small output resolution keeps the tests fast; the pixel path is the same as at 256
 
 # (class folder, file name, size (w, h), PIL mode); class folders deliberately not in sorted order
+# fmt: off
 IMAGES = [
     ("n03", "a.JPEG", (64, 48), "RGB"),
     ("n03", "b.jpg", (37, 81), "RGB"),
@@ -25,6 +26,7 @@ IMAGES = [
     ("n02", "p.JPEG", (31, 29), "RGB"),
     ("n02", "q.JPEG", (200, 150), "CMYK"),  # CMYK JPEG (ImageNet has one)
 ]
+# fmt: on
 CORRUPT = ("n02", "bad.JPEG")
 
 
@@ -166,8 +168,9 @@ def test_missing_manifest_and_bad_args(tmp_path, folder):
         prepare_folder(tmp_path / "missing", tmp_path / "o")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Embedded datasets.
+
 
 @pytest.fixture(scope="module")
 def fashion_available():

@@ -43,11 +43,16 @@ def test_main_work_failure_reaches_every_rank(tmp_path):
     t0 = time.monotonic()
     mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     assert time.monotonic() - t0 < 60
-    assert (tmp_path / "rank0.txt").read_text().splitlines() == ["idle False", "works True",
-                                                                 "OSError: disk full (from worker)"]
+    assert (tmp_path / "rank0.txt").read_text().splitlines() == [
+        "idle False",
+        "works True",
+        "OSError: disk full (from worker)",
+    ]
     assert (tmp_path / "rank1.txt").read_text().splitlines() == [
-        "idle False", "works False",
-        "RankFailed: rank 0 failed in the checkpoint at step 7: OSError: disk full (from main_work)"]
+        "idle False",
+        "works False",
+        "RankFailed: rank 0 failed in the checkpoint at step 7: OSError: disk full (from main_work)",
+    ]
 
 
 def test_main_work_without_process_group_is_plain():
@@ -84,18 +89,41 @@ def test_rank0_failure_ends_both_ranks_promptly(tiny_project, tmp_path, breaker)
     from helpers import ROOT
 
     write, results = tiny_project
-    params_path = write(steps=40, batch_size=8, checkpoint_every=2,
-                        eval_every=2 if breaker is break_eval else None)
+    params_path = write(steps=40, batch_size=8, checkpoint_every=2, eval_every=2 if breaker is break_eval else None)
     what, detail = breaker(results, "meanflow-tiny")
     port = str(29500 + random.Random().randint(0, 500))
-    cmd = [sys.executable, "-m", "alphaflow", "train", "--params", str(params_path), "--run", "meanflow-tiny",
-           "--quiet", "--no-tracking"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alphaflow",
+        "train",
+        "--params",
+        str(params_path),
+        "--run",
+        "meanflow-tiny",
+        "--quiet",
+        "--no-tracking",
+    ]
     logs = [open(tmp_path / f"rank{r}.err", "w") for r in range(2)]
     t0 = time.monotonic()
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs[r],
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=logs[r],
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for r in range(2)
+    ]
     ended = {}  # rank → when its process exited
     while len(ended) < 2 and time.monotonic() - t0 < 300:  # far below gloo's default timeout (30 min) anyway
         ended.update({r: time.monotonic() for r, p in enumerate(procs) if r not in ended and p.poll() is not None})

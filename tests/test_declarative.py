@@ -35,8 +35,16 @@ def matrix_profile(images):
     Python start-up on the 2-core machine; the matrix runs 18 such DAGs)."""
     d = tiny_params_dict("results", images)
     d["runs"] = {name: d["runs"][name] for name in RUNS}
-    d["eval"].update({"weights": ["ema"], "fid_samples": None, "fid_ref_samples": None, "slow_metric_weights": None,
-                      "inception": "inception-fid-ts", "parts": 1})
+    d["eval"].update(
+        {
+            "weights": ["ema"],
+            "fid_samples": None,
+            "fid_ref_samples": None,
+            "slow_metric_weights": None,
+            "inception": "inception-fid-ts",
+            "parts": 1,
+        }
+    )
     d["eval"]["samplers"][1] = {"name": "2nfe-ode-0.5", "mode": "ode", "t_steps": [1.0, 0.5, 0.0]}
     d["paper_results"] = {}
     d["resources"] = {"train": {"timeout_min": 60}}
@@ -44,8 +52,20 @@ def matrix_profile(images):
 
 
 def snakemake(workdir, *extra, config=(), check=True):
-    args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", workdir, "--cores", "2", *extra,
-            "--config", f"params={workdir / 'params.yaml'}", *config]
+    args = [
+        BIN / "snakemake",
+        "all",
+        "-s",
+        ROOT / "Snakefile",
+        "--directory",
+        workdir,
+        "--cores",
+        "2",
+        *extra,
+        "--config",
+        f"params={workdir / 'params.yaml'}",
+        *config,
+    ]
     return run(args, check=check)
 
 
@@ -60,11 +80,13 @@ def sha(path):
 def outputs(workdir):
     """What every stage produced, as content hashes and metric values (paths differ between folders)."""
     res = workdir / "results"
-    snap = {"latents": latents_content_hash(res / "latents" / "tiny-identity"),
-            "classifier": sha(res / "classifier" / "tiny.safetensors"),
-            "reference": sorted(sha(f) for f in (res / "reference").glob("*.safetensors")),
-            "results.csv": (res / "tables" / "test" / "results.csv").read_text(),
-            "table1.md": (res / "tables" / "test" / "table1.md").read_text()}
+    snap = {
+        "latents": latents_content_hash(res / "latents" / "tiny-identity"),
+        "classifier": sha(res / "classifier" / "tiny.safetensors"),
+        "reference": sorted(sha(f) for f in (res / "reference").glob("*.safetensors")),
+        "results.csv": (res / "tables" / "test" / "results.csv").read_text(),
+        "table1.md": (res / "tables" / "test" / "table1.md").read_text(),
+    }
     for name in RUNS:
         run_dir = res / "runs" / name
         for f in ("model", "ema"):
@@ -105,8 +127,16 @@ def set_key(d, dotted, value):
     node[parts[-1]] = value
 
 
-JOBS_ALL = {"prepare": 2, "encode": 1, "classifier": 1, "reference": 1, "train": 1, "sample": 2, "evaluate": 2,
-            "report": 1}
+JOBS_ALL = {
+    "prepare": 2,
+    "encode": 1,
+    "classifier": 1,
+    "reference": 1,
+    "train": 1,
+    "sample": 2,
+    "evaluate": 2,
+    "report": 1,
+}
 MATRIX = [  # (stage, key, new value, the jobs that must re-run)
     ("report", "paper_results", {"alphaflow-tiny": {"table": "1", "fid_1nfe": 1.0}}, {"report": 1}),
     ("evaluate", "eval.n_boot", 10, {"evaluate": 2, "report": 1}),
@@ -143,7 +173,7 @@ def test_keys_no_stage_reads_rerun_nothing(baseline):
     d["resources"] = {"train": {"timeout_min": 5, "gpus_per_node": 8}}  # how/where stages run
     d["runs"]["alphaflow-tiny"]["resources"] = {"mem_gb": 64}
     d["tracking_uri"] = "sqlite:///elsewhere.db"
-    d["data"]["workers"] = 2                                              # parallelism only
+    d["data"]["workers"] = 2  # parallelism only
     d["encoder"]["batch_size"] = 16
     write_params(work, d)
     assert "Nothing to be done" in snakemake(work, "-n").stdout
@@ -177,10 +207,26 @@ def test_kill_9_of_the_whole_dag_then_the_documented_rerun_equals_an_uninterrupt
     work = base / "killed"
     work.mkdir()
     write_params(work, d0)
-    args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", work, "--cores", "2",
-            "--config", f"params={work / 'params.yaml'}"]
-    proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        BIN / "snakemake",
+        "all",
+        "-s",
+        ROOT / "Snakefile",
+        "--directory",
+        work,
+        "--cores",
+        "2",
+        "--config",
+        f"params={work / 'params.yaml'}",
+    ]
+    proc = subprocess.Popen(
+        list(map(str, args)),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     delay = random.Random().uniform(3, 30)
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -211,8 +257,9 @@ def kill_9_during(args, cwd, stage, timeout=900):
     """Starts `args` in its own session and kill -9s all of it 0.2–1.5 s into the first `alphaflow <stage>`."""
     log = Path(cwd) / f"killed-during-{stage}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(list(map(str, args)), cwd=cwd, env=ENV, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            list(map(str, args)), cwd=cwd, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.time() + timeout
     while stage_pid(stage, cwd) is None:
         assert proc.poll() is None, f"it ended before any `alphaflow {stage}` ran:\n{log.read_text()[-3000:]}"
@@ -231,15 +278,25 @@ def test_kill_9_during_a_stage_then_the_documented_rerun_equals_an_uninterrupted
     work = base / f"killed-in-{stage}"
     work.mkdir()
     write_params(work, d0)
-    args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", work, "--cores", "2",
-            "--config", f"params={work / 'params.yaml'}"]
+    args = [
+        BIN / "snakemake",
+        "all",
+        "-s",
+        ROOT / "Snakefile",
+        "--directory",
+        work,
+        "--cores",
+        "2",
+        "--config",
+        f"params={work / 'params.yaml'}",
+    ]
     kill_9_during(args, work, stage)
     run([*map(str, args), "--unlock"])
     snakemake(work)
     assert outputs(work) == outputs(work0)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # DVC on a subset of the matrix
 
 

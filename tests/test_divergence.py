@@ -16,14 +16,16 @@ from alphaflow.errors import UserError
 from alphaflow.jsonl import read_jsonl
 from alphaflow.train import train
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The per-t-bucket loss
 
 
 def test_bucket_sums_split_the_loss_by_t_and_by_t_minus_r():
     loss = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # fmt: off
     t = torch.tensor([0.05, 0.10, 0.99, 1.0])   # buckets 0, 0, 7, 7 (t = 1 in the last)
     r = torch.tensor([0.05, 0.00, 0.40, 0.0])   # t − r = 0, 0.1, 0.59, 1: buckets 0, 0, 4, 7
+    # fmt: on
     sums, counts = D.bucket_sums(loss, t, r)
     assert sums[:8].tolist() == [3.0, 0, 0, 0, 0, 0, 0, 7.0]
     assert counts[:8].tolist() == [2.0, 0, 0, 0, 0, 0, 0, 2.0]
@@ -52,19 +54,21 @@ def test_fault_batches_parse_and_refuse_garbage(monkeypatch):
         D.fault_batches()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The monitor
 
 
 def test_monitor_counts_events_within_the_window():
     m = D.Monitor("stop", window=10, max_events=2)
     assert m.observe(0, 0, 1.0) is None
+    # fmt: off
     assert m.observe(1, 1, math.inf) is None          # one event: below the limit
     assert m.observe(20, 20, math.nan) is None        # the first left the window
+    # fmt: on
     assert m.observe(25, 25, math.nan) == "non-finite gradient norm"
     assert m.take_events() == (20, [20, 25]) and not m.events
     off = D.Monitor("off", window=10, max_events=1)
-    assert off.observe(0, 0, math.nan) is None        # off never acts
+    assert off.observe(0, 0, math.nan) is None  # off never acts
 
 
 def test_monitor_spikes_after_a_window_of_history_and_round_trips():
@@ -80,7 +84,7 @@ def test_monitor_spikes_after_a_window_of_history_and_round_trips():
     assert again.state_dict() == m.state_dict()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Through training
 
 
@@ -93,8 +97,10 @@ def test_rollback_equals_a_run_that_skipped_the_same_batches(tiny_project, monke
     """Two poisoned batches (5, 7) within the window: the run restores the checkpoint from before the first
     (step 4), skips both and goes on; stopped after step 8 and resumed, it ends bit-identical to a fresh run with
     skip_batches [5, 7], with the same metrics."""
-    runs = {"rolled": {"method": "alphaflow", "divergence": "rollback", "divergence_events": 2},
-            "skipped": {"method": "alphaflow", "skip_batches": [5, 7]}}
+    runs = {
+        "rolled": {"method": "alphaflow", "divergence": "rollback", "divergence_events": 2},
+        "skipped": {"method": "alphaflow", "skip_batches": [5, 7]},
+    }
     params, results = write(tiny_project, runs)
     monkeypatch.setenv(D.FAULT_ENV, "5,7")
     train(params, "rolled", device="cpu", quiet=True, tracking=False, stop_after=8)
@@ -105,13 +111,24 @@ def test_rollback_equals_a_run_that_skipped_the_same_batches(tiny_project, monke
 
     records = read_jsonl(results / "runs" / "rolled" / "metrics.jsonl")
     rollbacks = [r for r in records if "rollback" in r]
-    assert rollbacks == [{"step": 4, "rollback": 1, "from_step": 7, "event": "non-finite gradient norm",
-                          "where": rollbacks[0]["where"], "skipped_batches": [5, 7]}]
+    assert rollbacks == [
+        {
+            "step": 4,
+            "rollback": 1,
+            "from_step": 7,
+            "event": "non-finite gradient norm",
+            "where": rollbacks[0]["where"],
+            "skipped_batches": [5, 7],
+        }
+    ]
     assert rollbacks[0]["where"].startswith("non-finite loss in t ∈ [")
 
     def logged(run):
-        return [{k: v for k, v in r.items() if k != "images_per_s"}
-                for r in read_jsonl(results / "runs" / run / "metrics.jsonl") if "alpha" in r]
+        return [
+            {k: v for k, v in r.items() if k != "images_per_s"}
+            for r in read_jsonl(results / "runs" / run / "metrics.jsonl")
+            if "alpha" in r
+        ]
 
     assert logged("rolled") == logged("skipped")
     final = json.loads((results / "runs" / "rolled" / "checkpoints" / "final" / "state.json").read_text())
@@ -131,10 +148,17 @@ def test_every_record_carries_the_loss_per_t_bucket(tiny_project):
 
 def test_stop_ends_in_one_line_naming_the_step_and_bucket(tiny_project):
     write_params, results = tiny_project
-    path = write_params(runs={"alphaflow-tiny": {"method": "alphaflow", "divergence": "stop",
-                                                 "divergence_events": 1}})
-    proc = run_cli("train", "--params", path, "--run", "alphaflow-tiny", "--quiet", check=False,
-                   env={**os.environ, D.FAULT_ENV: "5"})
+    path = write_params(runs={"alphaflow-tiny": {"method": "alphaflow", "divergence": "stop", "divergence_events": 1}})
+    proc = run_cli(
+        "train",
+        "--params",
+        path,
+        "--run",
+        "alphaflow-tiny",
+        "--quiet",
+        check=False,
+        env={**os.environ, D.FAULT_ENV: "5"},
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -151,8 +175,17 @@ def test_off_zeroes_and_counts_as_before(tiny_project, monkeypatch):
 
 
 def test_rollback_gives_up_after_max_rollbacks(tiny_project, monkeypatch):
-    params, _ = write(tiny_project, {"alphaflow-tiny": {"method": "alphaflow", "divergence": "rollback",
-                                                        "divergence_events": 1, "max_rollbacks": 1}})
+    params, _ = write(
+        tiny_project,
+        {
+            "alphaflow-tiny": {
+                "method": "alphaflow",
+                "divergence": "rollback",
+                "divergence_events": 1,
+                "max_rollbacks": 1,
+            }
+        },
+    )
     monkeypatch.setenv(D.FAULT_ENV, "3,9")
     with pytest.raises(D.Diverged, match=r"at step 8 \(global batch 9\).*after 1 rollback \(max_rollbacks\)"):
         train(params, "alphaflow-tiny", device="cpu", quiet=True, tracking=False)

@@ -66,8 +66,16 @@ def race(tmp_path, body, n, timeout=60):
     env = {k: v for k, v in os.environ.items() if k != FASHION_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     script = RACER.format(body=body)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(i)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path), str(i)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(n)
+    ]
     deadline = time.time() + timeout
     while not all((tmp_path / f"ready-{i}").exists() for i in range(n)):
         assert time.time() < deadline and all(p.poll() is None for p in procs), "a racer died before the start"
@@ -87,7 +95,7 @@ def assert_same_files(cache, src):
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Fast: the lock and the atomic copy, racing real processes on a local folder.
 
 
@@ -130,7 +138,7 @@ def test_fetch_once_skips_a_filled_cache(local_source, tmp_path):
     fetch_once(cache, fail)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Slow: the real fetch (apt-get download + dpkg-deb -x), three loaders on one empty cache.
 
 

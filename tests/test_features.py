@@ -32,7 +32,7 @@ def fashion(split, n):
     return torch.from_numpy(load_embedded("fashion-mnist", split)["images"][:n].copy()).unsqueeze(1)  # (n, 1, 28, 28)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Registration and missing weights
 
 
@@ -45,9 +45,14 @@ def test_all_extractors_registered_idempotently():
 
 @pytest.mark.parametrize("name", sorted(F.EXTRACTORS))
 def test_missing_weights_error_names_env_var(name, tmp_path, monkeypatch):
-    env = {"inception-fid-ts": inception.ENV_INCEPTION_TS, "inception-v3-compat": inception.ENV_INCEPTION_WEIGHTS,
-           "dinov2-timm-local": vit.ENV_DINOV2_WEIGHTS, "classifier-local": ENV_CLASSIFIER,
-           "clip-vit-b32-local": vit.ENV_CLIP_WEIGHTS, "inception-nvidia-ts": inception.ENV_INCEPTION_NVIDIA}[name]
+    env = {
+        "inception-fid-ts": inception.ENV_INCEPTION_TS,
+        "inception-v3-compat": inception.ENV_INCEPTION_WEIGHTS,
+        "dinov2-timm-local": vit.ENV_DINOV2_WEIGHTS,
+        "classifier-local": ENV_CLASSIFIER,
+        "clip-vit-b32-local": vit.ENV_CLIP_WEIGHTS,
+        "inception-nvidia-ts": inception.ENV_INCEPTION_NVIDIA,
+    }[name]
     missing = tmp_path / "nope.bin"
     with pytest.raises(FileNotFoundError, match=env) as e:
         M.extract_features(name, random_images(2), weights_path=str(missing), progress=False)
@@ -73,7 +78,7 @@ def test_inputs_are_checked():
         common.to_rgb_uint8(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # inception-nvidia-ts: NVIDIA's calling convention (uint8 in, resize inside, return_features=True)
 
 
@@ -98,14 +103,15 @@ def test_inception_nvidia_ts_calls_the_network_as_nvidia_packaged_it(tmp_path):
     scripted = torch.jit.script(NvidiaInterface(torch.jit.load(str(packaged)).eval()))
     torch.jit.save(scripted, str(tmp_path / "inception-2015-12-05.pt"))
     images = (torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    nvidia = M.extract_features("inception-nvidia-ts", images, weights_path=str(tmp_path / "inception-2015-12-05.pt"),
-                                progress=False)["features"]
+    nvidia = M.extract_features(
+        "inception-nvidia-ts", images, weights_path=str(tmp_path / "inception-2015-12-05.pt"), progress=False
+    )["features"]
     ours = M.extract_features("inception-fid-ts", images, weights_path=str(packaged), progress=False)["features"]
     assert nvidia.shape == (2, 2048) and nvidia.abs().mean() > 0.01
     torch.testing.assert_close(nvidia, ours, rtol=0, atol=0)  # at 299² neither resizes: the same graph, same input
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # inception-fid-ts: the real packaged FID Inception
 
 
@@ -135,9 +141,16 @@ def test_inception_ts_features_and_preprocessing():
 
 def test_inception_ts_through_torch_fidelity_calculate_metrics():
     a, b = random_images(3, c=3, size=32, seed=3), random_images(3, c=3, size=32, seed=4)
-    out = torch_fidelity.calculate_metrics(input1=ImagesDataset(a), input2=ImagesDataset(b), fid=True, cuda=False,
-                                           feature_extractor="inception-fid-ts", save_cpu_ram=True, verbose=False,
-                                           feature_extractor_weights_path=str(inception.packaged_inception_ts()))
+    out = torch_fidelity.calculate_metrics(
+        input1=ImagesDataset(a),
+        input2=ImagesDataset(b),
+        fid=True,
+        cuda=False,
+        feature_extractor="inception-fid-ts",
+        save_cpu_ram=True,
+        verbose=False,
+        feature_extractor_weights_path=str(inception.packaged_inception_ts()),
+    )
     fa = M.extract_features("inception-fid-ts", a, progress=False)["features"]
     fb = M.extract_features("inception-fid-ts", b, progress=False)["features"]
     mu_b, sigma_b = (torch.from_numpy(s) for s in M.stats(fb))
@@ -163,13 +176,15 @@ def test_inception_ts_ranks_real_blur_noise():
     n = 100
     ref = M.stats(M.extract_features("inception-fid-ts", fashion("train", n), progress=False)["features"])
     test = fashion("test", n)
-    fd = {name: M.fd_from_stats(*M.stats(M.extract_features("inception-fid-ts", x, progress=False)["features"]), *ref)
-          for name, x in {"real": test, "blur": TF.gaussian_blur(test, 7, 2.0), "noise": random_images(n)}.items()}
+    fd = {
+        name: M.fd_from_stats(*M.stats(M.extract_features("inception-fid-ts", x, progress=False)["features"]), *ref)
+        for name, x in {"real": test, "blur": TF.gaussian_blur(test, 7, 2.0), "noise": random_images(n)}.items()
+    }
     print("inception-fid-ts FD vs train:", {k: round(v, 1) for k, v in fd.items()})
     assert fd["real"] < fd["blur"] < fd["noise"]
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # inception-v3-compat: torch-fidelity's InceptionV3 from a local weights file
 
 
@@ -228,8 +243,10 @@ def test_evil_payload_is_live(evil_weights):
 def test_inception_v3_compat_refuses_a_swapped_file_unloaded(evil_weights, monkeypatch):
     path, marker = evil_weights
     monkeypatch.setenv(inception.ENV_INCEPTION_WEIGHTS, str(path))
-    for load in (lambda: inception.InceptionV3Compat("inception-v3-compat", ["2048"]),
-                 lambda: M.extract_features("inception-v3-compat", random_images(1), progress=False)):
+    for load in (
+        lambda: inception.InceptionV3Compat("inception-v3-compat", ["2048"]),
+        lambda: M.extract_features("inception-v3-compat", random_images(1), progress=False),
+    ):
         with pytest.raises(common.WeightsMismatchError) as e:
             load()
         assert isinstance(e.value, UserError)
@@ -244,11 +261,13 @@ def test_inception_hash_prefix_check(tmp_path):
     path = tmp_path / "small.bin"
     path.write_bytes(b"not the real inception weights")
     digest = sha256_file(path)
+    # fmt: off
     inception.check_sha256_prefix(path.read_bytes(), path, digest[:8])  # torch hub's 8-hex convention
     inception.check_sha256_prefix(path.read_bytes(), path, digest)      # a full sha256 works the same way
+    # fmt: on
     with pytest.raises(common.WeightsMismatchError, match=digest):
         inception.check_sha256_prefix(path.read_bytes(), path, inception.INCEPTION_SHA256_PREFIX)
-    assert inception.INCEPTION_SHA256_PREFIX == "6726825d"               # from torch-fidelity's URL_INCEPTION_V3
+    assert inception.INCEPTION_SHA256_PREFIX == "6726825d"  # from torch-fidelity's URL_INCEPTION_V3
 
 
 def test_inception_matching_hash_still_loads_only_tensors(evil_weights):
@@ -259,7 +278,7 @@ def test_inception_matching_hash_still_loads_only_tensors(evil_weights):
     assert not marker.exists()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # dinov2-timm-local: timm DINOv2 from a local safetensors file
 
 
@@ -295,8 +314,9 @@ def test_dinov2_loads_local_file_and_resamples_pos_embed(small_dinov2, monkeypat
     assert torch.equal(loaded["pos_embed"], vit.dinov2_pos_embed(state["pos_embed"], 16))
     feats = M.extract_features("dinov2-timm-local", random_images(3), weights_path=str(path), progress=False)
     assert feats["features"].shape == (3, 384) and "logits" not in feats
-    rgb = M.extract_features("dinov2-timm-local", random_images(3).repeat(1, 3, 1, 1), weights_path=str(path),
-                             progress=False)
+    rgb = M.extract_features(
+        "dinov2-timm-local", random_images(3).repeat(1, 3, 1, 1), weights_path=str(path), progress=False
+    )
     torch.testing.assert_close(feats["features"], rgb["features"])
 
 
@@ -311,8 +331,9 @@ def original_dinov2_features(state, images, resize):
     import PIL.Image
     import timm
 
-    net = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=518,
-                            dynamic_img_size=True).eval()
+    net = timm.create_model(
+        "vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=518, dynamic_img_size=True
+    ).eval()
     net.load_state_dict(state)
 
     def pos_embed_at_forward(x):  # x: [N, h, w, D] patch tokens (timm's dynamic layout)
@@ -321,7 +342,10 @@ def original_dinov2_features(state, images, resize):
         m = int(math.sqrt(table.shape[1] - 1))
         grid = torch.nn.functional.interpolate(
             table[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2),
-            scale_factor=(float(w + 0.1) / m, float(h + 0.1) / m), mode="bicubic", antialias=False)
+            scale_factor=(float(w + 0.1) / m, float(h + 0.1) / m),
+            mode="bicubic",
+            antialias=False,
+        )
         pos = torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
         tokens = torch.cat([net.cls_token.expand(n, -1, -1), x.reshape(n, h * w, dim)], dim=1)
         return net.pos_drop(tokens + pos)
@@ -329,8 +353,18 @@ def original_dinov2_features(state, images, resize):
     net._pos_embed = pos_embed_at_forward
     rgb = images.expand(-1, 3, -1, -1)
     if resize == "pil":
-        x = torch.stack([torch.from_numpy(np.asarray(PIL.Image.fromarray(im.permute(1, 2, 0).numpy()).resize(
-            (224, 224), PIL.Image.Resampling.BICUBIC))).permute(2, 0, 1) for im in rgb]).float()
+        x = torch.stack(
+            [
+                torch.from_numpy(
+                    np.asarray(
+                        PIL.Image.fromarray(im.permute(1, 2, 0).numpy()).resize(
+                            (224, 224), PIL.Image.Resampling.BICUBIC
+                        )
+                    )
+                ).permute(2, 0, 1)
+                for im in rgb
+            ]
+        ).float()
     else:
         x = torch.nn.functional.interpolate(rgb.float(), size=(224, 224), mode="bicubic", antialias=True)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -358,21 +392,31 @@ def test_dinov2_features_match_the_papers_detector(small_dinov2, monkeypatch):
     pil_resize = original_dinov2_features(state, images, "pil")
     import timm
 
-    resampled = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=True, num_classes=0, img_size=224,
-                                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+    resampled = timm.create_model(
+        "vit_small_patch14_dinov2.lvd142m",
+        pretrained=True,
+        num_classes=0,
+        img_size=224,
+        pretrained_cfg_overlay=dict(file=str(path)),
+    ).eval()
     with torch.no_grad():
         timm_default = resampled(vit.DinoV2TimmLocal.preprocess(images))
-    errors = {"same resize": relative_error(ours, same_resize), "dgm-eval PIL resize": relative_error(ours, pil_resize),
-              "timm load-time resample": relative_error(timm_default, same_resize)}
-    print("DINOv2 features, relative L2 difference to the original detector: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    errors = {
+        "same resize": relative_error(ours, same_resize),
+        "dgm-eval PIL resize": relative_error(ours, pil_resize),
+        "timm load-time resample": relative_error(timm_default, same_resize),
+    }
+    print(
+        "DINOv2 features, relative L2 difference to the original detector: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+    )
     assert float((ours - ours.mean(0)).norm() / ours.norm()) > 0.05  # the features do depend on the image
     assert errors["same resize"] < 1e-5
     assert errors["dgm-eval PIL resize"] < 2e-2
     assert errors["timm load-time resample"] > 10 * errors["same resize"]
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # clip-vit-b32-local: OpenAI CLIP ViT-B/32 (FCD) through timm, from a file in OpenAI/open_clip key layout
 
 TINY_CLIP = dict(width=64, layers=2, heads=4, output_dim=32, patch=32, grid=7)  # 224 px / 32 = 7 × 7 patches
@@ -397,19 +441,32 @@ def tiny_clip(tmp_path_factory):
     def ln(prefix):
         return {f"{prefix}.weight": 1 + 0.2 * rnd(w, scale=1.0), f"{prefix}.bias": 0.1 * rnd(w, scale=1.0)}
 
-    state = {"visual.conv1.weight": rnd(w, 3, p, p, scale=(3 * p * p) ** -0.5),
-             "visual.class_embedding": rnd(w, scale=1.0),
-             "visual.positional_embedding": rnd(1 + c["grid"] ** 2, w, scale=0.5),
-             **ln("visual.ln_pre"), **ln("visual.ln_post"),
-             "visual.proj": rnd(w, c["output_dim"]),
-             "logit_scale": torch.tensor(4.6052), "text_projection": rnd(16, 16)}
+    state = {
+        "visual.conv1.weight": rnd(w, 3, p, p, scale=(3 * p * p) ** -0.5),
+        "visual.class_embedding": rnd(w, scale=1.0),
+        "visual.positional_embedding": rnd(1 + c["grid"] ** 2, w, scale=0.5),
+        **ln("visual.ln_pre"),
+        **ln("visual.ln_post"),
+        "visual.proj": rnd(w, c["output_dim"]),
+        "logit_scale": torch.tensor(4.6052),
+        "text_projection": rnd(16, 16),
+    }
     for i in range(c["layers"]):
         b = f"visual.transformer.resblocks.{i}"
-        state.update({**ln(f"{b}.ln_1"), **ln(f"{b}.ln_2"),
-                      f"{b}.attn.in_proj_weight": rnd(3 * w, w), f"{b}.attn.in_proj_bias": 0.1 * rnd(3 * w, scale=1.0),
-                      f"{b}.attn.out_proj.weight": rnd(w, w), f"{b}.attn.out_proj.bias": 0.1 * rnd(w, scale=1.0),
-                      f"{b}.mlp.c_fc.weight": rnd(4 * w, w), f"{b}.mlp.c_fc.bias": 0.1 * rnd(4 * w, scale=1.0),
-                      f"{b}.mlp.c_proj.weight": rnd(w, 4 * w), f"{b}.mlp.c_proj.bias": 0.1 * rnd(w, scale=1.0)})
+        state.update(
+            {
+                **ln(f"{b}.ln_1"),
+                **ln(f"{b}.ln_2"),
+                f"{b}.attn.in_proj_weight": rnd(3 * w, w),
+                f"{b}.attn.in_proj_bias": 0.1 * rnd(3 * w, scale=1.0),
+                f"{b}.attn.out_proj.weight": rnd(w, w),
+                f"{b}.attn.out_proj.bias": 0.1 * rnd(w, scale=1.0),
+                f"{b}.mlp.c_fc.weight": rnd(4 * w, w),
+                f"{b}.mlp.c_fc.bias": 0.1 * rnd(4 * w, scale=1.0),
+                f"{b}.mlp.c_proj.weight": rnd(w, 4 * w),
+                f"{b}.mlp.c_proj.bias": 0.1 * rnd(w, scale=1.0),
+            }
+        )
     path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
     torch.save(state, path)
     return path, state
@@ -425,8 +482,9 @@ def original_clip_preprocess(images, resize):
     norm = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
     rgb = images.expand(-1, 3, -1, -1)
     if resize == "pil":
-        tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                        norm])
+        tf = T.Compose(
+            [T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(), norm]
+        )
         return torch.stack([tf(PIL.Image.fromarray(im.permute(1, 2, 0).numpy())) for im in rgb])
     x = TF.resize(rgb.float(), 224, interpolation=T.InterpolationMode.BICUBIC, antialias=True).clamp(0, 255)
     return norm(TF.center_crop(x, [224, 224]) / 255)
@@ -437,12 +495,12 @@ def original_clip_visual(state, x, heads):
     of timm and of alphaflow.features: conv1 patches, class_embedding, positional_embedding, ln_pre, residual
     attention blocks (nn.MultiheadAttention from in_proj/out_proj; c_fc → QuickGELU → c_proj), ln_post on the
     class token, @ proj. Un-normalised, as `encode_image`."""
-    v = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
+    v = {k[len("visual.") :]: t for k, t in state.items() if k.startswith("visual.")}
     width = v["conv1.weight"].shape[0]
     ln = lambda t, name: torch.nn.functional.layer_norm(t, (width,), v[f"{name}.weight"], v[f"{name}.bias"], 1e-5)
     with torch.no_grad():
-        t = torch.nn.functional.conv2d(x, v["conv1.weight"], stride=v["conv1.weight"].shape[-1])   # [N, w, g, g]
-        t = t.reshape(t.shape[0], width, -1).permute(0, 2, 1)                                       # [N, g², w]
+        t = torch.nn.functional.conv2d(x, v["conv1.weight"], stride=v["conv1.weight"].shape[-1])  # [N, w, g, g]
+        t = t.reshape(t.shape[0], width, -1).permute(0, 2, 1)  # [N, g², w]
         t = torch.cat([v["class_embedding"].expand(t.shape[0], 1, -1), t], dim=1) + v["positional_embedding"]
         t = ln(t, "ln_pre")
         i = 0
@@ -450,12 +508,25 @@ def original_clip_visual(state, x, heads):
             b = f"transformer.resblocks.{i}"
             h = ln(t, f"{b}.ln_1")
             attn, _ = torch.nn.functional.multi_head_attention_forward(
-                h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1), width, heads,
-                v[f"{b}.attn.in_proj_weight"], v[f"{b}.attn.in_proj_bias"], None, None, False, 0.0,
-                v[f"{b}.attn.out_proj.weight"], v[f"{b}.attn.out_proj.bias"], training=False, need_weights=False)
+                h.transpose(0, 1),
+                h.transpose(0, 1),
+                h.transpose(0, 1),
+                width,
+                heads,
+                v[f"{b}.attn.in_proj_weight"],
+                v[f"{b}.attn.in_proj_bias"],
+                None,
+                None,
+                False,
+                0.0,
+                v[f"{b}.attn.out_proj.weight"],
+                v[f"{b}.attn.out_proj.bias"],
+                training=False,
+                need_weights=False,
+            )
             t = t + attn.transpose(0, 1)
             h = torch.nn.functional.linear(ln(t, f"{b}.ln_2"), v[f"{b}.mlp.c_fc.weight"], v[f"{b}.mlp.c_fc.bias"])
-            h = h * torch.sigmoid(1.702 * h)                                                         # QuickGELU
+            h = h * torch.sigmoid(1.702 * h)  # QuickGELU
             t = t + torch.nn.functional.linear(h, v[f"{b}.mlp.c_proj.weight"], v[f"{b}.mlp.c_proj.bias"])
             i += 1
         return ln(t[:, 0], "ln_post") @ v["proj"]
@@ -475,20 +546,27 @@ def test_clip_loads_openai_layout_and_matches_the_original_forward(tiny_clip, mo
     assert torch.equal(loaded["head.weight"], state["visual.proj"].T) and not loaded["head.bias"].any()
     heads = TINY_CLIP["heads"]
     errors = {}
-    for label, images in {"fashion": fashion("test", 8),
-                          "non-square": torch.randint(0, 256, (4, 3, 40, 56), dtype=torch.uint8,
-                                                      generator=torch.Generator().manual_seed(5))}.items():
+    for label, images in {
+        "fashion": fashion("test", 8),
+        "non-square": torch.randint(
+            0, 256, (4, 3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+        ),
+    }.items():
         ours = M.extract_features("clip-vit-b32-local", images, weights_path=str(path), progress=False)["features"]
         assert ours.shape == (len(images), TINY_CLIP["output_dim"]) and "logits" not in M.extract_features(
-            "clip-vit-b32-local", images[:1], weights_path=str(path), progress=False)
+            "clip-vit-b32-local", images[:1], weights_path=str(path), progress=False
+        )
         assert float((ours - ours.mean(0)).norm() / ours.norm()) > 0.05  # the features do depend on the image
         x = vit.ClipTimmLocal.preprocess(images)
         torch.testing.assert_close(x, original_clip_preprocess(images, "torch"))
         errors[f"{label} same tensor"] = relative_error(ours, original_clip_visual(state, x, heads).double())
         errors[f"{label} CLIP PIL preprocessing"] = relative_error(
-            ours, original_clip_visual(state, original_clip_preprocess(images, "pil"), heads).double())
-    print("CLIP features, relative L2 difference to CLIP's original forward: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+            ours, original_clip_visual(state, original_clip_preprocess(images, "pil"), heads).double()
+        )
+    print(
+        "CLIP features, relative L2 difference to CLIP's original forward: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+    )
     for label in ("fashion", "non-square"):
         assert errors[f"{label} same tensor"] < 1e-5
         assert errors[f"{label} CLIP PIL preprocessing"] < 1e-2
@@ -501,9 +579,17 @@ def test_clip_matches_open_clip(tiny_clip, monkeypatch):
 
     path, state = tiny_clip
     c = TINY_CLIP
-    ref = VisionTransformer(image_size=224, patch_size=c["patch"], width=c["width"], layers=c["layers"],
-                            heads=c["heads"], mlp_ratio=4.0, output_dim=c["output_dim"], act_layer=QuickGELU).eval()
-    ref.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    ref = VisionTransformer(
+        image_size=224,
+        patch_size=c["patch"],
+        width=c["width"],
+        layers=c["layers"],
+        heads=c["heads"],
+        mlp_ratio=4.0,
+        output_dim=c["output_dim"],
+        act_layer=QuickGELU,
+    ).eval()
+    ref.load_state_dict({k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")})
     monkeypatch.setattr(vit, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
     images = fashion("test", 8)
     ours = M.extract_features("clip-vit-b32-local", images, weights_path=str(path), progress=False)["features"]
@@ -551,8 +637,10 @@ def test_fcd_is_planned_capped_and_finite(tiny_clip, monkeypatch):
     monkeypatch.setattr(vit, "CLIP_MODEL_KWARGS", tiny_clip_kwargs())
     params = SimpleNamespace(raw={"eval": {"metrics": ["fdd", "fcd"], "fid_samples": 5}})
     assert R.metric_plan(params)[1] == ("fcd", "clip-vit-b32-local", str(path))
-    assert "clip-vit-b32-local" in R.INCEPTION_LIKE and len(R.capped(params, "clip-vit-b32-local", fashion("test", 9),
-                                                                      "generated")) == 5
+    assert (
+        "clip-vit-b32-local" in R.INCEPTION_LIKE
+        and len(R.capped(params, "clip-vit-b32-local", fashion("test", 9), "generated")) == 5
+    )
     ref = M.stats(M.extract_features("clip-vit-b32-local", fashion("train", 40), progress=False)["features"])  # env
     gen = M.stats(M.extract_features("clip-vit-b32-local", random_images(40), progress=False)["features"])
     fcd = M.fd_from_stats(*gen, *ref)

@@ -50,7 +50,9 @@ def test_publish_dir_replaces_the_previous_folder(tmp_path):
 def test_the_low_layers_import_nothing_above_them():
     """io is standard library only (the image-decoding workers of data.prepare import it); stats and plots
     import nothing from the report, so the report can import them and train can import plots."""
-    code = ("import sys, alphaflow.io; assert not {'numpy', 'torch'} & set(sys.modules), sorted(sys.modules); "
-            "import alphaflow.stats, alphaflow.plots; "
-            "assert not [m for m in sys.modules if m.startswith(('alphaflow.report', 'alphaflow.evaluate', 'torch'))]")
+    code = (
+        "import sys, alphaflow.io; assert not {'numpy', 'torch'} & set(sys.modules), sorted(sys.modules); "
+        "import alphaflow.stats, alphaflow.plots; "
+        "assert not [m for m in sys.modules if m.startswith(('alphaflow.report', 'alphaflow.evaluate', 'torch'))]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

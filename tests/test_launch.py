@@ -25,8 +25,9 @@ FAST = dict(poll_s=0.2, vanish_timeout_s=10.0)
 
 def run(command, executor, tmp_path, array=None, **resources):
     res = Resources(**{"cpus_per_task": 1, "mem_gb": 1, "timeout_min": 5, **resources})
-    return launch(command, executor=executor, resources=res, log_dir=tmp_path / "logs", job_name="test",
-                  array=array, **FAST)
+    return launch(
+        command, executor=executor, resources=res, log_dir=tmp_path / "logs", job_name="test", array=array, **FAST
+    )
 
 
 def printed_paths(out, stream="stdout"):
@@ -36,12 +37,14 @@ def printed_paths(out, stream="stdout"):
 def uninterrupted(tmp_path, n):
     """Final state of ckpt_counter.py run straight through, for comparison."""
     state = tmp_path / "reference.json"
-    subprocess.run([PY, str(STAGES / "ckpt_counter.py"), str(state), str(n), "--step-s", "0"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [PY, str(STAGES / "ckpt_counter.py"), str(state), str(n), "--step-s", "0"], check=True, capture_output=True
+    )
     return json.loads(state.read_text())
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("executor", ["local", "debug"])
 def test_success_prints_job_and_log_paths(executor, tmp_path, capfd):
@@ -130,10 +133,10 @@ def test_interrupted_launcher_cancels_the_job(signum, tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from alphaflow.launch import Resources, launch
-        cmd = [sys.executable, {str(STAGES / 'ckpt_counter.py')!r}, {str(tmp_path / 'state.json')!r}, "100000",
+        cmd = [sys.executable, {str(STAGES / "ckpt_counter.py")!r}, {str(tmp_path / "state.json")!r}, "100000",
                "--step-s", "0.1", "--started", {str(started)!r}]
         sys.exit(launch(cmd, executor="local", resources=Resources(cpus_per_task=1, mem_gb=1),
-                        log_dir={str(tmp_path / 'logs')!r}, job_name="interrupt", poll_s=0.2))
+                        log_dir={str(tmp_path / "logs")!r}, job_name="interrupt", poll_s=0.2))
     """)
     launcher = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

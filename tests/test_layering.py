@@ -30,7 +30,7 @@ def imported_modules(name, path, modules):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # from . import x, from .x import y
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
@@ -58,7 +58,7 @@ def find_cycle(graph):
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -86,8 +86,10 @@ def table_modules():
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
+    # fmt: off
     assert "alphaflow.features" in graph["alphaflow.metrics"]    # a top-level import
     assert "alphaflow.stages" in graph["alphaflow.cli"]          # a lazy one, inside a function
+    # fmt: on
     assert {"alphaflow.features.inception", "alphaflow.features.vit"} <= graph["alphaflow.features"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " → ".join(cycle)
@@ -109,8 +111,9 @@ def test_a_cycle_through_a_lazy_relative_import_is_found(tmp_path):
 def test_each_module_imports_only_the_rows_above_it_in_the_layers_table():
     graph, rows = import_graph(), table_modules()
     assert len(rows) == len(set(rows)), "a module has two rows"
-    assert sorted(rows) == sorted(graph), (f"not in the table: {sorted(set(graph) - set(rows))}; "
-                                           f"not a module: {sorted(set(rows) - set(graph))}")
+    assert sorted(rows) == sorted(graph), (
+        f"not in the table: {sorted(set(graph) - set(rows))}; not a module: {sorted(set(rows) - set(graph))}"
+    )
     rank = {name: i for i, name in enumerate(rows)}
     upward = sorted(f"{m} imports {d}" for m in graph for d in graph[m] if rank[d] > rank[m])
     assert not upward, "imports of a module in a row below: " + "; ".join(upward)
@@ -119,6 +122,9 @@ def test_each_module_imports_only_the_rows_above_it_in_the_layers_table():
 def test_training_imports_no_evaluation_report_or_plotting_code():
     deps = reachable(import_graph(), "alphaflow.train")
     assert "alphaflow.models" in deps and "alphaflow.tracking" in deps
-    banned = sorted(m for m in deps if m in ("alphaflow.evaluate", "alphaflow.plots", "alphaflow.report")
-                    or m.startswith("alphaflow.report."))
+    banned = sorted(
+        m
+        for m in deps
+        if m in ("alphaflow.evaluate", "alphaflow.plots", "alphaflow.report") or m.startswith("alphaflow.report.")
+    )
     assert not banned, f"alphaflow.train imports {banned}"

@@ -21,7 +21,7 @@ def first_resample(n, seed):
     return torch.randint(n, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Fréchet distance
 
 
@@ -75,7 +75,7 @@ def test_bootstrap_without_resamples_and_bad_method():
         M.bootstrap_fd(x, *M.stats(x), n_boot=2, method="bca")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Inception Score
 
 
@@ -102,7 +102,7 @@ def test_inception_score_splits_and_bootstrap_engine():
     assert large["high"] - large["low"] < 0.5 * (small["high"] - small["low"])
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Cached reference statistics
 
 
@@ -162,6 +162,7 @@ def test_reference_stats_corrupt_or_stale_cache_is_recomputed(tiny_classifier, t
         net.fc.weight.mul_(2)
     save_classifier(net, other)
     with pytest.warns(UserWarning, match="other weights"):
-        mu3, _ = M.reference_stats(images[:200], "classifier-local", cache_dir=tmp_path, content_hash="h",
-                                   weights_path=other)
+        mu3, _ = M.reference_stats(
+            images[:200], "classifier-local", cache_dir=tmp_path, content_hash="h", weights_path=other
+        )
     assert not np.allclose(mu3, mu)

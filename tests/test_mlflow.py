@@ -31,10 +31,26 @@ def get(url, payload=None):
 def mlflow_server(tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--default-artifact-root", str(tmp_path / "artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            BIN / "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -54,8 +70,14 @@ def mlflow_server(tmp_path):
 
 
 def cli(*args, env, check=True):
-    proc = subprocess.run([sys.executable, "-m", "alphaflow", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alphaflow", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check and proc.returncode:
         raise AssertionError(f"alphaflow {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -70,8 +92,19 @@ def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, t
     cli("classifier", "--params", params, env=env)
     cli("reference", "--params", params, env=env)
     for stage in ("sample", "evaluate"):
-        cli(stage, "--params", params, "--run", "alphaflow-tiny", "--weights", "ema", "--sampler", "1nfe", "--quiet",
-            env=env)
+        cli(
+            stage,
+            "--params",
+            params,
+            "--run",
+            "alphaflow-tiny",
+            "--weights",
+            "ema",
+            "--sampler",
+            "1nfe",
+            "--quiet",
+            env=env,
+        )
     for _ in range(2):  # the report logs the evaluations; a second report adds nothing to their history
         cli("report", "--params", params, env=env)
     exp = get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=test")["experiment"]
@@ -101,7 +134,7 @@ def test_runs_metrics_and_tables_read_back_through_the_rest_api(mlflow_server, t
     assert runs_url.startswith(url) and compare_url.startswith(url)
     need_chromium()
     table = browser(runs_url, results / "mlflow-runs.png")
-    assert "Run Name" in table and "alphaflow-tiny" in table            # the runs table, not the GenAI page
+    assert "Run Name" in table and "alphaflow-tiny" in table  # the runs table, not the GenAI page
     compare = browser(compare_url, results / "mlflow-compare.png", height=6000)  # tall: every section renders
     assert "alphaflow-tiny" in compare and "fd_classifier_1nfe_ema" in compare
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", compare))
@@ -114,9 +147,14 @@ def test_training_survives_the_tracking_server_dying(mlflow_server, tiny_project
     write, results = tiny_project
     params = write(runs={"meanflow-tiny": {"method": "meanflow"}}, steps=80, log_every=2, checkpoint_every=40)
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}
-    proc = subprocess.Popen([sys.executable, "-m", "alphaflow", "train", "--params", str(params), "--run",
-                             "meanflow-tiny", "--quiet"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alphaflow", "train", "--params", str(params), "--run", "meanflow-tiny", "--quiet"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = results / "runs/meanflow-tiny/metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

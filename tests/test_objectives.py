@@ -5,7 +5,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from alphaflow.objectives import (
-    alpha_flow_loss, alpha_schedule, drop_labels, gradient_conflict, guided_velocity, per_sample_loss, sample_times,
+    alpha_flow_loss,
+    alpha_schedule,
+    drop_labels,
+    gradient_conflict,
+    guided_velocity,
+    per_sample_loss,
+    sample_times,
     total_derivative,
 )
 from helpers import randomized
@@ -48,15 +54,17 @@ def dudt_forward_ad(net, z, r, t, y, v):
         return fwad.unpack_dual(out).tangent.clone()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Time sampling and the α curriculum
 
 
 def test_sample_times_counts_and_order():
     t, r = sample_times(64, 0.25, generator=torch.Generator().manual_seed(1))
     assert t.shape == r.shape == (64,)
+    # fmt: off
     assert torch.equal(t[:16], r[:16])           # the first int(B·ratio) have r = t
     assert bool((t[16:] > r[16:]).all())         # the rest: t = max, r = min
+    # fmt: on
     assert bool(((t > 0) & (t < 1)).all())
     t, r = sample_times(10, 0.75)
     assert int((t == r).sum()) == 7
@@ -77,10 +85,10 @@ def test_alpha_schedule_values_and_clamps():
     assert alpha_schedule(800_000, s, e) == pytest.approx(0.5)
     assert alpha_schedule(880_000, s, e) == pytest.approx(0.00669, abs=5e-5)
     assert alpha_schedule(760_000, s, e) == pytest.approx(0.924, abs=1e-3)
-    assert alpha_schedule(0, s, e) == 1.0 and alpha_schedule(s, s, e) == 1.0   # > 1 − η → 1
-    assert alpha_schedule(900_000, s, e) == 0.0                                 # < η → 0
+    assert alpha_schedule(0, s, e) == 1.0 and alpha_schedule(s, s, e) == 1.0  # > 1 − η → 1
+    assert alpha_schedule(900_000, s, e) == 0.0  # < η → 0
     assert alpha_schedule(1_200_000, s, e) == 0.0
-    assert alpha_schedule(900_000, s, e, discrete_only=True) == 5e-3            # never a JVP
+    assert alpha_schedule(900_000, s, e, discrete_only=True) == 5e-3  # never a JVP
     # Window of 0 < α < 1: about k_mid ± 0.21 (k_e − k_s) (paper Alg. 2).
     inside = [k for k in range(s, e, 1000) if 0 < alpha_schedule(k, s, e) < 1]
     assert abs(inside[0] - 716_000) <= 2000 and abs(inside[-1] - 884_000) <= 2000
@@ -89,7 +97,7 @@ def test_alpha_schedule_values_and_clamps():
     assert alpha_schedule(200_000, 200_000, 200_000) == 0.0
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Targets
 
 
@@ -187,7 +195,7 @@ def test_decomposition_sums_to_meanflow_up_to_constant(tiny_net64):
     per = lambda a: a.flatten(1).mean(1)
     torch.testing.assert_close(terms.tfm, per((u - v) ** 2))
     torch.testing.assert_close(terms.tc, per(2 * dt * u * dudt))
-    const = per(-2 * dt * v * dudt + dt ** 2 * dudt ** 2)
+    const = per(-2 * dt * v * dudt + dt**2 * dudt**2)
     torch.testing.assert_close(terms.delta_sq.detach(), per((u - (v - dt * dudt)) ** 2))
     torch.testing.assert_close(terms.tfm + terms.tc + const, terms.delta_sq.detach())
     fm = terms.is_fm
@@ -216,7 +224,7 @@ def test_meanflow_gradient_is_the_tfm_plus_tc_gradient(tiny_net64):
     torch.testing.assert_close(g_weighted, flat_autograd((w * terms.delta_sq).mean(), params))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Training-time CFG
 
 
@@ -278,9 +286,9 @@ def test_shortcut_target_is_the_two_half_step_target(tiny_net64):
     v = noise - x
     s = (r + t) / 2
     with torch.no_grad():
-        u_first = net(z_t, s, t, y)                   # the half step [s, t]
+        u_first = net(z_t, s, t, y)  # the half step [s, t]
         z_s = z_t - b4(t - s) * u_first
-        u_second = net(z_s, r, s, y)                  # the half step [r, s] from where the first one lands
+        u_second = net(z_s, r, s, y)  # the half step [r, s] from where the first one lands
         shortcut = 0.5 * u_first + 0.5 * u_second
     fm = t == r
     assert bool(fm.any()) and bool((~fm).any())
@@ -319,8 +327,11 @@ def test_gradient_conflict_cosines_match_a_hand_computation(tiny_net64):
     v = noise - x
     dudt = dudt_forward_ad(net, z, r, t, y, v)
     u = net(z, r, t, y)
-    losses = {"TFM": ((u - v) ** 2).mean(), "FM'": ((net(z, t, t, y) - v) ** 2).mean(),
-              "TC": (2 * b4(t - r) * u * dudt).mean()}
+    losses = {
+        "TFM": ((u - v) ** 2).mean(),
+        "FM'": ((net(z, t, t, y) - v) ** 2).mean(),
+        "TC": (2 * b4(t - r) * u * dudt).mean(),
+    }
     g = {k: flat_autograd(loss, params) for k, loss in losses.items()}
     g["MF"] = flat_autograd(losses["TFM"] + losses["TC"], params)
     cos = lambda a, b: float(torch.dot(a, b) / (a.norm() * b.norm()))

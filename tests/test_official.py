@@ -15,11 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from alphaflow.models import build_model
-from alphaflow.official import (OfficialCheckpointError, build_official_model, load_official_snapshot,
-                                load_official_vae, official_preset, sd_vae_config)
+from alphaflow.official import (
+    OfficialCheckpointError,
+    build_official_model,
+    load_official_snapshot,
+    load_official_vae,
+    official_preset,
+    sd_vae_config,
+)
 from helpers import write_snapshot
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The official forward, restated from its definition.
 
 
@@ -85,7 +91,8 @@ def compare_with_official(snap, state, preset, heads, label_rows):
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max() * 10
     return net
 
-#----------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rows", [1000, 1001])
@@ -167,12 +174,21 @@ def test_unknown_shapes_and_wrong_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="weights must be one of"):
         load_official_snapshot(path, "best")
 
-#----------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------
 # The VAE.
 
-SMALL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 32], layers_per_block=1,
-                 norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 2,
-                 up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16)
+SMALL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=[32, 32],
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    sample_size=16,
+)
 
 
 @pytest.mark.parametrize("layout", ["model-snapshot", "sd_vae_ft_ema.pt"])

@@ -39,6 +39,7 @@ def full_after(n, code=errno.ENOSPC):
         if len(calls) > n:
             raise OSError(code, os.strerror(code))
         f.write(data)
+
     return write
 
 
@@ -46,7 +47,7 @@ def listing(folder):
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*"))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Atomic writes
 
 
@@ -74,6 +75,7 @@ def test_a_spent_quota_says_so(tmp_path, monkeypatch):
 def test_other_errors_pass_unchanged(tmp_path, monkeypatch):
     def eio(f, data):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
+
     monkeypatch.setattr(io, "write_bytes", eio)
     with pytest.raises(OSError) as err:
         io.atomic_write_bytes(tmp_path / "a", b"1")
@@ -93,12 +95,15 @@ def test_safetensors_errors_quoting_the_os_error_count():
 def test_ensure_space_refuses_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "free_bytes", lambda path: 1000)
     io.ensure_space(tmp_path / "f", 900, margin=100)
-    with pytest.raises(OutOfSpace, match=r"^not enough free space to write .*f: it needs 901 bytes plus a margin "
-                                         r"of 100 bytes, 1000 bytes free there; nothing was written"):
+    with pytest.raises(
+        OutOfSpace,
+        match=r"^not enough free space to write .*f: it needs 901 bytes plus a margin "
+        r"of 100 bytes, 1000 bytes free there; nothing was written",
+    ):
         io.ensure_space(tmp_path / "f", 901, margin=100)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -112,8 +117,16 @@ def save(ckpt_dir, step, net, **kw):
     opt = torch.optim.Adam(net.parameters())
     net.w.grad = torch.ones_like(net.w)
     opt.step()
-    return ckpt.save_checkpoint(ckpt_dir, ckpt.step_dir_name(step), net=net, ema=net, optimizer=opt,
-                                rng={"gen.0": torch.zeros(8, dtype=torch.uint8)}, state={"step": step}, **kw)
+    return ckpt.save_checkpoint(
+        ckpt_dir,
+        ckpt.step_dir_name(step),
+        net=net,
+        ema=net,
+        optimizer=opt,
+        rng={"gen.0": torch.zeros(8, dtype=torch.uint8)},
+        state={"step": step},
+        **kw,
+    )
 
 
 def safetensors_full_after(n):
@@ -124,6 +137,7 @@ def safetensors_full_after(n):
         if len(calls) > n:
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real(tensors, path)
+
     return save_file
 
 
@@ -144,8 +158,10 @@ def test_a_checkpoint_that_fills_the_disk_leaves_the_previous_one(tmp_path, monk
         save(tmp_path, 2, net, what="checkpoint step-0000002 of run tiny")
     message = str(err.value)
     needed = 4 * 32 * 4 + 4 + 8  # model, EMA, Adam's two moments and step, the generator state
-    assert message.startswith("no space left on device writing checkpoint step-0000002 of run tiny "
-                              f"({tmp_path / 'step-0000002'}): it needs {needed} bytes, ")
+    assert message.startswith(
+        "no space left on device writing checkpoint step-0000002 of run tiny "
+        f"({tmp_path / 'step-0000002'}): it needs {needed} bytes, "
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .tmp-* folder, no .*.tmp file
     assert {f: (tmp_path / "step-0000001" / f).read_bytes() for f in before} == before
     latest = ckpt.latest_checkpoint(tmp_path)  # also when latest.json failed after step-0000002's rename
@@ -158,9 +174,12 @@ def test_a_checkpoint_too_large_for_the_free_space_is_refused_before_it_starts(t
     save(tmp_path, 1, net)
     used = listing(tmp_path)
     monkeypatch.setattr(io, "free_bytes", lambda path: 5000)
-    with pytest.raises(OutOfSpace, match=r"^not enough free space to write checkpoint step-0000002 \(.*step-0000002\)"
-                                         r": it needs 524 bytes plus a margin of 1.0 MiB, 4.9 KiB free there; "
-                                         r"nothing was written and what was saved before is intact"):
+    with pytest.raises(
+        OutOfSpace,
+        match=r"^not enough free space to write checkpoint step-0000002 \(.*step-0000002\)"
+        r": it needs 524 bytes plus a margin of 1.0 MiB, 4.9 KiB free there; "
+        r"nothing was written and what was saved before is intact",
+    ):
         save(tmp_path, 2, net)
     assert listing(tmp_path) == used
 
@@ -185,7 +204,7 @@ def test_final_publishing_and_imported_weights_fill_the_disk_cleanly(tmp_path, m
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The other writers
 
 
@@ -213,7 +232,7 @@ def test_the_lock_file_on_a_full_disk(tmp_path, monkeypatch):
     assert listing(tmp_path) == []
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Through the CLI: a full disk at the second checkpoint, then the same command again
 
 
@@ -269,16 +288,25 @@ def assert_stopped_in_one_line(proc, ckpt_dir, start, says):
 def test_a_full_disk_at_the_second_checkpoint_through_the_cli(tiny_project, undisturbed):
     write, results = tiny_project
     params_path, (reference, _) = write(**STEPS), undisturbed
-    proc = subprocess.run([sys.executable, "-c", FULL_AT_SECOND_CHECKPOINT, *train_args(params_path)], cwd=ROOT,
-                          capture_output=True, text=True)  # the patch lives here, in the test
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_AT_SECOND_CHECKPOINT, *train_args(params_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )  # the patch lives here, in the test
     ckpt_dir = results / "runs" / RUN / "checkpoints"
-    assert_stopped_in_one_line(proc, ckpt_dir, f"alphaflow: no space left on device writing checkpoint step-0000004 "
-                               f"of run {RUN} ({ckpt_dir / 'step-0000004'}): it needs ", "nothing was lost")
+    assert_stopped_in_one_line(
+        proc,
+        ckpt_dir,
+        f"alphaflow: no space left on device writing checkpoint step-0000004 "
+        f"of run {RUN} ({ckpt_dir / 'step-0000004'}): it needs ",
+        "nothing was lost",
+    )
     run_cli(*train_args(params_path))
     assert final_digests(results) == reference
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A real small filesystem (a tmpfs; mounting needs root)
 
 
@@ -324,8 +352,13 @@ def test_a_run_on_a_small_filesystem_stops_cleanly_and_resumes_exactly(tiny_proj
     run_dir = small_fs(results / "runs" / RUN, int(1.5 * checkpoint) + ckpt.SPACE_MARGIN + (64 << 10))
     first = run_cli(*train_args(params_path), check=False)
     ckpt_dir = run_dir / "checkpoints"
-    assert_stopped_in_one_line(first, ckpt_dir, f"alphaflow: not enough free space to write checkpoint step-0000004 "
-                               f"of run {RUN} ({ckpt_dir / 'step-0000004'}): it needs ", "nothing was written")
+    assert_stopped_in_one_line(
+        first,
+        ckpt_dir,
+        f"alphaflow: not enough free space to write checkpoint step-0000004 "
+        f"of run {RUN} ({ckpt_dir / 'step-0000004'}): it needs ",
+        "nothing was written",
+    )
     small_fs(run_dir, 64 << 20, remount=True)  # space freed
     run_cli(*train_args(params_path))
     assert final_digests(results) == reference

@@ -12,21 +12,30 @@ from alphaflow.config import load_params
 from alphaflow.train import train
 from helpers import run_cli
 
-from alphaflow.phema import (PowerEMA, gamma_of, posthoc_coefficients, power_beta, profile_inner, reconstruct,
-                             sigma_rel_of)
+from alphaflow.phema import (
+    PowerEMA,
+    gamma_of,
+    posthoc_coefficients,
+    power_beta,
+    profile_inner,
+    reconstruct,
+    sigma_rel_of,
+)
 
 
 def test_sigma_rel_and_gamma_are_inverse_and_match_edm2():
     for s in (0.01, 0.05, 0.10, 0.20):
         assert sigma_rel_of(gamma_of(s)) == pytest.approx(s, rel=1e-10)
+    # fmt: off
     assert gamma_of(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2 quotes γ ≈ 16.97 for σ_rel = 0.05
     assert gamma_of(0.10) == pytest.approx(6.94, abs=0.01)   # and γ ≈ 6.94 for 0.10
+    # fmt: on
 
 
 def test_profile_inner_products_match_numerical_integration():
     tau = np.linspace(0, 1, 2_000_001)[1:]
-    density = lambda t, g: np.where(tau <= t, (g + 1) * tau ** g / t ** (g + 1), 0.0)
-    for (ta, ga, tb, gb) in [(0.6, 7.0, 1.0, 17.0), (1.0, 3.0, 0.4, 12.0), (0.8, 5.0, 0.8, 5.0)]:
+    density = lambda t, g: np.where(tau <= t, (g + 1) * tau**g / t ** (g + 1), 0.0)
+    for ta, ga, tb, gb in [(0.6, 7.0, 1.0, 17.0), (1.0, 3.0, 0.4, 12.0), (0.8, 5.0, 0.8, 5.0)]:
         numeric = np.trapezoid(density(ta, ga) * density(tb, gb), tau)
         assert profile_inner(ta, ga, tb, gb) == pytest.approx(numeric, rel=1e-4)
 
@@ -93,8 +102,7 @@ def test_reconstruction_matches_brute_force(trained, sigma_rel, upto):
 
 def test_a_tracked_profile_reconstructs_itself():
     raw, snapshots, batch = train_keeping_every_step(steps=80)
-    x = posthoc_coefficients([s[0] for s in snapshots], [gamma_of(s[1]) for s in snapshots], 80 * batch,
-                             gamma_of(0.10))
+    x = posthoc_coefficients([s[0] for s in snapshots], [gamma_of(s[1]) for s in snapshots], 80 * batch, gamma_of(0.10))
     last_010 = max(i for i, s in enumerate(snapshots) if s[1] == 0.10)
     assert x[last_010] == pytest.approx(1.0, abs=1e-6) and np.abs(np.delete(x, last_010)).max() < 1e-6
 
@@ -123,7 +131,8 @@ def test_snapshots_of_equal_state_are_equal_bytes_and_earlier_snapshots_still_re
     old = {k: v.contiguous() for k, v in ema.state_dict().items()}
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "phema-0000004.safetensors").write_bytes(
-        st_save(old, metadata={"step": "4", "images": "32", "sigma_rels": "[0.05, 0.1]"}))
+        st_save(old, metadata={"step": "4", "images": "32", "sigma_rels": "[0.05, 0.1]"})
+    )
     entries = lambda folder: [(images, sigma_rel) for images, sigma_rel, _ in list_snapshots(folder)]
     assert entries(tmp_path / "old") == entries(tmp_path / "try0") == [(32, 0.05), (32, 0.1)]
 
@@ -142,11 +151,25 @@ def test_a_training_runs_snapshots_reconstruct_its_brute_force_ema(tiny_project)
     ckpts = results / "runs" / "alphaflow-tiny" / "checkpoints"
     names = list(load_file(str(ckpts / "step-0000001" / "model.safetensors")))
     floats = [k for k in names if k not in ("latent_mean", "latent_std")]
-    raw = torch.stack([torch.cat([load_file(str(ckpts / f"step-{k:07d}" / "model.safetensors"))[n].double().reshape(-1)
-                                  for n in floats]) for k in range(1, steps + 1)])
+    raw = torch.stack(
+        [
+            torch.cat(
+                [load_file(str(ckpts / f"step-{k:07d}" / "model.safetensors"))[n].double().reshape(-1) for n in floats]
+            )
+            for k in range(1, steps + 1)
+        ]
+    )
     for upto in (steps, 30):
-        out = run_cli("phema", "--params", params_path, "--run", "alphaflow-tiny", "--sigma-rel", "0.07",
-                      *(["--step", str(upto)] if upto != steps else []))
+        out = run_cli(
+            "phema",
+            "--params",
+            params_path,
+            "--run",
+            "alphaflow-tiny",
+            "--sigma-rel",
+            "0.07",
+            *(["--step", str(upto)] if upto != steps else []),
+        )
         assert "σ_rel 0.07" in out.stdout
         suffix = "" if upto == steps else f"-step{upto:07d}"
         path = results / "runs" / "alphaflow-tiny" / "phema" / f"phema-0.07{suffix}.safetensors"
@@ -201,7 +224,7 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
     d["eval"]["weights"] = ["raw", "ema", "phema-0.05", "phema-0.15"]
     path.write_text(yaml.safe_dump(d))
     params = load_params(path)
-    train(params, "alphaflow-tiny", tracking=False, quiet=True)   # other fingerprint (phema keys): trains anew
+    train(params, "alphaflow-tiny", tracking=False, quiet=True)  # other fingerprint (phema keys): trains anew
     for f in ("model", "ema"):
         tracked = load_file(str(final / f"{f}.safetensors"))
         assert all(torch.equal(tracked[k], plain[f][k]) for k in plain[f]), f
@@ -214,14 +237,16 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
     made = rebuilt.stat().st_mtime_ns
     S.sample_run(params, "alphaflow-tiny", "phema-0.05", "2nfe-cons-0.5", device="cpu", quiet=True)
     assert rebuilt.stat().st_mtime_ns == made  # reused: reconstructed from this very training
-    ema, narrow, wide = (S.load_samples(params.samples_dir("alphaflow-tiny", w, "1nfe"))[0]
-                         for w in ("ema", "phema-0.05", "phema-0.15"))
+    ema, narrow, wide = (
+        S.load_samples(params.samples_dir("alphaflow-tiny", w, "1nfe"))[0] for w in ("ema", "phema-0.05", "phema-0.15")
+    )
     assert not torch.equal(narrow, wide) and not torch.equal(narrow, ema)
 
     out = report(params, mlflow=False)
     phema_md = out["phema"].read_text()
-    evals = {w: json.loads(params.eval_file("alphaflow-tiny", w, "1nfe").read_text())
-             for w in ("phema-0.05", "phema-0.15")}
+    evals = {
+        w: json.loads(params.eval_file("alphaflow-tiny", w, "1nfe").read_text()) for w in ("phema-0.05", "phema-0.15")
+    }
     values = {w: e["metrics"]["fd_classifier"]["value"] for w, e in evals.items()}
     best = min(values, key=values.get)
     assert f"**{values[best]:.2f}** ★" in phema_md and "| 1nfe | FD_clf |" in phema_md
@@ -235,6 +260,6 @@ def test_phema_weight_sets_are_sampled_evaluated_and_reported(tiny_project):
     path.write_text(yaml.safe_dump(d2))
     params = load_params(path)
     train(params, "alphaflow-tiny", tracking=False, quiet=True)
-    assert not rebuilt.exists()                       # the run folder's reconstructions went with the old training
+    assert not rebuilt.exists()  # the run folder's reconstructions went with the old training
     S.sample_run(params, "alphaflow-tiny", "phema-0.05", "1nfe", device="cpu", quiet=True)
     assert rebuilt.exists()

@@ -24,14 +24,14 @@ def snakemake_commands(*args, cwd=ROOT, env=None):
     cmds = set()
     for line in out.splitlines():
         if line.startswith("Shell command: "):
-            cmd = re.sub(r"\s*>\s*\S+\s+2>&1$", "", line[len("Shell command: "):])
+            cmd = re.sub(r"\s*>\s*\S+\s+2>&1$", "", line[len("Shell command: ") :])
             cmd = re.sub(r"^OMP_NUM_THREADS=\d+\s+", "", cmd)
             if cmd != "None":
                 cmds.add(" ".join(cmd.split()))
     return out, cmds
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Plans (fast)
 
 
@@ -41,8 +41,9 @@ def test_demo_plan_covers_every_run_weights_sampler():
     # 4 runs × ({ema, raw} × 2 samplers + 2 post-hoc EMA sets × the 1-NFE sampler)
     assert counts["train"] == 4 and counts["sample"] == 24 and counts["evaluate"] == 24 and counts["report"] == 1
     assert "alphaflow train --params params/default.yaml --quiet --run meanflow-N-4" in cmds
-    assert ("alphaflow sample --params params/default.yaml --quiet --run alphaflow-T-4 --weights phema-0.15 "
-            "--sampler 1nfe") in cmds
+    assert (
+        "alphaflow sample --params params/default.yaml --quiet --run alphaflow-T-4 --weights phema-0.15 --sampler 1nfe"
+    ) in cmds
     assert not any("phema" in c and "2nfe" in c for c in cmds)
 
 
@@ -91,10 +92,12 @@ def test_bad_params_fail_before_anything_runs(tmp_path):
 
 def dvc_stages(dvcfile="dvc.yaml", cwd=ROOT):
     """[(stage name, cmd, outs + metrics)] of every stage of one dvc.yaml, through DVC's own parser."""
-    code = ("import json, sys; from dvc.repo import Repo; r = Repo('.'); print(json.dumps([(s.name, s.cmd, "
-            "[str(o.def_path) if s.wdir == r.root_dir else __import__('os').path.relpath(__import__('os').path.join("
-            "s.wdir, str(o.def_path)), r.root_dir) for o in s.outs]) for s in r.index.stages "
-            "if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1]]))")
+    code = (
+        "import json, sys; from dvc.repo import Repo; r = Repo('.'); print(json.dumps([(s.name, s.cmd, "
+        "[str(o.def_path) if s.wdir == r.root_dir else __import__('os').path.relpath(__import__('os').path.join("
+        "s.wdir, str(o.def_path)), r.root_dir) for o in s.outs]) for s in r.index.stages "
+        "if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1]]))"
+    )
     return json.loads(run([sys.executable, "-c", code, dvcfile], cwd=cwd).stdout)
 
 
@@ -129,8 +132,19 @@ def test_each_profiles_dvc_pipeline_is_current_and_declares_snakemakes_stages_an
     outs = {}
     for name, _, paths in stages:
         outs.setdefault(name.split("-")[0], []).extend(paths)
-    summary = run([BIN / "snakemake", "-n", "--forceall", "--detailed-summary", "all", "--config",
-                   f"params={params_file}", "executor=none"], env=env).stdout
+    summary = run(
+        [
+            BIN / "snakemake",
+            "-n",
+            "--forceall",
+            "--detailed-summary",
+            "all",
+            "--config",
+            f"params={params_file}",
+            "executor=none",
+        ],
+        env=env,
+    ).stdout
     checked = 0
     for line in summary.splitlines():
         cols = line.split("\t")
@@ -140,18 +154,21 @@ def test_each_profiles_dvc_pipeline_is_current_and_declares_snakemakes_stages_an
         assert any(path == o or path.startswith(o.rstrip("/") + "/") for o in outs[rule]), (rule, path)
         checked += 1
     assert checked >= len(stages)
-    code = ("import json, sys; from dvc.repo import Repo; r = Repo('.'); print(json.dumps(sorted({k for s in "
-            "r.index.stages if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1] "
-            "for d in s.deps "
-            "if type(d).__name__ == 'ParamsDependency' for k in d.params})))")
+    code = (
+        "import json, sys; from dvc.repo import Repo; r = Repo('.'); print(json.dumps(sorted({k for s in "
+        "r.index.stages if __import__('os').path.relpath(s.dvcfile.path, r.root_dir) == sys.argv[1] "
+        "for d in s.deps "
+        "if type(d).__name__ == 'ParamsDependency' for k in d.params})))"
+    )
     profile_raw = yaml.safe_load((ROOT / params_file).read_text())
     for key in json.loads(run([sys.executable, "-c", code, dvcfile]).stdout):
         if key == params_file:
             continue  # the report watches the whole file
         node = profile_raw
         for part in key.split("."):
-            assert isinstance(node, dict) and part in node, \
+            assert isinstance(node, dict) and part in node, (
                 f"{dvcfile} names params key {key!r}, missing in {params_file}"
+            )
             node = node[part]
 
 
@@ -165,7 +182,7 @@ def test_the_demo_pipeline_has_the_demo_cells():
     assert sum(name.startswith("train-") for name, _, _ in small) == 13  # 3 methods × 3 seeds + 2 × 2 ablation
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The DAG for real (slow)
 
 
@@ -173,8 +190,15 @@ def tiny_profile(path, images, results="results", **defaults):
     d = tiny_params_dict(results, images, **defaults)
     d["eval"]["weights"] = ["ema", "raw"]
     # Every params key dvc.yaml names must exist (DVC refuses missing params).
-    d["eval"].update({"fid_samples": None, "fid_ref_samples": None, "slow_metric_weights": None,
-                      "inception": "inception-fid-ts", "parts": 1})
+    d["eval"].update(
+        {
+            "fid_samples": None,
+            "fid_ref_samples": None,
+            "slow_metric_weights": None,
+            "inception": "inception-fid-ts",
+            "parts": 1,
+        }
+    )
     d["paper_results"] = {}
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return d
@@ -189,8 +213,18 @@ def tiny_dag(tmp_path_factory):
     write_class_folder(base / "images")
     params = base / "params.yaml"
     tiny_profile(params, base / "images", results=str(base / "results"))
-    args = [BIN / "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", base, "--cores", "2",
-            "--config", f"params={params}"]
+    args = [
+        BIN / "snakemake",
+        "all",
+        "-s",
+        ROOT / "Snakefile",
+        "--directory",
+        base,
+        "--cores",
+        "2",
+        "--config",
+        f"params={params}",
+    ]
     run(args)
     return args, base
 
@@ -271,7 +305,7 @@ def test_snakemakes_report_shows_table1_plots_and_sample_sheets_in_a_browser(tin
     header, *rows = csv.reader(table1.read_text().splitlines())
     assert len(rows) == 4 and "NFE1 FD_clf ours" in header  # 2 runs × {ema, raw}
     ours = header.index("NFE1 FD_clf ours")
-    assert all(" ".join(row[:ours + 1]) in text for row in rows), text[:3000]  # run, …, its 1-NFE FD_clf
+    assert all(" ".join(row[: ours + 1]) in text for row in rows), text[:3000]  # run, …, its 1-NFE FD_clf
 
     text, dom = report_view(report, ["Plots", "Figures", ["training", "view"]], base / "training.png")
     assert "training_alphaflow-tiny" in text and "samples_alphaflow-tiny" not in text  # sheets have their own list
@@ -314,8 +348,12 @@ def test_dvc_repro_runs_the_same_dag_in_a_git_repo(tiny_latents, tmp_path):
     d = yaml.safe_load((repo / "params" / "default.yaml").read_text())
     d["eval"]["n_boot"] = 7
     (repo / "params" / "default.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-    assert changed_stages(repo) == {f"evaluate-{r}-{w}-{s}" for r in ("alphaflow-tiny", "meanflow-tiny")
-                                    for w in ("ema", "raw") for s in ("1nfe", "2nfe-cons-0.5")} | {"report"}
+    assert changed_stages(repo) == {
+        f"evaluate-{r}-{w}-{s}"
+        for r in ("alphaflow-tiny", "meanflow-tiny")
+        for w in ("ema", "raw")
+        for s in ("1nfe", "2nfe-cons-0.5")
+    } | {"report"}
     # A key no stage reads (where MLflow is) invalidates nothing but the report, which watches the whole file;
     # the seed (latent statistics, classifier, bootstrap) invalidates encode, and nothing upstream of it.
     d["eval"]["n_boot"] = 20

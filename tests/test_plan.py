@@ -39,12 +39,24 @@ def test_dit_flops_is_close_to_the_counted_forward(name, size, channels):
 
 
 def bench_record(model="T/4", batch=64, fm=100.0, alphaflow=120.0, meanflow=130.0, forward=30.0):
-    rows = [{"objective": "forward", "jvp_mode": None, "cfg": False, "ms": forward},
-            {"objective": "fm", "jvp_mode": None, "cfg": False, "ms": fm},
-            {"objective": "alphaflow", "jvp_mode": None, "cfg": False, "ms": alphaflow},
-            {"objective": "meanflow", "jvp_mode": "tangent", "cfg": False, "ms": meanflow}]
-    return {"device": "cpu (x86_64)", "device_type": "cpu", "date": "2026-11-29", "model": model, "batch": batch,
-            "input": [1, 28, 28], "dtype": "fp32", "threads": 1, "forward_flops_per_image": 1.0, "rows": rows}
+    rows = [
+        {"objective": "forward", "jvp_mode": None, "cfg": False, "ms": forward},
+        {"objective": "fm", "jvp_mode": None, "cfg": False, "ms": fm},
+        {"objective": "alphaflow", "jvp_mode": None, "cfg": False, "ms": alphaflow},
+        {"objective": "meanflow", "jvp_mode": "tangent", "cfg": False, "ms": meanflow},
+    ]
+    return {
+        "device": "cpu (x86_64)",
+        "device_type": "cpu",
+        "date": "2026-11-29",
+        "model": model,
+        "batch": batch,
+        "input": [1, 28, 28],
+        "dtype": "fp32",
+        "threads": 1,
+        "forward_flops_per_image": 1.0,
+        "rows": rows,
+    }
 
 
 def test_plan_arithmetic_on_the_demo_profile(tmp_path):
@@ -57,7 +69,8 @@ def test_plan_arithmetic_on_the_demo_profile(tmp_path):
     # alphaflow-T-4 (50 % r ≠ t): FM 100 ms, α-Flow 120 ms, MeanFlow 130 ms per step.
     mix = step_mix(params.run("alphaflow-T-4"))
     assert by["alphaflow-T-4"]["train_device_h"] * 3600 == pytest.approx(
-        (mix["fm"] * 100 + mix["alphaflow"] * 120 + mix["meanflow"] * 130) / 1e3)
+        (mix["fm"] * 100 + mix["alphaflow"] * 120 + mix["meanflow"] * 130) / 1e3
+    )
     assert by["alphaflow-T-4"]["step_cost"] == "measured" and by["alphaflow-N-4"]["step_cost"] == "scaled from T/4"
     ratio = dit_flops("N/4", 28, 1) / dit_flops("T/4", 28, 1)
     assert by["meanflow-N-4"]["train_device_h"] == pytest.approx(by["meanflow-T-4"]["train_device_h"] * ratio)
@@ -67,10 +80,11 @@ def test_plan_arithmetic_on_the_demo_profile(tmp_path):
 
 
 def test_requeues_and_the_short_time_limit_warning(tmp_path):
-    (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(json.dumps(bench_record(fm=60_000.0, alphaflow=60_000.0,
-                                                                              meanflow=60_000.0)))
+    (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(
+        json.dumps(bench_record(fm=60_000.0, alphaflow=60_000.0, meanflow=60_000.0))
+    )
     d = json.loads(json.dumps(load_params(ROOT / "params" / "default.yaml").raw))
-    d["defaults"]["resources"] = {"timeout_min": 60}   # 450 one-minute steps: 7.5 h, checkpoints every 150
+    d["defaults"]["resources"] = {"timeout_min": 60}  # 450 one-minute steps: 7.5 h, checkpoints every 150
     d["results"] = str(tmp_path / "results")
     path = tmp_path / "p.yaml"
     path.write_text(json.dumps(d))
@@ -87,19 +101,25 @@ def test_no_measurement_for_the_device_is_a_clear_error(tmp_path):
 
 
 def test_plan_command_prints_the_paper_profile_totals():
-    out = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--gpu", "H200"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--gpu", "H200"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "| alphaflow-XL-2-cfg | XL/2 |" in out and "device-hours of training" in out
 
 
 def test_the_measurement_at_the_runs_batch_is_preferred():
     from alphaflow.plan import pick_measurement
 
-    records = [{"device_type": "cpu", "dtype": "fp32", "device": "cpu", "threads": 1, "model": "N/7", "batch": b}
-               for b in (32, 64)] + [{"device_type": "cpu", "dtype": "fp32", "device": "cpu", "threads": 1,
-                                      "model": "T/4", "batch": 128}]
+    records = [
+        {"device_type": "cpu", "dtype": "fp32", "device": "cpu", "threads": 1, "model": "N/7", "batch": b}
+        for b in (32, 64)
+    ] + [{"device_type": "cpu", "dtype": "fp32", "device": "cpu", "threads": 1, "model": "T/4", "batch": 128}]
     assert pick_measurement(records, "cpu", "N/7", "fp32", batch=32)[0]["batch"] == 32
-    assert pick_measurement(records, "cpu", "N/7", "fp32", batch=16)[0]["batch"] == 64   # the largest measured
+    assert pick_measurement(records, "cpu", "N/7", "fp32", batch=16)[0]["batch"] == 64  # the largest measured
     assert pick_measurement(records, "cpu", "S/2", "fp32", batch=32) == (records[2], "scaled from T/4")
 
 
@@ -110,20 +130,38 @@ def test_plan_prices_the_hardware_the_profile_asks_for():
     assert profile_device(load_params(ROOT / "params" / "paper.yaml")) == "cuda"
     assert profile_device(load_params(ROOT / "params" / "released.yaml")) == "cuda"  # imports on CPU, sampling on GPUs
     assert profile_device(load_params(ROOT / "params" / "default.yaml")) == "cpu"
-    out = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.startswith("Cost plan on cuda") and "step costs: NVIDIA H200 bf16" in out
     assert "time limit shorter than one checkpoint interval" not in out
-    cpu = subprocess.run([sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--device",
-                          "cpu"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    cpu = subprocess.run(
+        [sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--device", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert cpu.startswith("Cost plan on cpu")
 
 
 def eval_record(device="cpu (1 threads)", device_type="cpu", threads=1, **ips):
-    rows = [{"name": name, "images_per_s": v, **({"resolution": 128} if name == "sd-vae-decode" else {})}
-            for name, v in ips.items()]
-    return {"kind": "eval-throughput", "device": device, "device_type": device_type, "threads": threads,
-            "date": "2026-12-01", "rows": rows}
+    rows = [
+        {"name": name, "images_per_s": v, **({"resolution": 128} if name == "sd-vae-decode" else {})}
+        for name, v in ips.items()
+    ]
+    return {
+        "kind": "eval-throughput",
+        "device": device,
+        "device_type": device_type,
+        "threads": threads,
+        "date": "2026-12-01",
+        "rows": rows,
+    }
 
 
 def test_plan_counts_evaluation_from_measured_throughputs(tmp_path):
@@ -135,7 +173,7 @@ def test_plan_counts_evaluation_from_measured_throughputs(tmp_path):
     # Six weights × sampler sets (ema, raw × 2 samplers; two post-hoc EMAs × 1 NFE): the classifier scores
     # 1,000 images of each; the Inception only the two EMA sets (slow_metric_weights), 20 images each (fid_samples).
     assert r["metrics_device_h"] * 3600 == pytest.approx(6 * 1000 / 1000.0 + 2 * 20 / 4.0)
-    assert r["decode_device_h"] == 0.0 and r["eval_unmeasured"] == []    # pixel space: nothing to decode
+    assert r["decode_device_h"] == 0.0 and r["eval_unmeasured"] == []  # pixel space: nothing to decode
     assert "FID Inception-v3: 4.0 images/s on cpu (1 threads), 2026-12-01" in notes
     assert not any("not measured" in n for n in notes)
 
@@ -143,11 +181,17 @@ def test_plan_counts_evaluation_from_measured_throughputs(tmp_path):
 def test_an_unmeasured_throughput_is_one_line_not_a_number(tmp_path):
     """The released profile decodes with the SD-VAE and scores with Inception, DINOv2 and CLIP; only DINOv2 and the
     VAE (at 128 px: 256 px costs 4× per image) are measured on this GPU."""
-    gpu = {**bench_record(model="B/2"), "device": "NVIDIA H200", "device_type": "cuda", "dtype": "bf16",
-           "input": [4, 32, 32]}
+    gpu = {
+        **bench_record(model="B/2"),
+        "device": "NVIDIA H200",
+        "device_type": "cuda",
+        "dtype": "bf16",
+        "input": [4, 32, 32],
+    }
     (tmp_path / "cuda-B2-b64-bf16.json").write_text(json.dumps(gpu))
-    (tmp_path / "eval-cuda-nvidia-h200.json").write_text(json.dumps(eval_record(
-        "NVIDIA H200", "cuda", None, dinov2=500.0, **{"sd-vae-decode": 400.0})))
+    (tmp_path / "eval-cuda-nvidia-h200.json").write_text(
+        json.dumps(eval_record("NVIDIA H200", "cuda", None, dinov2=500.0, **{"sd-vae-decode": 400.0}))
+    )
     params = load_params(ROOT / "params" / "released.yaml")
     rows, notes = plan(params, device_type="cuda", gpu="H200", bench_dir=tmp_path)
     r = rows[0]
@@ -160,7 +204,8 @@ def test_an_unmeasured_throughput_is_one_line_not_a_number(tmp_path):
         "CLIP ViT-B/32 (FCD): images/s not measured on cuda H200, not counted (measure it with "
         "benchmarks/eval_throughput.py; on a GPU benchmarks/gpu_suite.sh)",
         "FID Inception-v3: images/s not measured on cuda H200, not counted (measure it with "
-        "benchmarks/eval_throughput.py; on a GPU benchmarks/gpu_suite.sh)"]
+        "benchmarks/eval_throughput.py; on a GPU benchmarks/gpu_suite.sh)",
+    ]
     from alphaflow.plan import format_plan
 
     table = format_plan(rows, notes, "cuda H200")

@@ -28,7 +28,7 @@ def net4():
     return randomized(net).eval()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The official noise streams, restated.
 
 
@@ -61,11 +61,13 @@ def test_alphaflow_streams_are_per_seed_whatever_the_batch(net4):
     noise, fresh = protocol_noise(seeds, SHAPE, protocol="alphaflow")
     batch = sample(net4, noise, labels, t_steps, mode="consistency", generator=fresh)
     for i, seed in enumerate(seeds):
-        torch.testing.assert_close(batch[i:i + 1], official_consistency(net4, seed, int(labels[i]), t_steps),
-                                   rtol=1e-5, atol=1e-5)  # batched kernels: float32 rounding only
+        torch.testing.assert_close(
+            batch[i : i + 1], official_consistency(net4, seed, int(labels[i]), t_steps), rtol=1e-5, atol=1e-5
+        )  # batched kernels: float32 rounding only
     # seed 2**32 + 1 is seed 1 of the official code (seed mod 2**32), not of the default stream
-    assert torch.equal(protocol_noise([2**32 + 1], SHAPE, protocol="alphaflow")[0],
-                       protocol_noise([1], SHAPE, protocol="alphaflow")[0])
+    assert torch.equal(
+        protocol_noise([2**32 + 1], SHAPE, protocol="alphaflow")[0], protocol_noise([1], SHAPE, protocol="alphaflow")[0]
+    )
 
 
 def test_ode_sampling_draws_no_more_noise(net4):
@@ -92,8 +94,9 @@ def test_the_default_protocol_is_the_old_code_bit_for_bit(net4, mode):
     sampler = {"t_steps": [1.0, 0.4, 0.0], "mode": mode}
     new = S.generate(net4, IdentityEncoder(), seeds, labels, sampler, torch.device("cpu"), contextlib.nullcontext)
     assert torch.equal(new, old_generate(net4, IdentityEncoder(), seeds, labels, sampler))
-    official = S.generate(net4, IdentityEncoder(), seeds, labels, sampler, torch.device("cpu"),
-                          contextlib.nullcontext, "alphaflow")
+    official = S.generate(
+        net4, IdentityEncoder(), seeds, labels, sampler, torch.device("cpu"), contextlib.nullcontext, "alphaflow"
+    )
     assert not torch.equal(official, new)
 
 
@@ -110,7 +113,7 @@ def test_uint8_truncation_vs_rounding_on_edge_values():
         to_uint8(x, "floor")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Params and fingerprints
 
 
@@ -132,7 +135,7 @@ def test_paper_profile_uses_the_alphaflow_protocol_and_the_demo_keeps_default():
     assert stage_reads(official, "reference")["protocol"] == "alphaflow"  # round-tripped real images
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The real images' float32 round trip of the official evaluation, restated.
 
 
@@ -218,7 +221,7 @@ def test_adm_protocol_needs_its_reference_and_fid(tmp_path):
     assert stage_reads(p, "evaluate", weights="ema")["adm_reference"] == "ref.npz"
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # ADM .npz batches
 
 
@@ -256,7 +259,7 @@ def test_adm_sample_batch_round_trip(tmp_path):
         assert npz.files == ["arr_0"] and np.array_equal(npz["arr_0"], rgb.permute(0, 2, 3, 1).numpy())
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A tiny trained run: the sample stage under the protocol, export-npz, `alphaflow generate`.
 
 
@@ -279,15 +282,48 @@ def test_export_npz_of_a_sample_set(official_run, tmp_path):
 
     params = official_run
     out = tmp_path / "batch.npz"
-    assert main(["export-npz", "--params", params.path, "--run", "alphaflow-tiny", "--weights", "ema",
-                 "--sampler", "2nfe-cons-0.5", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "export-npz",
+                "--params",
+                params.path,
+                "--run",
+                "alphaflow-tiny",
+                "--weights",
+                "ema",
+                "--sampler",
+                "2nfe-cons-0.5",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     images, labels = S.load_samples(params.samples_dir("alphaflow-tiny", "ema", "2nfe-cons-0.5"))
     with np.load(out, allow_pickle=False) as npz:
         assert np.array_equal(npz["arr_0"], images.permute(0, 2, 3, 1).numpy())
         assert np.array_equal(npz["arr_1"], labels.numpy())
     # No finished sample set: one clear line, exit 2.
-    assert main(["export-npz", "--params", params.path, "--run", "alphaflow-tiny", "--weights", "raw",
-                 "--sampler", "1nfe", "--out", str(tmp_path / "x.npz")]) == 2
+    assert (
+        main(
+            [
+                "export-npz",
+                "--params",
+                params.path,
+                "--run",
+                "alphaflow-tiny",
+                "--weights",
+                "raw",
+                "--sampler",
+                "1nfe",
+                "--out",
+                str(tmp_path / "x.npz"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_generate_equals_the_sample_stage_and_is_deterministic(official_run, tmp_path):
@@ -298,8 +334,24 @@ def test_generate_equals_the_sample_stage_and_is_deterministic(official_run, tmp
     n = len(images)
     # balanced labels: seed i → i mod 3, i.e. --classes 0,1,2 taken cyclically
     assert labels.tolist() == [i % 3 for i in range(n)]
-    common = ["generate", "--params", params.path, "--run", "alphaflow-tiny", "--weights", "ema", "--classes", "0,1,2",
-              "--seeds", f"0-{n - 1}", "--nfe", "2", "--mode", "consistency", "--quiet"]
+    common = [
+        "generate",
+        "--params",
+        params.path,
+        "--run",
+        "alphaflow-tiny",
+        "--weights",
+        "ema",
+        "--classes",
+        "0,1,2",
+        "--seeds",
+        f"0-{n - 1}",
+        "--nfe",
+        "2",
+        "--mode",
+        "consistency",
+        "--quiet",
+    ]
     assert main(common + ["--out", str(tmp_path / "pngs") + "/"]) == 0
     files = sorted((tmp_path / "pngs").glob("sample_*.png"))
     assert [f.name for f in files] == [f"sample_{s:06d}.png" for s in range(n)]
@@ -309,9 +361,31 @@ def test_generate_equals_the_sample_stage_and_is_deterministic(official_run, tmp
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     # the final weights file itself, with its preset given
     weights = params.run_dir("alphaflow-tiny") / "checkpoints" / "final" / "ema.safetensors"
-    assert main(["generate", "--checkpoint", str(weights), "--model", "T/2", "--model-overrides",
-                 '{"depth": 1, "hidden_size": 32, "num_heads": 2}', "--classes", "0,1,2", "--seeds", "0-4,7",
-                 "--nfe", "2", "--mode", "consistency", "--out", str(tmp_path / "ck") + "/", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(weights),
+                "--model",
+                "T/2",
+                "--model-overrides",
+                '{"depth": 1, "hidden_size": 32, "num_heads": 2}',
+                "--classes",
+                "0,1,2",
+                "--seeds",
+                "0-4,7",
+                "--nfe",
+                "2",
+                "--mode",
+                "consistency",
+                "--out",
+                str(tmp_path / "ck") + "/",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for s in (0, 1, 2, 3, 4):
         assert torch.equal(read_png(tmp_path / "ck" / f"sample_{s:06d}.png"), images[s])
     # seed 7 is the 6th seed given: it takes classes[5 % 3] = 2, not 7 mod 3 = 1
@@ -330,9 +404,9 @@ def test_generate_argument_errors(official_run, tmp_path):
     with pytest.raises(ParamsError):
         parse_int_list("a", "--seeds")
     base = ["generate", "--params", official_run.path, "--run", "alphaflow-tiny", "--quiet"]
-    assert main(base + ["--classes", "9", "--out", str(tmp_path / "g.png")]) == 2       # 3 classes only
-    assert main(base + ["--out", str(tmp_path / "g.jpg")]) == 2                           # not .png nor a folder
-    assert main(["generate", "--seeds", "0", "--out", str(tmp_path / "g.png")]) == 2     # no --run / --checkpoint
+    assert main(base + ["--classes", "9", "--out", str(tmp_path / "g.png")]) == 2  # 3 classes only
+    assert main(base + ["--out", str(tmp_path / "g.jpg")]) == 2  # not .png nor a folder
+    assert main(["generate", "--seeds", "0", "--out", str(tmp_path / "g.png")]) == 2  # no --run / --checkpoint
 
 
 def test_generate_from_an_official_snapshot(tmp_path):
@@ -346,13 +420,39 @@ def test_generate_from_an_official_snapshot(tmp_path):
 
     path = tmp_path / "alphaflow-T-2.pt"
     write_snapshot(path, depth=4, hidden=128, rows=1000, channels=3, size=8)
-    assert main(["generate", "--checkpoint", str(path), "--weights", "raw", "--classes", "207,360", "--seeds", "0-3",
-                 "--nfe", "2", "--out", str(tmp_path / "out") + "/", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(path),
+                "--weights",
+                "raw",
+                "--classes",
+                "207,360",
+                "--seeds",
+                "0-3",
+                "--nfe",
+                "2",
+                "--out",
+                str(tmp_path / "out") + "/",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     net, preset = build_official_model(path, "raw")
     assert preset == "T/2"
-    expected = S.generate(net, IdentityEncoder(), [0, 1, 2, 3], [207, 360, 207, 360],
-                          {"t_steps": [1.0, 0.5, 0.0], "mode": "ode"}, torch.device("cpu"), contextlib.nullcontext,
-                          "alphaflow")
+    expected = S.generate(
+        net,
+        IdentityEncoder(),
+        [0, 1, 2, 3],
+        [207, 360, 207, 360],
+        {"t_steps": [1.0, 0.5, 0.0], "mode": "ode"},
+        torch.device("cpu"),
+        contextlib.nullcontext,
+        "alphaflow",
+    )
     for s in range(4):
         assert torch.equal(read_png(tmp_path / "out" / f"sample_{s:06d}.png"), expected[s])
 
@@ -364,8 +464,10 @@ def test_adm_protocol_takes_fid_against_the_adm_reference(official_run, tmp_path
     a = rng.normal(size=(6, 6))
     mu, sigma = rng.normal(size=6), a @ a.T + np.eye(6)
     np.savez(tmp_path / "VIRTUAL_tiny.npz", mu=mu, sigma=sigma, arr_0=np.zeros((1, 8, 8, 3), np.uint8))
-    params = load_params(official_run.path, ["eval.protocol=adm", f"eval.adm_reference={tmp_path / 'VIRTUAL_tiny.npz'}",
-                                             "eval.metrics=[fid]"])
+    params = load_params(
+        official_run.path,
+        ["eval.protocol=adm", f"eval.adm_reference={tmp_path / 'VIRTUAL_tiny.npz'}", "eval.metrics=[fid]"],
+    )
     features = lambda name, images, **kw: {"features": images.float().flatten(1)[:, :6]}
     monkeypatch.setattr(M, "extract_features", features)  # no Inception weights here: any 6-d features
     monkeypatch.setattr(E, "metric_plan", lambda p: [("fid", "inception-fid-ts", None)])

@@ -105,10 +105,12 @@ def test_more_steps_extend_a_finished_run_exactly(tiny_project, scratch, delete_
 
 def test_fewer_steps_equal_a_shorter_run(tiny_project, scratch):
     write, results = tiny_project
+    # fmt: off
     train(load_params(write(steps=10)), RUN, tracking=False, quiet=True)  # keeps step-8 and step-10
     train(load_params(write(steps=8)), RUN, tracking=False, quiet=True)   # from step-8
+    # fmt: on
     assert_bit_identical(final_weights(results), scratch(steps=8))
-    train(load_params(write(steps=5)), RUN, tracking=False, quiet=True)   # no checkpoint ≤ 5: starts over
+    train(load_params(write(steps=5)), RUN, tracking=False, quiet=True)  # no checkpoint ≤ 5: starts over
     assert_bit_identical(final_weights(results), scratch(steps=5))
 
 
@@ -127,8 +129,10 @@ def test_finetune_continues_the_source_ema_with_its_half_life(tiny_project):
     """XL/2+ semantics: the fine-tune's first EMA update uses the source's step count for the ramp-up,
     so the loaded EMA is averaged with β = ema_beta(source steps), not replaced (β = 0 at step 0)."""
     write, results = tiny_project
-    runs = {"base": {"method": "alphaflow"},
-            "plus": {"method": "meanflow", "init_from": "base", "steps": 1, "lr": 0.0, "warmup_steps": 0}}
+    runs = {
+        "base": {"method": "alphaflow"},
+        "plus": {"method": "meanflow", "init_from": "base", "steps": 1, "lr": 0.0, "warmup_steps": 0},
+    }
     params = load_params(write(runs=runs, steps=12, ema_halflife=4, ema_rampup=0.5))
     train(params, "base", tracking=False, quiet=True)
     train(params, "plus", tracking=False, quiet=True)
@@ -144,8 +148,14 @@ def test_finetune_continues_the_source_ema_with_its_half_life(tiny_project):
     from alphaflow.run_folder import train_fingerprint
 
     fp = train_fingerprint(params, params.run("plus"))
-    train(load_params(write(runs={**runs, "base": {"method": "alphaflow", "lr": 5e-4}}, steps=12, ema_halflife=4,
-                            ema_rampup=0.5)), "base", tracking=False, quiet=True)
+    train(
+        load_params(
+            write(runs={**runs, "base": {"method": "alphaflow", "lr": 5e-4}}, steps=12, ema_halflife=4, ema_rampup=0.5)
+        ),
+        "base",
+        tracking=False,
+        quiet=True,
+    )
     assert train_fingerprint(params, params.run("plus")) != fp
 
 
@@ -185,7 +195,7 @@ def test_run_names_cannot_leave_the_runs_folder(tmp_path):
     load_params(tmp_path / "p.yaml")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Sampling
 
 

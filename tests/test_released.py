@@ -33,12 +33,25 @@ def tiny_snapshot(path, seed=0, rows=3):
 def released_profile(results, images, **eval_keys):
     d = tiny_params_dict(results, images)
     d["profile"] = "released-test"
-    d["runs"] = {RUN: {"method": "alphaflow", "model": "T/2", "model_overrides": {}, "checkpoint": "alphaflow-T-2.pt",
-                       "steps": 400000}}
+    d["runs"] = {
+        RUN: {
+            "method": "alphaflow",
+            "model": "T/2",
+            "model_overrides": {},
+            "checkpoint": "alphaflow-T-2.pt",
+            "steps": 400000,
+        }
+    }
     d["eval"].update({"weights": ["ema"], "protocol": "alphaflow", "labels": "random", **eval_keys})
     d["eval"]["samplers"].append({"name": "1nfe-balanced", "mode": "ode", "t_steps": [1.0, 0.0], "labels": "balanced"})
-    d["paper_results"] = {RUN: {"table": "1", "row": "α-Flow-T/2 (a test file)", "fd_classifier_1nfe": 12.5,
-                                "balanced": {"fd_classifier_1nfe": 11.0}}}
+    d["paper_results"] = {
+        RUN: {
+            "table": "1",
+            "row": "α-Flow-T/2 (a test file)",
+            "fd_classifier_1nfe": 12.5,
+            "balanced": {"fd_classifier_1nfe": 11.0},
+        }
+    }
     return d
 
 
@@ -88,6 +101,7 @@ def test_released_runs_fail_clearly(released, monkeypatch, tmp_path):
     raw = {**params.raw, "runs": {RUN: {**params.raw["runs"][RUN], "checkpoint": "weights.bin"}}}
     with pytest.raises(ParamsError, match=r"runs\.alphaflow-T-2\.checkpoint' = 'weights\.bin'"):
         from alphaflow.config import validate
+
         validate(raw)
 
 
@@ -97,8 +111,14 @@ def test_init_from_a_released_file_fine_tunes_from_its_weights(tiny_project, tmp
     folder.mkdir()
     tiny_snapshot(folder / "xl.pt", rows=4)  # with a null row, as the CFG models
     monkeypatch.setenv("ALPHAFLOW_RELEASED", str(folder))
-    run = {"method": "alphaflow", "model": "T/2", "model_overrides": {}, "init_from": "xl.pt", "steps": 2,
-           "checkpoint_every": 1}
+    run = {
+        "method": "alphaflow",
+        "model": "T/2",
+        "model_overrides": {},
+        "init_from": "xl.pt",
+        "steps": 2,
+        "checkpoint_every": 1,
+    }
     params = load_params(write(runs={"plus": run}))
     state = train(params, "plus", quiet=True)
     assert state["step"] == 2
@@ -115,13 +135,24 @@ def test_init_from_a_released_file_fine_tunes_from_its_weights(tiny_project, tmp
     assert train_fingerprint(params, params.run("plus")) != before
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Through the real Snakemake.
 
 
 def snakemake(tmp_path, params_file, *extra):
-    args = [str(BIN / "snakemake"), "all", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-            "--cores", "2", "--config", f"params={params_file}", *extra]
+    args = [
+        str(BIN / "snakemake"),
+        "all",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--cores",
+        "2",
+        "--config",
+        f"params={params_file}",
+        *extra,
+    ]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # `alphaflow` as the rules call it
     proc = subprocess.run(args, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -25,9 +25,20 @@ def write_eval(params, run, weights, sampler, value):
     path = params.run_dir(run) / "eval" / weights / f"{sampler}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     t_steps = params.samplers[sampler]["t_steps"]
-    path.write_text(json.dumps({"run": run, "weights": weights, "sampler": sampler, "num_samples": 10,
-                                "t_steps": t_steps, "mode": "ode", "labels": "balanced", "metrics": {
-                                    "fd_classifier": {"value": value, "low": value - 1, "high": value + 1, "n": 10}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "run": run,
+                "weights": weights,
+                "sampler": sampler,
+                "num_samples": 10,
+                "t_steps": t_steps,
+                "mode": "ode",
+                "labels": "balanced",
+                "metrics": {"fd_classifier": {"value": value, "low": value - 1, "high": value + 1, "n": 10}},
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -42,20 +53,21 @@ def seeded(tmp_path):
 
 def test_t_interval_and_welch_match_the_textbook():
     mean, half = t_interval([10.0, 12.0, 14.0])
-    assert mean == 12.0 and half == pytest.approx(4.302653 * 2.0 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2) · s / √n
+    assert mean == 12.0 and half == pytest.approx(4.302653 * 2.0 / 3**0.5, rel=1e-5)  # t(0.975, 2) · s / √n
     diff, half = welch_interval([10.0, 12.0, 14.0], [20.0, 22.0, 24.0])
     assert diff == -10.0 and half == pytest.approx(2.776445 * (8 / 3) ** 0.5, rel=1e-5)  # equal variances: dof 4
     # Paired: differences −9, −10, −14 (mean −11, s = √7) → t(0.975, 2) · s / √3.
-    diff, half = paired_interval(pd.Series([11.0, 12.0, 10.0], index=[1, 2, 3]),
-                                 pd.Series([24.0, 20.0, 22.0], index=[3, 1, 2]))
-    assert diff == pytest.approx(-11.0) and half == pytest.approx(4.302653 * 7 ** 0.5 / 3 ** 0.5, rel=1e-5)
+    diff, half = paired_interval(
+        pd.Series([11.0, 12.0, 10.0], index=[1, 2, 3]), pd.Series([24.0, 20.0, 22.0], index=[3, 1, 2])
+    )
+    assert diff == pytest.approx(-11.0) and half == pytest.approx(4.302653 * 7**0.5 / 3**0.5, rel=1e-5)
 
 
 def test_seed_table_and_verdicts(seeded):
     values = {"alphaflow": [10.0, 12.0, 14.0], "meanflow": [20.0, 22.0, 24.0]}
     for method, vals in values.items():
         for seed, v in zip((1, 2, 3), vals):
-            write_eval(seeded, f"{method}-s{seed}", "ema", "1nfe", v)          # clearly separated
+            write_eval(seeded, f"{method}-s{seed}", "ema", "1nfe", v)  # clearly separated
             write_eval(seeded, f"{method}-s{seed}", "raw", "1nfe", v if method == "alphaflow" else v - 9)  # overlapping
     out = report(seeded, mlflow=False)
     text = out["seeds"].read_text()
@@ -99,8 +111,10 @@ def test_curves_by_group_collect_every_seed_and_plot(seeded):
             path = seeded.run_dir(f"{method}-s{seed}") / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             lines = [{"step": 10, "alpha": 1.0}]  # a training record without the key is skipped
-            lines += [{"step": k, **{key: sign * 0.1 * seed ** 2 * k * (i + 1) for i, key in enumerate(keys)}}
-                      for k in (250, 500)]
+            lines += [
+                {"step": k, **{key: sign * 0.1 * seed**2 * k * (i + 1) for i, key in enumerate(keys)}}
+                for k in (250, 500)
+            ]
             path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     curves = curves_by_group(seeded, "cos(TFM,TC)")
     assert sorted(curves) == ["alphaflow", "meanflow"] and len(curves["meanflow"]) == 3
@@ -134,12 +148,16 @@ def test_paired_interval_uses_the_seeds_both_groups_ran():
 
     rows = [("a", s, v) for s, v in zip((1, 2, 3), (10.0, 12.0, 11.0))]
     rows += [("b", s, v) for s, v in zip((1, 2, 3, 4, 5), (20.0, 21.0, 23.0, 99.0, 99.0))]
-    grouped = pd.DataFrame([{"group": g, "seed": s, "value": v, "weights": "ema", "sampler": "1nfe",
-                             "metric": "fd_classifier"} for g, s, v in rows])
+    grouped = pd.DataFrame(
+        [
+            {"group": g, "seed": s, "value": v, "weights": "ema", "sampler": "1nfe", "metric": "fd_classifier"}
+            for g, s, v in rows
+        ]
+    )
     line = verdicts(SimpleNamespace(raw={"comparisons": [["a", "b"]]}), grouped).iloc[0]
     assert line.paired_seeds == 3
     assert line.paired_difference == pytest.approx(-31.0 / 3)  # −10, −9, −12 on seeds 1–3; seeds 4, 5 unpaired
-    assert line.difference == pytest.approx(11.0 - 52.4)        # Welch keeps every seed
+    assert line.difference == pytest.approx(11.0 - 52.4)  # Welch keeps every seed
 
 
 def test_detectable_difference_matches_the_power_of_a_paired_t_test():
@@ -151,7 +169,7 @@ def test_detectable_difference_matches_the_power_of_a_paired_t_test():
     sd, n = 5.0, 8
     delta = detectable_difference(sd, n, level=0.95, power=0.8)
     crit = st.t.ppf(0.975, n - 1)
-    power = 1 - st.nct.cdf(crit, n - 1, delta / (sd / n ** 0.5)) + st.nct.cdf(-crit, n - 1, delta / (sd / n ** 0.5))
+    power = 1 - st.nct.cdf(crit, n - 1, delta / (sd / n**0.5)) + st.nct.cdf(-crit, n - 1, delta / (sd / n**0.5))
     assert power == pytest.approx(0.8, abs=0.02)  # the usual (t + t) approximation of the exact power
     assert detectable_difference(sd, 1) != detectable_difference(sd, 1)  # NaN for one seed
 
@@ -160,13 +178,24 @@ def test_preregistered_report_states_the_primary_endpoint_and_power(tmp_path):
     d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
     d["runs"] = seeded_runs(range(1, 5))
     d["runs"]["fm-s1"] = {"method": "fm", "seed": 1, "group": "fm"}  # an arm not evaluated yet
-    d["preregistered"] = {"statement": "Declared before the run.",
-                          "primary": {"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier",
-                                      "weights": "ema", "sampler": "1nfe"},
-                          "secondary": [{"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier",
-                                         "weights": "ema", "sampler": "2nfe-cons-0.5"},
-                                        {"contrast": ["meanflow", "fm"], "metric": "fd_classifier",
-                                         "weights": "ema", "sampler": "1nfe"}]}
+    d["preregistered"] = {
+        "statement": "Declared before the run.",
+        "primary": {
+            "contrast": ["alphaflow", "meanflow"],
+            "metric": "fd_classifier",
+            "weights": "ema",
+            "sampler": "1nfe",
+        },
+        "secondary": [
+            {
+                "contrast": ["alphaflow", "meanflow"],
+                "metric": "fd_classifier",
+                "weights": "ema",
+                "sampler": "2nfe-cons-0.5",
+            },
+            {"contrast": ["meanflow", "fm"], "metric": "fd_classifier", "weights": "ema", "sampler": "1nfe"},
+        ],
+    }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(d))
     params = load_params(path)
@@ -215,11 +244,18 @@ def test_matched_time_contrast_interpolates_the_slower_arm(tmp_path):
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
             write_eval(params, f"{method}-s{seed}", "ema", "1nfe", 1.0)
-    assert training_seconds([{"step": 5, "images_per_s": 2 * batch}, {"step": 10, "images_per_s": batch}], batch) == \
-        {5: 2.5, 10: 7.5}
+    assert training_seconds([{"step": 5, "images_per_s": 2 * batch}, {"step": 10, "images_per_s": batch}], batch) == {
+        5: 2.5,
+        10: 7.5,
+    }
     grouped = with_groups(params, report_results(params))
-    spec = {"contrast": ["alphaflow", "meanflow"], "metric": "fd_classifier", "weights": "ema", "sampler": "1nfe",
-            "at": "matched_time"}
+    spec = {
+        "contrast": ["alphaflow", "meanflow"],
+        "metric": "fd_classifier",
+        "weights": "ema",
+        "sampler": "1nfe",
+        "at": "matched_time",
+    }
     line = matched_time_endpoint(params, grouped, spec)
     # α-Flow: 10 steps in 5 s, value 90. MeanFlow reaches 5 s at step 5: value 95 + seed. Differences −6, −7, −8.
     assert line["per_seed"].tolist() == pytest.approx([-6.0, -7.0, -8.0])
@@ -254,7 +290,7 @@ def test_a_report_on_partial_results_says_so_and_leaves_no_complete_marker(seede
     assert len(marker["evaluations"]) == len(cells)
 
     (seeded.run_dir(cells[0][0]) / "eval" / cells[0][1] / f"{cells[0][2]}.json").unlink()
-    report(seeded, mlflow=False)   # a later partial report removes the marker of the earlier complete one
+    report(seeded, mlflow=False)  # a later partial report removes the marker of the earlier complete one
     assert not (tables / "complete.json").exists()
 
 
@@ -268,8 +304,10 @@ def test_best_ema_verdicts_compare_each_group_at_its_own_best_sigma_rel(tmp_path
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(d))
     params = load_params(path)
-    values = {"alphaflow": {"ema": (88, 89, 90), "phema-0.05": (90, 91, 92), "phema-0.15": (80, 81, 83)},
-              "meanflow": {"ema": (86, 87, 88), "phema-0.05": (85, 85, 86), "phema-0.15": (95, 96, 97)}}
+    values = {
+        "alphaflow": {"ema": (88, 89, 90), "phema-0.05": (90, 91, 92), "phema-0.15": (80, 81, 83)},
+        "meanflow": {"ema": (86, 87, 88), "phema-0.05": (85, 85, 86), "phema-0.15": (95, 96, 97)},
+    }
     for method, by_weights in values.items():
         for weights, per_seed in by_weights.items():
             for seed, v in zip((1, 2, 3), per_seed):
@@ -281,7 +319,7 @@ def test_best_ema_verdicts_compare_each_group_at_its_own_best_sigma_rel(tmp_path
     line = pd.read_csv(out["phema_verdicts_csv"]).iloc[0]
     assert (line["best σ_rel A"], line["best σ_rel B"]) == (0.15, 0.05)
     assert line["difference"] == pytest.approx(-4.0) and line["seeds"] == 3
-    assert line["high"] == pytest.approx(-4.0 + 4.302653 / 3 ** 0.5, rel=1e-5) and line["verdict"] == "alphaflow better"
+    assert line["high"] == pytest.approx(-4.0 + 4.302653 / 3**0.5, rel=1e-5) and line["verdict"] == "alphaflow better"
     # Held out: every seed's σ_rel is chosen on the other two seeds (here the same σ for all), same difference.
     assert line["held-out difference"] == pytest.approx(-4.0) and line["held-out seeds"] == 3
     text = out["phema"].read_text()
@@ -293,8 +331,14 @@ def test_leave_one_seed_out_scores_each_seed_at_the_others_best_sigma_rel():
     """σ_rel 0.05 is best on the mean (83.3 vs 85) only because seed 1 is lucky there; seed 1 held out picks
     0.15 from seeds 2 and 3, and seeds 2, 3 pick 0.05 from the mean that includes seed 1."""
     from alphaflow.report.posthoc import leave_one_seed_out
-    rows = pd.DataFrame({"seed": [1, 2, 3, 1, 2, 3], "sigma_rel": [0.05] * 3 + [0.15] * 3,
-                         "value": [70.0, 90.0, 90.0, 85.0, 85.0, 85.0]})
+
+    rows = pd.DataFrame(
+        {
+            "seed": [1, 2, 3, 1, 2, 3],
+            "sigma_rel": [0.05] * 3 + [0.15] * 3,
+            "value": [70.0, 90.0, 90.0, 85.0, 85.0, 85.0],
+        }
+    )
     assert leave_one_seed_out(rows, "fd_classifier").to_dict() == {1: 85.0, 2: 90.0, 3: 90.0}
     assert leave_one_seed_out(rows, "is_classifier").to_dict() == {1: 70.0, 2: 85.0, 3: 85.0}  # higher is better
     assert leave_one_seed_out(rows[rows.seed == 1], "fd_classifier").empty

@@ -32,8 +32,14 @@ def outside_slurm(monkeypatch):
 
 def foreign(path, age_s, **keys):
     """Writes a lock of a process on another host whose last heartbeat is `age_s` old."""
-    record = {**runlock.holder_record("train elsewhere"), "host": "other-node", "pid": 4242, "pid_start": None,
-              "heartbeat": time.time() - age_s, **keys}
+    record = {
+        **runlock.holder_record("train elsewhere"),
+        "host": "other-node",
+        "pid": 4242,
+        "pid_start": None,
+        "heartbeat": time.time() - age_s,
+        **keys,
+    }
     path.write_text(json.dumps(record))
     return record
 
@@ -147,8 +153,15 @@ held.release()
 def test_racing_takers_exactly_one_wins(tmp_path, round_):
     path, n = tmp_path / ".lock", 4
     foreign(path, age_s=3600)
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(path), str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(path), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     deadline = time.time() + 30
     while len(list(tmp_path.glob("ready-*"))) < n and time.time() < deadline:
         time.sleep(0.01)
@@ -212,12 +225,17 @@ def test_wait_polls_until_released_or_timeout(tmp_path):
 
 
 def test_cost_benchmark_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "runlock_cost.py"), "--repeats", "3"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "runlock_cost.py"), "--repeats", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     assert all(f"  {key}" in out for key in ("acquire", "heartbeat", "release")) and "per training step: 0" in out
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # In the stages
 
 
@@ -236,7 +254,7 @@ def test_sample_part_holds_its_own_lock(tmp_path, monkeypatch):
     assert seen == [[".lock-part-0-of-2", ".lock-part-1-of-2"]] and not list(out.glob(".lock*"))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Through the CLI
 
 
@@ -244,17 +262,27 @@ def test_second_train_of_a_running_run_exits_2_naming_the_first(tiny_project):
     write, results = tiny_project
     params_path = write(steps=40)
     run_dir = results / "runs" / "meanflow-tiny"
-    cmd = [sys.executable, "-m", "alphaflow", "train", "--params", params_path, "--run", "meanflow-tiny",
-           "--quiet", "--no-tracking"]
-    first = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "alphaflow",
+        "train",
+        "--params",
+        params_path,
+        "--run",
+        "meanflow-tiny",
+        "--quiet",
+        "--no-tracking",
+    ]
+    first = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         while not (run_dir / ".lock").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # held: it stays mid-run, whatever the machine's speed, until SIGCONT
-        second = run_cli("train", "--params", params_path, "--run", "meanflow-tiny", "--quiet", "--no-tracking",
-                         check=False)
+        second = run_cli(
+            "train", "--params", params_path, "--run", "meanflow-tiny", "--quiet", "--no-tracking", check=False
+        )
     finally:
         first.send_signal(signal.SIGCONT)
     out, _ = first.communicate(timeout=300)

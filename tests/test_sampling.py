@@ -12,7 +12,7 @@ def a(t):
 
 
 def b(t):
-    return ((1 - t) ** 2 * SIGMA ** 2 + t ** 2) ** 0.5
+    return ((1 - t) ** 2 * SIGMA**2 + t**2) ** 0.5
 
 
 class GaussianFlow(torch.nn.Module):
@@ -30,7 +30,7 @@ class GaussianFlow(torch.nn.Module):
         r, t = r[:, None, None, None], t[:, None, None, None]
         eps = (z - a(t)) / b(t)
         same = (t - r).abs() < 1e-12
-        db = ((t - 1) * SIGMA ** 2 + t) / b(t)
+        db = ((t - 1) * SIGMA**2 + t) / b(t)
         inst = -MU + db * eps
         avg = (z - a(r) - b(r) * eps) / torch.where(same, torch.ones_like(t), t - r)
         return torch.where(same, inst, avg)

@@ -23,10 +23,14 @@ pytestmark = pytest.mark.slow
 
 STAGES = Path(__file__).parent / "slurm"
 PY = sys.executable
-SIGTERM_IGNORING_STAGE = [PY, "-c", "import json, os, pathlib, signal, sys, time; "
-                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                          "pathlib.Path(sys.argv[1]).write_text(json.dumps({'job': os.environ['SLURM_JOB_ID']})); "
-                          "time.sleep(600)"]
+SIGTERM_IGNORING_STAGE = [
+    PY,
+    "-c",
+    "import json, os, pathlib, signal, sys, time; "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "pathlib.Path(sys.argv[1]).write_text(json.dumps({'job': os.environ['SLURM_JOB_ID']})); "
+    "time.sleep(600)",
+]
 
 
 @pytest.fixture
@@ -63,8 +67,9 @@ def in_background(action, started, timeout=60):
 
 def reference_state(tmp_path, n):
     state = tmp_path / "reference.json"
-    subprocess.run([PY, str(STAGES / "ckpt_counter.py"), str(state), str(n), "--step-s", "0"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [PY, str(STAGES / "ckpt_counter.py"), str(state), str(n), "--step-s", "0"], check=True, capture_output=True
+    )
     return json.loads(state.read_text())
 
 
@@ -72,7 +77,8 @@ def report(name, **numbers):
     print(f"\n[timing] {name}: " + ", ".join(f"{k}={v:.1f}s" for k, v in numbers.items()))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+
 
 def test_job_completes(slurm, log_dir, capsys):
     t0 = time.monotonic()
@@ -99,8 +105,9 @@ def _node_gpus():
 
 def test_ddp_two_tasks_on_fake_gpus(slurm, log_dir, tmp_path):
     if _node_gpus() < 2:
-        pytest.skip("the node has fewer than 2 (fake) GPUs; setup.sh configures 2 unless SLURM_FAKE_GPUS says "
-                    "otherwise")
+        pytest.skip(
+            "the node has fewer than 2 (fake) GPUs; setup.sh configures 2 unless SLURM_FAKE_GPUS says otherwise"
+        )
     t0 = time.monotonic()
     out = tmp_path / "ddp"
     assert run([PY, str(STAGES / "ddp_check.py"), str(out)], log_dir, resources=resources(gpus_per_node=2)) == 0
@@ -131,8 +138,11 @@ def test_scancel_of_a_job_that_leaves_no_result(slurm, log_dir, tmp_path, monkey
     if accounting == "none":  # as if sacct were disabled and slurmctld had already forgotten the job
         monkeypatch.setattr(launch_mod, "_sacct_states", lambda ids: {})
         real_squeue = launch_mod._squeue_states
-        monkeypatch.setattr(launch_mod, "_squeue_states",
-                            lambda ids: {j: s for j, s in real_squeue(ids).items() if s not in launch_mod._TERMINAL})
+        monkeypatch.setattr(
+            launch_mod,
+            "_squeue_states",
+            lambda ids: {j: s for j, s in real_squeue(ids).items() if s not in launch_mod._TERMINAL},
+        )
     started = tmp_path / "started.json"
     thread, times = in_background(lambda job: subprocess.run(["scancel", job], check=True), started)
     code = run(SIGTERM_IGNORING_STAGE + [str(started)], log_dir, vanish_timeout_s=5)
@@ -171,8 +181,9 @@ def test_submitit_interrupt_requeues_and_resumes(slurm, log_dir, tmp_path):
     t0 = time.monotonic()
     assert run(cmd, log_dir) == 0
     restart_at = _check_resumed(tmp_path, state, 30, "SIGTERM")
-    report("submitit _interrupt -> requeue", wall=time.monotonic() - t0,
-           restart_delay=restart_at - times["action_wall"])
+    report(
+        "submitit _interrupt -> requeue", wall=time.monotonic() - t0, restart_delay=restart_at - times["action_wall"]
+    )
 
 
 def test_time_limit_signal_requeues_and_resumes(slurm, log_dir, tmp_path):
@@ -186,8 +197,12 @@ def test_time_limit_signal_requeues_and_resumes(slurm, log_dir, tmp_path):
     assert run(cmd, log_dir, resources=resources(timeout_min=2, additional={"signal": "USR2@80"})) == 0
     _check_resumed(tmp_path, state, 220, "SIGUSR2")
     first = json.loads(state.read_text())["starts"]
-    report("time limit USR2 -> requeue", wall=time.monotonic() - t0, signal_after=first[1]["at"] * 0.2,
-           restart_delay=first[1]["time"] - first[0]["time"] - first[1]["at"] * 0.2)
+    report(
+        "time limit USR2 -> requeue",
+        wall=time.monotonic() - t0,
+        signal_after=first[1]["at"] * 0.2,
+        restart_delay=first[1]["time"] - first[0]["time"] - first[1]["at"] * 0.2,
+    )
 
 
 def test_stage_requeue_request(slurm, log_dir, tmp_path):
@@ -201,8 +216,16 @@ def test_stage_requeue_request(slurm, log_dir, tmp_path):
 
 def test_ddp_job_preempted_requeues_every_rank(slurm, log_dir, tmp_path):
     started = tmp_path / "started.json"
-    cmd = [PY, str(STAGES / "ckpt_counter.py"), str(tmp_path / "state{rank}.json"), "30", "--step-s", "0.2",
-           "--started", str(started)]
+    cmd = [
+        PY,
+        str(STAGES / "ckpt_counter.py"),
+        str(tmp_path / "state{rank}.json"),
+        "30",
+        "--step-s",
+        "0.2",
+        "--started",
+        str(started),
+    ]
     thread, times = in_background(lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True), started)
     t0 = time.monotonic()
     assert run(cmd, log_dir, resources=resources(tasks_per_node=2)) == 0

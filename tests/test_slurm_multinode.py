@@ -24,8 +24,10 @@ from helpers import ENV, job_ids, write_profile
 
 pytestmark = pytest.mark.slow
 RUN, STEPS = "alphaflow-tiny", 40
-LAYOUTS = {"2 nodes × 1 task": {"nodes": 2, "tasks_per_node": 1, "partition": "twonode"},
-           "1 node × 2 tasks": {"nodes": 1, "tasks_per_node": 2, "partition": "debug"}}
+LAYOUTS = {
+    "2 nodes × 1 task": {"nodes": 2, "tasks_per_node": 1, "partition": "twonode"},
+    "1 node × 2 tasks": {"nodes": 1, "tasks_per_node": 2, "partition": "debug"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +46,37 @@ def two_nodes(slurm):
 def profile(tmp_path, tiny_latents, name, layout):
     path, results = write_profile(tmp_path / name, tiny_latents, steps=STEPS, checkpoint_every=10)
     d = yaml.safe_load(path.read_text())
-    d["runs"] = {RUN: {"method": "alphaflow"}}      # FM, α-Flow and MeanFlow (JVP) steps across the ranks
+    d["runs"] = {RUN: {"method": "alphaflow"}}  # FM, α-Flow and MeanFlow (JVP) steps across the ranks
     d["resources"]["train"] = {**d["resources"]["default"], **layout}
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return path, results
 
 
 def launch(path):
-    return subprocess.Popen([sys.executable, "-m", "alphaflow", "launch", "--params", path, "--stage", "train",
-                             "--run", RUN, "--executor", "slurm", "--", "--quiet", "--no-tracking"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alphaflow",
+            "launch",
+            "--params",
+            path,
+            "--stage",
+            "train",
+            "--run",
+            RUN,
+            "--executor",
+            "slurm",
+            "--",
+            "--quiet",
+            "--no-tracking",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def final_weights(results):
@@ -83,8 +106,13 @@ def test_two_nodes_train_like_one_node_and_one_process_and_resume_exactly(two_no
     d = yaml.safe_load(path.read_text())
     d["runs"][RUN]["micro_batch_size"] = d["defaults"]["batch_size"] // 2
     path.write_text(yaml.safe_dump(d, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "alphaflow", "train", "--params", path, "--run", RUN, "--quiet",
-                    "--no-tracking"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "alphaflow", "train", "--params", path, "--run", RUN, "--quiet", "--no-tracking"],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
     state, single = final_weights(results)
     assert state["world_size"] == 1
     assert_same(single, weights["2 nodes × 1 task"])
@@ -111,5 +139,6 @@ def test_two_nodes_train_like_one_node_and_one_process_and_resume_exactly(two_no
     state, resumed = final_weights(results)
     assert state["step"] == STEPS
     assert_same(resumed, weights["2 nodes × 1 task"])
-    print(f"\n[timing] two layouts + one process {t1 - t0:.1f}s; "
-          f"2-node preempted + requeued {time.monotonic() - t1:.1f}s")
+    print(
+        f"\n[timing] two layouts + one process {t1 - t0:.1f}s; 2-node preempted + requeued {time.monotonic() - t1:.1f}s"
+    )

@@ -30,14 +30,52 @@ def test_train_preempted_on_slurm_resumes_to_the_uninterrupted_weights(slurm, ti
     # Uninterrupted reference, in-process.
     ref_results = tmp_path / "ref"
     shutil.copytree(results, ref_results)
-    subprocess.run([sys.executable, "-m", "alphaflow", "train", "--params", params, "--run", run, "--quiet",
-                    "--no-tracking", "--set", f"results={ref_results}"], cwd=ROOT, env=ENV, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alphaflow",
+            "train",
+            "--params",
+            params,
+            "--run",
+            run,
+            "--quiet",
+            "--no-tracking",
+            "--set",
+            f"results={ref_results}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
     # The same run through SLURM, sent the preemption signal once it has written a checkpoint.
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "alphaflow", "launch", "--params", params, "--stage", "train",
-                             "--run", run, "--executor", "slurm", "--", "--quiet", "--no-tracking"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alphaflow",
+            "launch",
+            "--params",
+            params,
+            "--stage",
+            "train",
+            "--run",
+            run,
+            "--executor",
+            "slurm",
+            "--",
+            "--quiet",
+            "--no-tracking",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     latest = results / "runs" / run / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 180
     while not (latest.exists() and json.loads(latest.read_text())["step"] >= 10):
@@ -72,10 +110,28 @@ def test_snakemake_slurm_profile_runs_the_tiny_dag_through_sbatch(slurm, tiny_la
     params.write_text(yaml.safe_dump(d, sort_keys=False))
     t0 = time.monotonic()
     # The repository's own slurm/ profile, with this tiny params file instead of the paper's.
-    proc = subprocess.run([BIN / "snakemake", "--profile", "slurm", "all", "--directory", tmp_path,
-                           "-s", ROOT / "Snakefile", "--cores", "4",
-                           "--config", f"params={params}", "executor=slurm"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            BIN / "snakemake",
+            "--profile",
+            "slurm",
+            "all",
+            "--directory",
+            tmp_path,
+            "-s",
+            ROOT / "Snakefile",
+            "--cores",
+            "4",
+            "--config",
+            f"params={params}",
+            "executor=slurm",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert (results / "tables" / "test" / "table1.md").exists()
     # Every GPU rule went through sbatch: one submitit log folder per job, with a SLURM job id.

@@ -30,8 +30,15 @@ print("warned" if t.warned else "ok")
 
 def test_processes_creating_one_sqlite_store_at_once_all_track(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    procs = [subprocess.Popen([sys.executable, "-c", TRACK, uri, str(tmp_path), f"run{i}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TRACK, uri, str(tmp_path), f"run{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [o.strip() for o, _ in outs] == ["ok"] * 4, [e[-500:] for _, e in outs]
     client = MlflowClient(uri)
@@ -56,12 +63,12 @@ def test_without_mlflow_installed_tracking_warns_once_and_does_nothing(tmp_path,
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "id").exists()
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A store that is locked or refuses an item: nothing is lost, nothing is logged twice.
 
 URI = os.environ["MLFLOW_TRACKING_URI"]  # conftest's SQLite store: created (and migrated) once per session
-DB = URI[len("sqlite:///"):]
-KEYS = ("loss", "cos(FM',TC)")            # the second one is renamed for MLflow: cos_FMp_TC
+DB = URI[len("sqlite:///") :]
+KEYS = ("loss", "cos(FM',TC)")  # the second one is renamed for MLflow: cos_FMp_TC
 
 
 @pytest.fixture
@@ -124,8 +131,11 @@ def started(tmp_path, name):
     return t, run_dir
 
 
-@pytest.mark.parametrize("busy_timeout_ms", [pytest.param(1000, id="busy-1s"),
-                                             pytest.param(None, id="busy-20s", marks=pytest.mark.slow)], indirect=True)
+@pytest.mark.parametrize(
+    "busy_timeout_ms",
+    [pytest.param(1000, id="busy-1s"), pytest.param(None, id="busy-20s", marks=pytest.mark.slow)],
+    indirect=True,
+)
 def test_a_locked_sqlite_store_delays_metrics_and_loses_none(tmp_path, busy_timeout_ms, capsys):
     t, run_dir = started(tmp_path, f"locked-{busy_timeout_ms}")
     lock = exclusive_lock()
@@ -159,8 +169,9 @@ def test_what_close_could_not_send_is_counted_then_replayed_once(tmp_path, busy_
     assert "track-replay --params P --run alphaflow-tiny" in err
     assert history(t.run_id, "loss") == [1]
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({**tiny_params_dict(tmp_path / "results", tmp_path / "images"),
-                                      "profile": "locked"}))
+    params.write_text(
+        yaml.safe_dump({**tiny_params_dict(tmp_path / "results", tmp_path / "images"), "profile": "locked"})
+    )
     for logged in (3, 0):  # a second replay finds everything there
         assert cli_main(["track-replay", "--params", str(params), "--run", "alphaflow-tiny"]) == 0
         assert f"{2 * logged} metric points logged to MLflow run {t.run_id}" in capsys.readouterr().out
@@ -173,7 +184,7 @@ def test_a_refused_item_does_not_stop_tracking(tmp_path, capsys):
     first.log_params({"lr": 1})
     first.close()
     again = Tracker(URI, "refused", "run", run_id_file=tmp_path / "id")  # a resumed run whose params changed
-    again.log_params({"lr": 2})       # MLflow refuses to change a param: dropped, with the one warning
+    again.log_params({"lr": 2})  # MLflow refuses to change a param: dropped, with the one warning
     again.log_metrics({"x": 1.0}, step=1)
     again.close()
     assert again.run_id == first.run_id and history(again.run_id, "x") == [1]

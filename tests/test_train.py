@@ -35,7 +35,7 @@ def test_schedules():
     run = load_params("params/default.yaml").run("alphaflow-T-4")
     assert learning_rate(run, 0) == pytest.approx(run.lr * 1e-4)
     assert learning_rate(run, run.warmup_steps) == run.lr
-    assert ema_beta(0, 6931) == 0.0                       # EMA = net at step 0
+    assert ema_beta(0, 6931) == 0.0  # EMA = net at step 0
     assert ema_beta(200_000, 6931) == pytest.approx(0.5 ** (1 / 6931))
     assert ema_beta(1000, 6931) == pytest.approx(0.5 ** (1 / 50))  # ramp: h = 0.05·step
 
@@ -51,7 +51,7 @@ def test_demo_run_trains_and_logs(tiny_project):
     assert all(k in records[1] for k in ("L_TFM", "L_TC", "L_sum", "grad_norm", "images_per_s", "cos(TFM,TC)"))
     t = final_tensors(results, "alphaflow-tiny")
     assert any(not torch.equal(t["model"][k], t["ema"][k]) for k in t["model"])  # raw and EMA both kept
-    assert t["model"]["latent_std"].shape == (1, 3, 8, 8)                          # per-element statistics saved
+    assert t["model"]["latent_std"].shape == (1, 3, 8, 8)  # per-element statistics saved
     assert (run_dir / "samples" / "grid-final.png").exists() and (run_dir / "plots" / "training.png").exists()
     assert summary["bad_steps"] == 0
     # A finished run is not retrained.
@@ -76,11 +76,22 @@ def test_exact_resume_after_sigkill(tiny_project, tmp_path):
     # Same params, other results folder, killed with SIGKILL at a random step, restarted.
     other = tmp_path / "other"
     import shutil
+
     shutil.copytree(results, other, ignore=shutil.ignore_patterns("runs"))
     params_path.write_text(params_path.read_text().replace(str(results), str(other)))
     kill_at = random.Random().randint(3, 13)
-    cmd = [sys.executable, "-m", "alphaflow", "train", "--params", params_path, "--run", "meanflow-tiny",
-           "--quiet", "--no-tracking"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alphaflow",
+        "train",
+        "--params",
+        params_path,
+        "--run",
+        "meanflow-tiny",
+        "--quiet",
+        "--no-tracking",
+    ]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = other / "runs" / "meanflow-tiny" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -93,9 +104,22 @@ def test_exact_resume_after_sigkill(tiny_project, tmp_path):
     assert not (other / "runs" / "meanflow-tiny" / "checkpoints" / "final").exists(), "killed too late"
     run_cli("train", "--params", params_path, "--run", "meanflow-tiny", "--quiet", "--no-tracking")
     resumed = {**final_tensors(other, "meanflow-tiny"), **phema_snapshots(other, "meanflow-tiny")}
-    assert sorted(resumed) == sorted(reference) == ["ema", "model", "optimizer", "phema", "phema-0000003",
-                                                    "phema-0000006", "phema-0000009", "phema-0000012",
-                                                    "phema-0000015", "phema-0000016"]
+    assert (
+        sorted(resumed)
+        == sorted(reference)
+        == [
+            "ema",
+            "model",
+            "optimizer",
+            "phema",
+            "phema-0000003",
+            "phema-0000006",
+            "phema-0000009",
+            "phema-0000012",
+            "phema-0000015",
+            "phema-0000016",
+        ]
+    )
     assert_bit_identical(reference, resumed)
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated log lines after the resume
@@ -104,8 +128,18 @@ def test_exact_resume_after_sigkill(tiny_project, tmp_path):
 def test_sigusr2_checkpoints_and_exits_for_requeue(tiny_project):
     write, results = tiny_project
     params_path = write(steps=400, checkpoint_every=1000)
-    cmd = [sys.executable, "-m", "alphaflow", "train", "--params", params_path, "--run", "alphaflow-tiny",
-           "--quiet", "--no-tracking"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alphaflow",
+        "train",
+        "--params",
+        params_path,
+        "--run",
+        "alphaflow-tiny",
+        "--quiet",
+        "--no-tracking",
+    ]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = results / "runs" / "alphaflow-tiny" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -120,9 +154,17 @@ def test_sigusr2_checkpoints_and_exits_for_requeue(tiny_project):
 
 def test_finetune_starts_from_another_runs_weights(tiny_project):
     write, results = tiny_project
-    runs = {"base": {"method": "alphaflow"},
-            "base-plus": {"method": "meanflow", "init_from": "base", "batch_size": 16, "steps": 2, "lr": 0.0,
-                          "warmup_steps": 0}}
+    runs = {
+        "base": {"method": "alphaflow"},
+        "base-plus": {
+            "method": "meanflow",
+            "init_from": "base",
+            "batch_size": 16,
+            "steps": 2,
+            "lr": 0.0,
+            "warmup_steps": 0,
+        },
+    }
     params = load_params(write(runs=runs, steps=4))
     train(params, "base", tracking=False, quiet=True)
     train(params, "base-plus", tracking=False, quiet=True)
@@ -148,12 +190,37 @@ def test_two_process_ddp_training_keeps_ranks_in_sync(tiny_project):
     params_path = write(steps=4, batch_size=8)
     # The environment submitit's TorchDistributedEnvironment (and torchrun) export for each task.
     port = str(29500 + random.Random().randint(0, 500))
-    cmd = [sys.executable, "-m", "alphaflow", "train", "--params", str(params_path), "--run", "meanflow-tiny",
-           "--quiet", "--no-tracking"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alphaflow",
+        "train",
+        "--params",
+        str(params_path),
+        "--run",
+        "meanflow-tiny",
+        "--quiet",
+        "--no-tracking",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     records = [json.loads(l) for l in (results / "runs" / "meanflow-tiny" / "metrics.jsonl").read_text().splitlines()]
@@ -164,7 +231,13 @@ def test_two_process_ddp_training_keeps_ranks_in_sync(tiny_project):
     # One process with the same global batch, accumulating the two micro-batches the two ranks trained on,
     # ends with the same weights: the data and the draws depend on the global batch only.
     ddp = final_tensors(results, "meanflow-tiny")
-    train(load_params(write(runs={"meanflow-tiny": {"method": "meanflow", "micro_batch_size": 4}},
-                            steps=4, batch_size=8)), "meanflow-tiny", tracking=False, quiet=True)
+    train(
+        load_params(
+            write(runs={"meanflow-tiny": {"method": "meanflow", "micro_batch_size": 4}}, steps=4, batch_size=8)
+        ),
+        "meanflow-tiny",
+        tracking=False,
+        quiet=True,
+    )
     single = final_tensors(results, "meanflow-tiny")
     assert_bit_identical({k: ddp[k] for k in ("model", "ema")}, {k: single[k] for k in ("model", "ema")})

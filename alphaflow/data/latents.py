@@ -32,22 +32,35 @@ from alphaflow.errors import InvalidInputError
 from alphaflow.io import atomic_write_json, sha256_file
 
 from .prepare import iter_prepared_shards
-from .shards import (FORMAT, MANIFEST, ShardError, map_shard, read_json, read_manifest, read_shard, shard_is_current,
-                     write_shard)
+from .shards import (
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    map_shard,
+    read_json,
+    read_manifest,
+    read_shard,
+    shard_is_current,
+    write_shard,
+)
 
 STORE_DTYPE = np.float16
 SHARD_NAME = "latents-{:05d}.safetensors"
 PART_NAME = "part-{:03d}-of-{:03d}.json"
 STATS = "stats.safetensors"
+# fmt: off
 STATS_EPS = 1e-16               # official code: (z − μ)/√(var + 1e-16); std below includes it
 STD_FLOOR = 0.1                 # std >= STD_FLOOR · median(std); see _estimate_stats
-NOISE_STREAM, SHUFFLE_STREAM, STATS_STREAM = 1, 2, 3   # independent seed streams
+# fmt: on
+NOISE_STREAM, SHUFFLE_STREAM, STATS_STREAM = 1, 2, 3  # independent seed streams
 
 
 def rebuild_hint(latent_dir) -> str:
-    return (f"Rebuild it by rerunning `alphaflow encode` for {latent_dir} (every part; shards whose "
-            f"checksums match are kept, bad ones are re-encoded), which also re-finalizes the manifest; "
-            f"or delete {latent_dir} and encode again.")
+    return (
+        f"Rebuild it by rerunning `alphaflow encode` for {latent_dir} (every part; shards whose "
+        f"checksums match are kept, bad ones are re-encoded), which also re-finalizes the manifest; "
+        f"or delete {latent_dir} and encode again."
+    )
 
 
 def _seed(*words: int) -> int:
@@ -55,8 +68,9 @@ def _seed(*words: int) -> int:
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0])
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Encoding (one part of num_parts; parts can run as separate array jobs).
+
 
 def part_shards(num_shards: int, part: int, num_parts: int) -> range:
     """Contiguous block of prepared shards that `part` encodes."""
@@ -68,7 +82,7 @@ def encode_dataset(data_dir, out_dir, encoder, *,
                    part: int = 0,                          # which part of the shards to encode
                    num_parts: int = 1,                     # 1 = everything in this call
                    device="cpu",                           # where the images are sent
-                   ) -> dict:
+                   ) -> dict:  # fmt: skip
     """Encode prepared shards part_shards(K, part, num_parts) into latent shards. Resumable."""
     if not (isinstance(num_parts, int) and num_parts >= 1 and isinstance(part, int) and 0 <= part < num_parts):
         raise ValueError(f"need 0 <= part < num_parts, got part={part!r}, num_parts={num_parts!r}")
@@ -77,14 +91,20 @@ def encode_dataset(data_dir, out_dir, encoder, *,
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     data = read_manifest(data_dir, hint=f"Run `alphaflow prepare` to create {data_dir}.")
     record = {
-        "format": FORMAT, "part": part, "num_parts": num_parts, "complete": False,
+        "format": FORMAT,
+        "part": part,
+        "num_parts": num_parts,
+        "complete": False,
         "encoder": encoder.name,
         "encoder_fingerprint": getattr(encoder, "fingerprint", encoder.name),
         "image_shape": data["image_shape"],
         "latent_shape": list(encoder.latent_shape(tuple(data["image_shape"]))),  # (c, h, w)
-        "num_classes": data["num_classes"], "class_names": data["class_names"],
-        "data_dir": str(data_dir.resolve()), "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
-        "num_data_shards": len(data["shards"]), "shards": {},
+        "num_classes": data["num_classes"],
+        "class_names": data["class_names"],
+        "data_dir": str(data_dir.resolve()),
+        "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
+        "num_data_shards": len(data["shards"]),
+        "shards": {},
     }
     path = out_dir / PART_NAME.format(part, num_parts)
     indices = part_shards(len(data["shards"]), part, num_parts)
@@ -95,17 +115,27 @@ def encode_dataset(data_dir, out_dir, encoder, *,
         os.remove(out_dir / MANIFEST)  # stale until finalize_latents runs again
     record["shards"] = {k: v for k, v in done.items() if int(k) in indices}
 
-    bar = tqdm(total=sum(data["shards"][i]["count"] for i in indices), unit="img", disable=None,
-               initial=sum(data["shards"][i]["count"] for i in indices if i not in todo),
-               desc=f"encode {encoder.name} part {part}/{num_parts}", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(data["shards"][i]["count"] for i in indices),
+        unit="img",
+        disable=None,
+        initial=sum(data["shards"][i]["count"] for i in indices if i not in todo),
+        desc=f"encode {encoder.name} part {part}/{num_parts}",
+        dynamic_ncols=True,
+    )
     for i, images, labels, src in iter_prepared_shards(data_dir, indices=todo):
         mean, logvar = _encode_array(encoder, images, batch_size, device, bar)
         arrays = {"mean": mean, "labels": labels}
         if logvar is not None:
             arrays["logvar"] = logvar
         sha = write_shard(out_dir / SHARD_NAME.format(i), arrays)
-        record["shards"][str(i)] = {"file": SHARD_NAME.format(i), "count": len(labels), "sha256": sha,
-                                    "source_sha256": src["sha256"], "has_logvar": logvar is not None}
+        record["shards"][str(i)] = {
+            "file": SHARD_NAME.format(i),
+            "count": len(labels),
+            "sha256": sha,
+            "source_sha256": src["sha256"],
+            "has_logvar": logvar is not None,
+        }
         atomic_write_json(path, record)
     bar.close()
     record["complete"] = True
@@ -117,7 +147,7 @@ def _encode_array(encoder, images: np.ndarray, batch_size: int, device, bar):
     """uint8 [n,C,H,W] -> (mean f16 [n,c,h,w], logvar f16 [n,c,h,w] | None)."""
     means, logvars = [], []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).to(device)    # [B,C,H,W] uint8
+        x = torch.from_numpy(images[start : start + batch_size]).to(device)  # [B,C,H,W] uint8
         mean, logvar = encoder.encode(x)
         means.append(_to_store(mean))
         if logvar is not None:
@@ -148,13 +178,18 @@ def _previous_part_shards(path: Path, record: dict, data: dict) -> dict:
     same = all(previous.get(k) == record[k] for k in ("encoder_fingerprint", "latent_shape", "image_shape"))
     if not same:
         return {}
-    return {k: v for k, v in previous.get("shards", {}).items()
-            if int(k) < len(data["shards"]) and v["source_sha256"] == data["shards"][int(k)]["sha256"]
-            and shard_is_current(path.parent / v["file"], v["sha256"])}
+    return {
+        k: v
+        for k, v in previous.get("shards", {}).items()
+        if int(k) < len(data["shards"])
+        and v["source_sha256"] == data["shards"][int(k)]["sha256"]
+        and shard_is_current(path.parent / v["file"], v["sha256"])
+    }
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Finalize: verify everything, write manifest.json and per-element stats.
+
 
 def _read_parts(out_dir: Path, num_parts: int) -> list[dict]:
     parts = []
@@ -169,9 +204,11 @@ def _read_parts(out_dir: Path, num_parts: int) -> list[dict]:
     for rec in parts[1:]:
         for key in keys:
             if rec[key] != parts[0][key]:
-                raise ShardError(f"{out_dir}: parts disagree on {key} ({parts[0][key]!r} vs {rec[key]!r}); "
-                                 f"they were encoded from different data or encoders. "
-                                 f"Delete {out_dir} and encode again.")
+                raise ShardError(
+                    f"{out_dir}: parts disagree on {key} ({parts[0][key]!r} vs {rec[key]!r}); "
+                    f"they were encoded from different data or encoders. "
+                    f"Delete {out_dir} and encode again."
+                )
     return parts
 
 
@@ -179,7 +216,7 @@ def finalize_latents(out_dir, *,
                      num_parts: int = 1,                   # how many encode parts to collect
                      stats_samples: int = 2048,            # posterior samples for the stats (paper: 2048)
                      seed: int = 0,                        # picks the samples and their noise
-                     ) -> dict:
+                     ) -> dict:  # fmt: skip
     """Verify every latent shard, write stats.safetensors (per element) and manifest.json."""
     out_dir = Path(out_dir)
     parts = _read_parts(out_dir, num_parts)
@@ -188,8 +225,10 @@ def finalize_latents(out_dir, *,
     if sorted(shards) != list(range(first["num_data_shards"])):
         missing = sorted(set(range(first["num_data_shards"])) - set(shards))
         raise ShardError(f"{out_dir}: latent shards {missing} are missing. {rebuild_hint(out_dir)}")
-    records = [{"file": shards[i]["file"], "count": shards[i]["count"], "sha256": shards[i]["sha256"]}
-               for i in range(len(shards))]
+    records = [
+        {"file": shards[i]["file"], "count": shards[i]["count"], "sha256": shards[i]["sha256"]}
+        for i in range(len(shards))
+    ]
     count = sum(r["count"] for r in records)
     has_logvar = {bool(v["has_logvar"]) for v in shards.values()}
     if len(has_logvar) != 1:
@@ -197,6 +236,7 @@ def finalize_latents(out_dir, *,
     has_logvar = has_logvar.pop()
     mean, std, n, floored = _estimate_stats(out_dir, records, count, stats_samples, seed)
     stats_sha = write_shard(out_dir / STATS, {"mean": mean, "std": std})
+    # fmt: off
     manifest = {
         "format": FORMAT,
         "kind": "latents",
@@ -215,6 +255,7 @@ def finalize_latents(out_dir, *,
         "source": {"data_dir": first["data_dir"], "data_manifest_sha256": first["data_manifest_sha256"]},
         "num_parts": num_parts,
     }
+    # fmt: on
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -234,16 +275,17 @@ def _estimate_stats(out_dir: Path, records: list[dict], count: int, stats_sample
         arrays = _map_latent_shard(out_dir, rec)
         hits = chosen[(chosen >= offset) & (chosen < offset + rec["count"])]  # global indices
         for start in range(0, len(hits), 256):
-            g = hits[start:start + 256]
+            g = hits[start : start + 256]
             rows = g - offset
-            z = _posterior_sample(arrays["mean"][rows], arrays["logvar"][rows] if "logvar" in arrays else None,
-                                  g, (seed, STATS_STREAM)).double()                           # [b, c, h, w]
+            z = _posterior_sample(
+                arrays["mean"][rows], arrays["logvar"][rows] if "logvar" in arrays else None, g, (seed, STATS_STREAM)
+            ).double()  # [b, c, h, w]
             ref = z[:1].clone() if ref is None else ref
             d = z - ref
             s1, s2 = s1 + d.sum(0, keepdim=True), s2 + (d * d).sum(0, keepdim=True)
         offset += rec["count"]
     mean_d = s1 / n
-    var = (s2 / n - mean_d * mean_d).clamp_min(0)                            # [1, c, h, w]
+    var = (s2 / n - mean_d * mean_d).clamp_min(0)  # [1, c, h, w]
     mean = ref + mean_d
     std = torch.sqrt(var + STATS_EPS)
     # Deviation from the paper (which only saw SD-VAE latents): an element that happens to be
@@ -261,8 +303,10 @@ def _map_latent_shard(latent_dir: Path, rec: dict) -> dict:
     """A latent shard's arrays, memory-mapped after its sha256 and count are checked against the manifest."""
     arrays = map_shard(latent_dir / rec["file"], sha256=rec["sha256"], hint=rebuild_hint(latent_dir))
     if len(arrays["labels"]) != rec["count"]:
-        raise ShardError(f"shard {latent_dir / rec['file']} holds {len(arrays['labels'])} latents, "
-                         f"the manifest says {rec['count']}. {rebuild_hint(latent_dir)}")
+        raise ShardError(
+            f"shard {latent_dir / rec['file']} holds {len(arrays['labels'])} latents, "
+            f"the manifest says {rec['count']}. {rebuild_hint(latent_dir)}"
+        )
     return arrays
 
 
@@ -290,22 +334,25 @@ def load_latent_stats(latent_dir) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) float32 [1,c,h,w] from stats.safetensors (sha256 checked against the manifest)."""
     latent_dir = Path(latent_dir)
     manifest = read_latent_manifest(latent_dir)
-    arrays = read_shard(latent_dir / manifest["stats"]["file"], sha256=manifest["stats"]["sha256"],
-                        hint=rebuild_hint(latent_dir))
+    arrays = read_shard(
+        latent_dir / manifest["stats"]["file"], sha256=manifest["stats"]["sha256"], hint=rebuild_hint(latent_dir)
+    )
     return torch.from_numpy(arrays["mean"]), torch.from_numpy(arrays["std"])
 
 
 def read_latent_manifest(latent_dir) -> dict:
     latent_dir = Path(latent_dir)
-    manifest = read_manifest(latent_dir, hint=f"Run `alphaflow encode` for {latent_dir} (it ends with "
-                                               f"finalize, which writes the manifest).")
+    manifest = read_manifest(
+        latent_dir, hint=f"Run `alphaflow encode` for {latent_dir} (it ends with finalize, which writes the manifest)."
+    )
     if manifest.get("kind") != "latents":
         raise ShardError(f"{latent_dir / MANIFEST} is not a latent manifest (kind={manifest.get('kind')!r})")
     return manifest
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Training loader (the official code's latent sampling).
+
 
 class LatentLoader:
     """Infinite iterator of micro-batches (x float32 [B,c,h,w], y int64 [B]) for one DDP rank.
@@ -324,7 +371,8 @@ class LatentLoader:
                  seed: int,                                # drives shuffle and posterior noise
                  rank: int = 0,                            # this process's DDP rank
                  world_size: int = 1,                      # number of DDP ranks
-                 device="cpu"):                            # where batches are delivered
+                 device="cpu",                             # where batches are delivered
+                 ):  # fmt: skip
         if not (0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size <= 0 or not isinstance(seed, int) or seed < 0:
@@ -333,22 +381,28 @@ class LatentLoader:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.manifest = read_latent_manifest(self.latent_dir)
         self.num_classes = self.manifest["num_classes"]
+        # fmt: off
         self.latent_shape = tuple(self.manifest["latent_shape"])             # (c, h, w)
         self.num_samples = self.manifest["count"]                            # N, all ranks together
         self.batches_per_epoch = self.num_samples // batch_size              # of the global stream
+        # fmt: on
         if self.batches_per_epoch == 0:
-            raise InvalidInputError(f"{self.latent_dir}: {self.num_samples} latents are fewer than one "
-                                    f"micro-batch of {batch_size}; lower the batch size or use more data")
+            raise InvalidInputError(
+                f"{self.latent_dir}: {self.num_samples} latents are fewer than one "
+                f"micro-batch of {batch_size}; lower the batch size or use more data"
+            )
         self._shards = [_map_latent_shard(self.latent_dir, rec) for rec in self.manifest["shards"]]
         counts = [rec["count"] for rec in self.manifest["shards"]]
         if sum(counts) != self.num_samples:
-            raise ShardError(f"{self.latent_dir / MANIFEST}: its shards hold {sum(counts)} latents, its count says "
-                             f"{self.num_samples}. {rebuild_hint(self.latent_dir)}")
-        self._starts = np.cumsum([0] + counts)                               # first global index per shard
+            raise ShardError(
+                f"{self.latent_dir / MANIFEST}: its shards hold {sum(counts)} latents, its count says "
+                f"{self.num_samples}. {rebuild_hint(self.latent_dir)}"
+            )
+        self._starts = np.cumsum([0] + counts)  # first global index per shard
         self._labels = np.concatenate([np.asarray(a["labels"]) for a in self._shards])  # [N] int64
-        self.taken = 0                                                       # micro-batches this rank took
+        self.taken = 0  # micro-batches this rank took
         self._perm_epoch, self._perm = None, None
-        self.last_index = None                                               # global indices of the last batch
+        self.last_index = None  # global indices of the last batch
 
     def _permutation(self, epoch: int) -> np.ndarray:
         """The epoch's shuffle of all N latents (the trailing 0 keeps earlier single-process runs' stream)."""
@@ -360,8 +414,11 @@ class LatentLoader:
     def _gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """Rows `index` (global) of the shards' latent arrays ("mean", and "logvar" when stored), in order."""
         shard = np.searchsorted(self._starts, index, side="right") - 1
-        out = {name: np.empty((len(index), *a.shape[1:]), a.dtype)
-               for name, a in self._shards[0].items() if name in ("mean", "logvar")}
+        out = {
+            name: np.empty((len(index), *a.shape[1:]), a.dtype)
+            for name, a in self._shards[0].items()
+            if name in ("mean", "logvar")
+        }
         for k in np.unique(shard):
             sel = shard == k
             for name in out:
@@ -372,34 +429,37 @@ class LatentLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        j = self.taken * self.world_size + self.rank                        # this rank's next global micro-batch
+        j = self.taken * self.world_size + self.rank  # this rank's next global micro-batch
         epoch, position = divmod(j, self.batches_per_epoch)
         b = self.batch_size
-        index = self._permutation(epoch)[position * b:(position + 1) * b]    # global indices [B]
+        index = self._permutation(epoch)[position * b : (position + 1) * b]  # global indices [B]
         self.taken += 1
         rows = self._gather(index)
         x = _posterior_sample(rows["mean"], rows.get("logvar"), index, (self.seed, NOISE_STREAM, epoch))  # [B,c,h,w]
-        y = torch.from_numpy(self._labels[index])                                       # [B]
+        y = torch.from_numpy(self._labels[index])  # [B]
         self.last_index = index
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict:
-        return {"taken": self.taken, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size}
+        return {"taken": self.taken, "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "batch_size", "world_size"):
             if key in state and state[key] != getattr(self, key):
-                raise InvalidInputError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                        f"{getattr(self, key)}; exact resume needs the same value")
+                raise InvalidInputError(
+                    f"loader state was saved with {key}={state[key]}, this loader has "
+                    f"{getattr(self, key)}; exact resume needs the same value"
+                )
         if "taken" in state:
             self.taken = int(state["taken"])
         elif state.get("world_size", 1) == 1:  # a checkpoint of the per-rank loader (before the global stream)
             self.taken = int(state["epoch"]) * self.batches_per_epoch + int(state["position"])
         else:
-            raise InvalidInputError(f"loader state {state} comes from the per-rank loader of a {state['world_size']}-"
-                                    f"process run, whose stream this version does not reproduce; start the run "
-                                    f"again (delete its checkpoints)")
+            raise InvalidInputError(
+                f"loader state {state} comes from the per-rank loader of a {state['world_size']}-"
+                f"process run, whose stream this version does not reproduce; start the run "
+                f"again (delete its checkpoints)"
+            )
 
 
 @torch.no_grad()

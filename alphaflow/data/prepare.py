@@ -36,16 +36,19 @@ if TYPE_CHECKING:  # torch is imported inside load_prepared only (see __init__.p
 PROGRESS = "progress.json"
 SHARD_NAME = "images-{:05d}.safetensors"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
-PLAN_VERSION = 1                # part of every plan fingerprint; bump when pixels would change
+PLAN_VERSION = 1  # part of every plan fingerprint; bump when pixels would change
 
 
 def rebuild_hint(out_dir) -> str:
-    return (f"Rebuild it by rerunning `alphaflow prepare` for {out_dir} (shards whose checksums match "
-            f"are kept, bad ones are rebuilt), or delete {out_dir} and prepare again.")
+    return (
+        f"Rebuild it by rerunning `alphaflow prepare` for {out_dir} (shards whose checksums match "
+        f"are kept, bad ones are rebuilt), or delete {out_dir} and prepare again."
+    )
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Pixels (as the official code): centre crop to square, then Lanczos resize.
+
 
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     """Centre-crop to the short side (torchvision's rounding), then PIL Lanczos to resolution²."""
@@ -63,15 +66,18 @@ def load_image(path, resolution: int) -> np.ndarray:
     return np.asarray(center_crop_resize(image, resolution)).transpose(2, 0, 1)  # (3, R, R)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # ImageNet-style folder -> shards.
+
 
 def scan_folder(src, limit_per_class: int | None = None) -> tuple[list[str], list[tuple[str, int]], int]:
     """Returns (class_names sorted, [(relative path, label)], number of non-image files ignored)."""
     src = Path(src)
     if not src.is_dir():
-        raise MissingInputError(f"image folder {src} does not exist; point params data.path (or ALPHAFLOW_IMAGENET) "
-                                f"at an ImageNet-style folder (one sub-folder per class)")
+        raise MissingInputError(
+            f"image folder {src} does not exist; point params data.path (or ALPHAFLOW_IMAGENET) "
+            f"at an ImageNet-style folder (one sub-folder per class)"
+        )
     classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise InvalidInputError(f"{src} has no class sub-folders (expected ImageNet layout <src>/<class>/<image>)")
@@ -107,7 +113,7 @@ def prepare_folder(src, out_dir, *,
                    workers: int = 2,                       # processes; <= 1 = in this process
                    shard_size: int = 1000,                 # images per shard (= resume granularity)
                    limit_per_class: int | None = None,     # None = all images of every class
-                   ) -> dict:
+                   ) -> dict:  # fmt: skip
     """ImageNet-style folder (one sub-folder per class) -> uint8 shards + manifest. Resumable.
 
     workers > 1 uses spawned processes: a script calling this must guard its entry point with
@@ -115,21 +121,36 @@ def prepare_folder(src, out_dir, *,
     _check_positive(resolution=resolution, shard_size=shard_size)
     src = Path(src).resolve()
     classes, files, ignored = scan_folder(src, limit_per_class)
-    chunks = [files[i:i + shard_size] for i in range(0, len(files), shard_size)]
-    plan = {"version": PLAN_VERSION, "kind": "folder", "files": files,
-            "resolution": resolution, "shard_size": shard_size}
+    chunks = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
+    plan = {
+        "version": PLAN_VERSION,
+        "kind": "folder",
+        "files": files,
+        "resolution": resolution,
+        "shard_size": shard_size,
+    }
     out_dir = Path(out_dir)
-    tasks = [(_folder_shard_job, (str(src), chunk, resolution, str(out_dir / SHARD_NAME.format(i))))
-             for i, chunk in enumerate(chunks)]
-    records = _build_shards(out_dir, sha256_json(plan), tasks, [len(c) for c in chunks],
-                            workers=workers, desc=f"prepare {src.name}")
-    source = {"kind": "folder", "path": str(src), "resolution": resolution, "num_files": len(files),
-              "limit_per_class": limit_per_class, "ignored_non_image_files": ignored}
+    tasks = [
+        (_folder_shard_job, (str(src), chunk, resolution, str(out_dir / SHARD_NAME.format(i))))
+        for i, chunk in enumerate(chunks)
+    ]
+    records = _build_shards(
+        out_dir, sha256_json(plan), tasks, [len(c) for c in chunks], workers=workers, desc=f"prepare {src.name}"
+    )
+    source = {
+        "kind": "folder",
+        "path": str(src),
+        "resolution": resolution,
+        "num_files": len(files),
+        "limit_per_class": limit_per_class,
+        "ignored_non_image_files": ignored,
+    }
     return _finish(out_dir, records, classes, [3, resolution, resolution], source, sha256_json(plan))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Embedded dataset -> shards.
+
 
 def _array_shard_job(images: np.ndarray, labels: np.ndarray, resolution: int | None, path: str) -> dict:
     if resolution is not None:  # same pixel pipeline as the folder path, single channel kept
@@ -143,20 +164,36 @@ def prepare_embedded(name: str, out_dir, *,
                      resolution: int | None = None,        # None = native 28×28
                      cache_dir=None,                       # None = ~/.cache/alphaflow/fashion-mnist
                      shard_size: int = 10000,              # images per shard
-                     ) -> dict:
+                     ) -> dict:  # fmt: skip
     """A small packaged dataset (embedded.py) -> uint8 shards [n, 1, H, W] + manifest."""
     _check_positive(shard_size=shard_size, **({"resolution": resolution} if resolution is not None else {}))
     data = load_embedded(name, split, cache_dir=cache_dir)
-    images, labels = data["images"], data["labels"]                  # [N, 28, 28], [N]
+    images, labels = data["images"], data["labels"]  # [N, 28, 28], [N]
     side = resolution if resolution is not None else images.shape[-1]
-    plan = {"version": PLAN_VERSION, "kind": "embedded", "source": data["source"],
-            "resolution": resolution, "shard_size": shard_size}
+    plan = {
+        "version": PLAN_VERSION,
+        "kind": "embedded",
+        "source": data["source"],
+        "resolution": resolution,
+        "shard_size": shard_size,
+    }
     out_dir = Path(out_dir)
     starts = range(0, len(labels), shard_size)
-    tasks = [(_array_shard_job, (images[s:s + shard_size], labels[s:s + shard_size], resolution,
-                                 str(out_dir / SHARD_NAME.format(i)))) for i, s in enumerate(starts)]
-    records = _build_shards(out_dir, sha256_json(plan), tasks, [len(labels[s:s + shard_size]) for s in starts],
-                            workers=0, desc=f"prepare {name}/{split}")
+    tasks = [
+        (
+            _array_shard_job,
+            (images[s : s + shard_size], labels[s : s + shard_size], resolution, str(out_dir / SHARD_NAME.format(i))),
+        )
+        for i, s in enumerate(starts)
+    ]
+    records = _build_shards(
+        out_dir,
+        sha256_json(plan),
+        tasks,
+        [len(labels[s : s + shard_size]) for s in starts],
+        workers=0,
+        desc=f"prepare {name}/{split}",
+    )
     return _finish(out_dir, records, data["class_names"], [1, side, side], data["source"], sha256_json(plan))
 
 
@@ -166,21 +203,27 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Shared machinery: resumable, parallel shard building.
 
-def _build_shards(out_dir: Path, plan_sha: str, tasks: list, counts: list[int], *,
-                  workers: int, desc: str) -> list[dict]:
+
+def _build_shards(
+    out_dir: Path, plan_sha: str, tasks: list, counts: list[int], *, workers: int, desc: str
+) -> list[dict]:
     """Run the shard tasks not already finished (file present with the recorded sha256)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = {i: rec for i, rec in _previous_records(out_dir, plan_sha).items()
-            if i < len(tasks) and shard_is_current(out_dir / rec["file"], rec["sha256"])}
+    done = {
+        i: rec
+        for i, rec in _previous_records(out_dir, plan_sha).items()
+        if i < len(tasks) and shard_is_current(out_dir / rec["file"], rec["sha256"])
+    }
     todo = [i for i in range(len(tasks)) if i not in done]
     if todo and (out_dir / MANIFEST).exists():
         os.remove(out_dir / MANIFEST)  # the finished manifest would be stale while we rebuild
     _remove_extra_shards(out_dir, len(tasks))
-    bar = tqdm(total=sum(counts), initial=sum(counts[i] for i in done), desc=desc, unit="img",
-               disable=None, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(counts), initial=sum(counts[i] for i in done), desc=desc, unit="img", disable=None, dynamic_ncols=True
+    )
 
     def record(i: int, rec: dict) -> None:
         done[i] = rec
@@ -228,14 +271,16 @@ def _previous_records(out_dir: Path, plan_sha: str) -> dict[int, dict]:
 def _remove_extra_shards(out_dir: Path, num_shards: int) -> None:
     """Shards left over from an earlier, larger plan would otherwise sit beside the new ones."""
     for path in out_dir.glob("images-*.safetensors"):
-        stem = path.name[len("images-"):-len(".safetensors")]
+        stem = path.name[len("images-") : -len(".safetensors")]
         if stem.isdigit() and int(stem) >= num_shards:
             path.unlink()
 
 
-def _finish(out_dir: Path, records: list[dict], class_names: list[str], image_shape: list[int],
-            source: dict, plan_sha: str) -> dict:
+def _finish(
+    out_dir: Path, records: list[dict], class_names: list[str], image_shape: list[int], source: dict, plan_sha: str
+) -> dict:
     corrupt = [c for rec in records for c in rec["corrupt"]]
+    # fmt: off
     manifest = {
         "format": FORMAT,
         "count": sum(rec["count"] for rec in records),
@@ -247,6 +292,7 @@ def _finish(out_dir: Path, records: list[dict], class_names: list[str], image_sh
         "source": source,
         "plan_sha256": plan_sha,
     }
+    # fmt: on
     atomic_write_json(out_dir / MANIFEST, manifest)
     if (out_dir / PROGRESS).exists():
         os.remove(out_dir / PROGRESS)
@@ -255,28 +301,31 @@ def _finish(out_dir: Path, records: list[dict], class_names: list[str], image_sh
     return manifest
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Reading prepared data.
+
 
 def iter_prepared_shards(data_dir, *, verify: bool = True, indices=None):
     """Yields (shard index, images uint8 [n,C,H,W], labels int64 [n], shard record) as numpy."""
     data_dir = Path(data_dir)
     hint = rebuild_hint(data_dir)
     manifest = read_manifest(data_dir, hint=f"Run `alphaflow prepare` to create {data_dir}.")
-    for i in (range(len(manifest["shards"])) if indices is None else indices):
+    for i in range(len(manifest["shards"])) if indices is None else indices:
         rec = manifest["shards"][i]
         arrays = read_shard(data_dir / rec["file"], sha256=rec["sha256"] if verify else None, hint=hint)
         images, labels = arrays["images"], arrays["labels"]
         if images.shape[1:] != tuple(manifest["image_shape"]) or len(labels) != rec["count"]:
-            raise ShardError(f"shard {data_dir / rec['file']} holds {images.shape} / {len(labels)} labels, "
-                             f"the manifest says {rec['count']} × {manifest['image_shape']}. {hint}")
+            raise ShardError(
+                f"shard {data_dir / rec['file']} holds {images.shape} / {len(labels)} labels, "
+                f"the manifest says {rec['count']} × {manifest['image_shape']}. {hint}"
+            )
         yield i, images, labels, rec
 
 
 def load_prepared(data_dir, *,
                   verify: bool = True,                     # check each shard read against its sha256
                   limit: int | None = None,                # None = all images; else the first `limit`
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
     """(images uint8 [N,C,H,W], labels int64 [N], manifest). With `limit`, only the shards
     needed are read (and verified)."""
     manifest = read_manifest(Path(data_dir), hint=f"Run `alphaflow prepare` to create {data_dir}.")
@@ -292,8 +341,9 @@ def load_prepared(data_dir, *,
         labels.append(lab)
     shape = tuple(manifest["image_shape"])
     import torch  # not at module level: spawned prepare workers then skip importing torch
+
     images = np.concatenate(images) if images else np.zeros((0, *shape), np.uint8)
     labels = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return torch.from_numpy(images), torch.from_numpy(labels), manifest   # [N,C,H,W] uint8, [N] int64
+    return torch.from_numpy(images), torch.from_numpy(labels), manifest  # [N,C,H,W] uint8, [N] int64

@@ -18,16 +18,19 @@ from safetensors.numpy import save as st_save_bytes
 from alphaflow.errors import UserError
 from alphaflow.io import atomic_write_bytes, sha256_bytes, sha256_file
 
+# fmt: off
 MANIFEST = "manifest.json"      # the finished dataset's manifest
 FORMAT = 1                      # manifest["format"]; bump on incompatible layout changes
+# fmt: on
 
 
 class ShardError(UserError, ValueError):
     """A shard or manifest is missing, unreadable or fails its checksum."""
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Tensor shards (safetensors, numpy arrays).
+
 
 def write_shard(path, arrays: dict[str, np.ndarray]) -> str:
     """Atomically write a dict of numpy arrays as safetensors; returns the file's sha256."""
@@ -49,8 +52,9 @@ def read_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, 
     if sha256 is not None:
         got = sha256_bytes(data)
         if got != sha256:
-            raise ShardError(f"shard {path} is corrupt: sha256 {got} does not match the "
-                             f"manifest's {sha256}. {hint}".strip())
+            raise ShardError(
+                f"shard {path} is corrupt: sha256 {got} does not match the manifest's {sha256}. {hint}".strip()
+            )
     try:
         return st_load_bytes(data)
     except Exception as e:  # safetensors raises its own error types
@@ -58,8 +62,17 @@ def read_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, 
 
 
 # safetensors dtype names → numpy (the ones write_shard can produce).
-_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def map_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, np.ndarray]:
@@ -72,8 +85,9 @@ def map_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, n
     path = Path(path)
     try:
         if sha256 is not None and (got := sha256_file(path)) != sha256:
-            raise ShardError(f"shard {path} is corrupt: sha256 {got} does not match the "
-                             f"manifest's {sha256}. {hint}".strip())
+            raise ShardError(
+                f"shard {path} is corrupt: sha256 {got} does not match the manifest's {sha256}. {hint}".strip()
+            )
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
@@ -84,8 +98,11 @@ def map_shard(path, *, sha256: str | None = None, hint: str = "") -> dict[str, n
             dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"])
             if end - start != dtype.itemsize * int(np.prod(shape)):
                 raise ValueError(f"tensor {name!r}: {end - start} bytes for shape {shape} {dtype}")
-            arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start, shape=shape)
-                            if end > start else np.empty(shape, dtype))
+            arrays[name] = (
+                np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start, shape=shape)
+                if end > start
+                else np.empty(shape, dtype)
+            )
         return arrays
     except ShardError:
         raise
@@ -101,8 +118,9 @@ def shard_is_current(path, sha256: str | None) -> bool:
     return sha256 is not None and path.is_file() and sha256_file(path) == sha256
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Manifests.
+
 
 def read_json(path, *, hint: str = "") -> dict:
     path = Path(path)
@@ -118,8 +136,9 @@ def read_manifest(directory, *, hint: str = "") -> dict:
     """Read `<directory>/manifest.json` and check its format version."""
     manifest = read_json(Path(directory) / MANIFEST, hint=hint)
     if manifest.get("format") != FORMAT:
-        raise ShardError(f"{Path(directory) / MANIFEST} has format {manifest.get('format')!r}, "
-                         f"expected {FORMAT}. {hint}".strip())
+        raise ShardError(
+            f"{Path(directory) / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT}. {hint}".strip()
+        )
     return manifest
 
 
@@ -131,5 +150,6 @@ def verify_shards(directory, manifest: dict, *, hint: str = "") -> None:
             raise ShardError(f"shard {path} is missing. {hint}".strip())
         got = sha256_file(path)
         if got != shard["sha256"]:
-            raise ShardError(f"shard {path} is corrupt: sha256 {got} does not match the "
-                             f"manifest's {shard['sha256']}. {hint}".strip())
+            raise ShardError(
+                f"shard {path} is corrupt: sha256 {got} does not match the manifest's {shard['sha256']}. {hint}".strip()
+            )

@@ -32,12 +32,12 @@ from alphaflow.features.inception import InceptionFidTS, InceptionNvidiaTS, Ince
 from alphaflow.features.vit import ClipTimmLocal, DinoV2TimmLocal
 
 EXTRACTORS = {
-    "inception-fid-ts":    InceptionFidTS,
+    "inception-fid-ts": InceptionFidTS,
     "inception-nvidia-ts": InceptionNvidiaTS,
     "inception-v3-compat": InceptionV3Compat,
-    "dinov2-timm-local":   DinoV2TimmLocal,
-    "clip-vit-b32-local":  ClipTimmLocal,
-    "classifier-local":    ClassifierLocal,
+    "dinov2-timm-local": DinoV2TimmLocal,
+    "clip-vit-b32-local": ClipTimmLocal,
+    "classifier-local": ClassifierLocal,
 }
 
 

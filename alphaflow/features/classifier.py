@@ -19,13 +19,18 @@ class ClassifierLocal(FeatureExtractorBase):
 
     @staticmethod
     def resolve_weights(weights_path=None):
-        return resolve_file(weights_path, ENV_CLASSIFIER, "classifier weights not found",
-                            "Train it with `alphaflow classifier --params ...` "
-                            "(alphaflow.classifier.train_classifier).")
+        return resolve_file(
+            weights_path,
+            ENV_CLASSIFIER,
+            "classifier weights not found",
+            "Train it with `alphaflow classifier --params ...` (alphaflow.classifier.train_classifier).",
+        )
 
     def forward(self, x):
+        # fmt: off
         to_rgb_uint8(x)                                                        # shape/dtype check only
         h, logits = self.model.features_and_logits(self.model.preprocess(x))   # (N, 128), (N, classes)
+        # fmt: on
         out = {"features": h, "logits": logits}
         return tuple(out[a] for a in self.features_list)
 

@@ -16,8 +16,9 @@ class WeightsMismatchError(UserError):
 def to_rgb_uint8(x):
     """Checks uint8 [N, C, H, W] with C in (1, 3); grey → RGB by repetition."""
     if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4):
-        raise ValueError(f"expected a uint8 tensor [N, C, H, W], got {getattr(x, 'dtype', type(x))} "
-                         f"{tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(
+            f"expected a uint8 tensor [N, C, H, W], got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}"
+        )
     if x.shape[1] == 1:
         return x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:

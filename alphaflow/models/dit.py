@@ -19,7 +19,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from alphaflow.models import jvp
 from alphaflow.presets import PRESETS
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Embedding layers
 
 
@@ -30,9 +30,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_size = frequency_size
         self.max_period = max_period
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def frequency_args(self, t):
         # Arguments t·f_k of the sinusoidal features, in fp32 at least (fp64 kept): (N, frequency_size / 2).
@@ -86,7 +84,7 @@ def sincos_2d_pos_embed(dim, grid_size):
     return torch.cat([embed_1d(grid_w), embed_1d(grid_h)], dim=1).float()  # (M, dim)
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Core DiT model
 
 
@@ -140,7 +138,8 @@ class DiTBlock(nn.Module):
             rows, dx, dc = tan
             at = lambda a: rows_of(a, rows)
             dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = jvp.linear(
-                self.adaLN_modulation[1], jvp.silu(at(c), dc)).chunk(6, dim=1)
+                self.adaLN_modulation[1], jvp.silu(at(c), dc)
+            ).chunk(6, dim=1)
             dh = jvp.modulate(at(xn), jvp.layer_norm(at(x), dx), at(scale_msa), dshift_msa, dscale_msa)
             dq, dk, dv = self.heads(jvp.linear(self.attn.qkv, dh))
             do = jvp.attention(at(q), at(k), at(v), dq, dk, dv)
@@ -169,8 +168,9 @@ class FinalLayer(nn.Module):
         with torch.no_grad():
             rows, dx, dc = tan
             dshift, dscale = jvp.linear(self.adaLN_modulation[1], jvp.silu(rows_of(c, rows), dc)).chunk(2, dim=1)
-            dh = jvp.modulate(rows_of(xn, rows), jvp.layer_norm(rows_of(x, rows), dx), rows_of(scale, rows),
-                              dshift, dscale)
+            dh = jvp.modulate(
+                rows_of(xn, rows), jvp.layer_norm(rows_of(x, rows), dx), rows_of(scale, rows), dshift, dscale
+            )
             dout = jvp.linear(self.linear, dh)
         return out, (rows, dout, dc)
 
@@ -190,7 +190,7 @@ class DiT(nn.Module):
         num_heads=16,       # attention heads
         mlp_ratio=4.0,      # MLP hidden = mlp_ratio · D
         num_classes=1000,   # label table has num_classes + 1 rows (last = null class)
-    ):
+    ):  # fmt: skip
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -201,8 +201,10 @@ class DiT(nn.Module):
         self.null_label = num_classes
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        # fmt: off
         self.t_embedder = TimestepEmbedder(hidden_size)       # embeds t
         self.dt_embedder = TimestepEmbedder(hidden_size)      # embeds t − r
+        # fmt: on
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", sincos_2d_pos_embed(hidden_size, grid)[None], persistent=False)

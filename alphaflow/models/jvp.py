@@ -46,8 +46,9 @@ def layer_norm(x, dx, eps=1e-6):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf, shape = x.to(dtype), x.shape[-1:]
     _, mean, rstd = torch.native_layer_norm(xf, shape, None, None, eps)
-    dy, _, _ = torch.ops.aten.native_layer_norm_backward(dx.to(dtype), xf, shape, mean, rstd, None, None,
-                                                         [True, False, False])
+    dy, _, _ = torch.ops.aten.native_layer_norm_backward(
+        dx.to(dtype), xf, shape, mean, rstd, None, None, [True, False, False]
+    )
     return dy.to(x.dtype)
 
 

@@ -24,8 +24,14 @@ seeds, verdicts, the pre-registered test) → `posthoc` (the σ_rel sweep); this
 import json
 
 from alphaflow.io import atomic_write_bytes, atomic_write_text, sha256_file
-from alphaflow.plots import (group_sample_sheet, plot_all_training, plot_gradient_conflict, plot_metric_bars,
-                             plot_metric_vs_step, sample_sheet)
+from alphaflow.plots import (
+    group_sample_sheet,
+    plot_all_training,
+    plot_gradient_conflict,
+    plot_metric_bars,
+    plot_metric_vs_step,
+    sample_sheet,
+)
 from alphaflow.report.collect import evaluation_files, load_results, other_labels
 from alphaflow.report.posthoc import phema_report, sigma_sweep
 from alphaflow.report.seeds import seeds_report
@@ -37,10 +43,10 @@ def write_complete_marker(params, tables):
     """complete.json: the evaluations the tables were built from, with their sha256. Only a report over every
     evaluation writes it, as its last file; the Snakemake report rule declares it, so a report run by hand on
     partial results leaves it missing and `snakemake all` still schedules the missing evaluations and this report."""
-    digests = {str(p.relative_to(params.results)): sha256_file(p)
-               for p in evaluation_files(params)}
-    return atomic_write_text(tables / "complete.json", json.dumps({"profile": params.profile, "evaluations": digests},
-                                                           indent=1) + "\n")
+    digests = {str(p.relative_to(params.results)): sha256_file(p) for p in evaluation_files(params)}
+    return atomic_write_text(
+        tables / "complete.json", json.dumps({"profile": params.profile, "evaluations": digests}, indent=1) + "\n"
+    )
 
 
 def mlflow_runs(params, results):
@@ -54,20 +60,36 @@ def mlflow_runs(params, results):
         cells = []
         for (weights, sampler), cell in rows.groupby(["weights", "sampler"]):
             grid = run_dir / "samples" / weights / f"{sampler}.png"
-            cells.append({"weights": weights, "timestamp": params.eval_file(run_name, weights, sampler).stat().st_mtime,
-                          "values": [(mlflow_metric_name(r.metric, r.sampler, r.weights), r.value, r.low, r.high)
-                                     for r in cell.itertuples()],
-                          "grid": grid if grid.exists() else None})
-        runs.append({"run": run_name, "run_id_file": run_dir / "mlflow_run_id", "step": params.run(run_name).steps,
-                     "cells": cells, "table": {c: rows[c].tolist() for c in rows.columns}})
+            cells.append(
+                {
+                    "weights": weights,
+                    "timestamp": params.eval_file(run_name, weights, sampler).stat().st_mtime,
+                    "values": [
+                        (mlflow_metric_name(r.metric, r.sampler, r.weights), r.value, r.low, r.high)
+                        for r in cell.itertuples()
+                    ],
+                    "grid": grid if grid.exists() else None,
+                }
+            )
+        runs.append(
+            {
+                "run": run_name,
+                "run_id_file": run_dir / "mlflow_run_id",
+                "step": params.run(run_name).steps,
+                "cells": cells,
+                "table": {c: rows[c].tolist() for c in rows.columns},
+            }
+        )
     return runs
 
 
 def partial_banner(params, missing):
     cells = [str(p.relative_to(params.results)) for p in missing]
     more = f", … ({len(cells) - 3} more)" if len(cells) > 3 else ""
-    return (f"**Partial: {len(cells)} of {len(evaluation_files(params))} evaluations are missing** "
-            f"({', '.join(cells[:3])}{more}). `snakemake all` runs them and rewrites this report.")
+    return (
+        f"**Partial: {len(cells)} of {len(evaluation_files(params))} evaluations are missing** "
+        f"({', '.join(cells[:3])}{more}). `snakemake all` runs them and rewrites this report."
+    )
 
 
 def report(params, *, mlflow=True):
@@ -81,24 +103,34 @@ def report(params, *, mlflow=True):
     out = {"results": atomic_write_text(tables / "results.csv", results.to_csv(index=False))}
     title = f"Table 1 — {params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)"
     if not sigma_sweep(results).empty:
-        title += ("\n\n★ = the run's best post-hoc EMA σ_rel at 1 NFE (first metric with values), "
-                  "selected on the same samples (optimistic); phema.md has every σ_rel")
+        title += (
+            "\n\n★ = the run's best post-hoc EMA σ_rel at 1 NFE (first metric with values), "
+            "selected on the same samples (optimistic); phema.md has every σ_rel"
+        )
     title += provenance_notes(params)
-    shown = write_table(paper_table(params, results, "1"), tables / "table1",
-                        title + ("\n\n" + partial_banner(params, missing) if missing else ""))
+    shown = write_table(
+        paper_table(params, results, "1"),
+        tables / "table1",
+        title + ("\n\n" + partial_banner(params, missing) if missing else ""),
+    )
     out["table1"] = tables / "table1.md"
     for labels in other_labels(params):  # e.g. balanced labels: the paper's Table 6
         wide = paper_table(params, results, "1", labels)
-        write_table(wide, tables / f"table1-{labels}", f"Table 1 with {labels} labels (the paper's Table 6) — "
-                    f"{params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)" + provenance_notes(params))
+        write_table(
+            wide,
+            tables / f"table1-{labels}",
+            f"Table 1 with {labels} labels (the paper's Table 6) — "
+            f"{params.profile}: ours [95 % bootstrap CI] vs the paper (EMA rows)" + provenance_notes(params),
+        )
         out[f"table1-{labels}"] = tables / f"table1-{labels}.md"
     for table in ("2a", "2b"):
         wide = paper_table(params, results, table)
         if wide is not None:
             write_table(wide, tables / f"table{table}", f"Table {table} — {params.profile}")
             out[f"table{table}"] = tables / f"table{table}.md"
-    out["samplers"] = atomic_write_text(tables / "samplers.md", f"# Every sampler — {params.profile}\n\n"
-                                 + samplers_table(results))
+    out["samplers"] = atomic_write_text(
+        tables / "samplers.md", f"# Every sampler — {params.profile}\n\n" + samplers_table(results)
+    )
     out.update(seeds_report(params, results, tables, plots))
     out.update(phema_report(params, results, tables, plots))
     out["training"] = plot_all_training(params, plots / "training.png")
@@ -107,17 +139,22 @@ def report(params, *, mlflow=True):
         out[f"bars_{metric}"] = plot_metric_bars(results, metric, plots / f"{metric}.png")
         out[f"steps_{metric}"] = plot_metric_vs_step(params, results, metric, plots / f"{metric}_vs_step.png")
     for weights in params.raw["eval"]["weights"]:
-        out[f"samples_by_group_{weights}"] = group_sample_sheet(params, weights,
-                                                                plots / f"samples_by_group_{weights}.png")
+        out[f"samples_by_group_{weights}"] = group_sample_sheet(
+            params, weights, plots / f"samples_by_group_{weights}.png"
+        )
     for run_name in params.run_names:
         out[f"samples_{run_name}"] = sample_sheet(params, run_name, plots / f"samples_{run_name}.png")
         curves = params.run_dir(run_name) / "plots" / "training.png"
         if curves.exists():
             atomic_write_bytes(plots / f"training_{run_name}.png", curves.read_bytes())
     if mlflow and not results.empty:
-        out["mlflow"] = log_to_mlflow(params.tracking_uri(), params.profile, mlflow_runs(params, results),
-                                      [params.run_dir(r) / "mlflow_run_id" for r in params.run_names],
-                                      tables / "mlflow.md")
+        out["mlflow"] = log_to_mlflow(
+            params.tracking_uri(),
+            params.profile,
+            mlflow_runs(params, results),
+            [params.run_dir(r) / "mlflow_run_id" for r in params.run_names],
+            tables / "mlflow.md",
+        )
     if missing:
         print(f"[alphaflow] warning: {partial_banner(params, missing)}")
     else:

@@ -14,13 +14,40 @@ def load_results(params):
         for path in sorted((params.run_dir(run_name) / "eval").glob("*/*.json")):
             record = json.loads(path.read_text())
             for metric, m in record["metrics"].items():
-                rows.append({"run": run_name, "method": run.method, "model": run.model, "weights": record["weights"],
-                             "sampler": record["sampler"], "nfe": len(record["t_steps"]) - 1, "mode": record["mode"],
-                             "metric": metric, "value": m["value"], "low": m["low"], "high": m["high"],
-                             "n": m.get("n", record["num_samples"]), "extractor": m.get("extractor", ""),
-                             "labels": record.get("labels", "")})
-    columns = ["run", "method", "model", "weights", "sampler", "nfe", "mode", "metric", "value", "low", "high", "n",
-               "extractor", "labels"]
+                rows.append(
+                    {
+                        "run": run_name,
+                        "method": run.method,
+                        "model": run.model,
+                        "weights": record["weights"],
+                        "sampler": record["sampler"],
+                        "nfe": len(record["t_steps"]) - 1,
+                        "mode": record["mode"],
+                        "metric": metric,
+                        "value": m["value"],
+                        "low": m["low"],
+                        "high": m["high"],
+                        "n": m.get("n", record["num_samples"]),
+                        "extractor": m.get("extractor", ""),
+                        "labels": record.get("labels", ""),
+                    }
+                )
+    columns = [
+        "run",
+        "method",
+        "model",
+        "weights",
+        "sampler",
+        "nfe",
+        "mode",
+        "metric",
+        "value",
+        "low",
+        "high",
+        "n",
+        "extractor",
+        "labels",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -29,7 +56,7 @@ def evaluation_files(params):
     return [params.eval_file(*cell) for cell in params.evaluation_cells()]
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Samplers and label protocols
 
 
@@ -55,8 +82,14 @@ def nfe_samplers(params, run_name, labels=None):
             by_nfe[2] = named
         else:
             like = {k: params.samplers[named][k] for k in ("t_steps", "mode")}
-            by_nfe[2] = next((n for n, s in params.samplers.items() if sampler_labels(params, n) == labels
-                              and {k: s[k] for k in like} == like), None)
+            by_nfe[2] = next(
+                (
+                    n
+                    for n, s in params.samplers.items()
+                    if sampler_labels(params, n) == labels and {k: s[k] for k in like} == like
+                ),
+                None,
+            )
     return {n: by_nfe.get(n) for n in (1, 2)}
 
 

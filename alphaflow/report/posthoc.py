@@ -32,8 +32,12 @@ def sweep_table(values, unit):
         best = best_sigma_rel(sub)
         row = {unit: u, "sampler": sampler, "metric": METRIC_LABELS.get(metric, metric)}
         for fixed in ("raw", "ema"):
-            hit = values[(values[unit] == u) & (values.sampler == sampler) & (values.metric == metric)
-                         & (values.weights == fixed)]
+            hit = values[
+                (values[unit] == u)
+                & (values.sampler == sampler)
+                & (values.metric == metric)
+                & (values.weights == fixed)
+            ]
             row[fixed] = fmt(float(hit.value.iloc[0])) if len(hit) else "–"
         for sigma in sigmas:
             hit = sub[sub.sigma_rel == sigma]
@@ -49,11 +53,13 @@ def phema_report(params, results, tables, plots):
     sweep = sigma_sweep(results)
     if sweep.empty:
         return {}
-    text = (f"# Post-hoc EMA — {params.profile}\n\nEach phema-<σ_rel> weight set is the power-function EMA of "
-            "that relative width, reconstructed after training from the run's snapshots (EDM2, Karras et al. "
-            "2024). ★ = the best σ_rel of the row: selected on the same samples it is scored on, so its value is "
-            "optimistic; compare methods at a fixed σ_rel, or at each one's best with that caveat.\n\n"
-            "## Per run\n\n" + sweep_table(results, "run"))
+    text = (
+        f"# Post-hoc EMA — {params.profile}\n\nEach phema-<σ_rel> weight set is the power-function EMA of "
+        "that relative width, reconstructed after training from the run's snapshots (EDM2, Karras et al. "
+        "2024). ★ = the best σ_rel of the row: selected on the same samples it is scored on, so its value is "
+        "optimistic; compare methods at a fixed σ_rel, or at each one's best with that caveat.\n\n"
+        "## Per run\n\n" + sweep_table(results, "run")
+    )
     grouped = with_groups(params, results)
     out = {}
     if not grouped.empty:
@@ -62,26 +68,53 @@ def phema_report(params, results, tables, plots):
         best = best_ema_verdicts(params, grouped)
         if not best.empty:
             shown = best.assign(**{"A − B [95 % paired t-interval]": interval_strings(best, "")})
-            text += ("\n## Verdicts at each group's best σ_rel\n\nEach group at the σ_rel with its best mean over "
-                     "seeds, then the paired per-seed difference. The σ_rel were selected on the same samples, so "
-                     "these intervals are optimistic; the verdicts at every fixed σ_rel are in seeds.md.\n\n"
-                     + markdown(shown[["comparison", "sampler", "metric", "best σ_rel A", "best σ_rel B",
-                                       "A − B [95 % paired t-interval]", "seeds", "verdict"]]))
+            text += (
+                "\n## Verdicts at each group's best σ_rel\n\nEach group at the σ_rel with its best mean over "
+                "seeds, then the paired per-seed difference. The σ_rel were selected on the same samples, so "
+                "these intervals are optimistic; the verdicts at every fixed σ_rel are in seeds.md.\n\n"
+                + markdown(
+                    shown[
+                        [
+                            "comparison",
+                            "sampler",
+                            "metric",
+                            "best σ_rel A",
+                            "best σ_rel B",
+                            "A − B [95 % paired t-interval]",
+                            "seeds",
+                            "verdict",
+                        ]
+                    ]
+                )
+            )
             if "held-out difference" in best:
                 held = best[best["held-out difference"].notna()]
                 held = held.assign(**{"A − B [95 % paired t-interval]": interval_strings(held, "held-out ")})
-                text += ("\n## Verdicts with σ_rel held out (leave one seed out)\n\nFor each seed, each group's "
-                         "σ_rel is the best on the mean of its other seeds; the seed is scored there, and the "
-                         "per-seed differences are paired. Selection and scoring use different training runs, "
-                         "so this interval carries no selection optimism (the σ_rel may differ from seed to seed)."
-                         "\n\n" + markdown(held[["comparison", "sampler", "metric", "A − B [95 % paired t-interval]",
-                                                "held-out seeds", "held-out verdict"]]))
+                text += (
+                    "\n## Verdicts with σ_rel held out (leave one seed out)\n\nFor each seed, each group's "
+                    "σ_rel is the best on the mean of its other seeds; the seed is scored there, and the "
+                    "per-seed differences are paired. Selection and scoring use different training runs, "
+                    "so this interval carries no selection optimism (the σ_rel may differ from seed to seed)."
+                    "\n\n"
+                    + markdown(
+                        held[
+                            [
+                                "comparison",
+                                "sampler",
+                                "metric",
+                                "A − B [95 % paired t-interval]",
+                                "held-out seeds",
+                                "held-out verdict",
+                            ]
+                        ]
+                    )
+                )
             out["phema_verdicts_csv"] = atomic_write_text(tables / "phema_verdicts.csv", best.to_csv(index=False))
     out["phema"] = atomic_write_text(tables / "phema.md", text)
     for run_name in sweep.run.unique():
-        out[f"phema_{run_name}"] = plot_metric_vs_sigma_rel(results[results.run == run_name],
-                                                              sweep[sweep.run == run_name],
-                                                              plots / f"phema_{run_name}.png", run_name)
+        out[f"phema_{run_name}"] = plot_metric_vs_sigma_rel(
+            results[results.run == run_name], sweep[sweep.run == run_name], plots / f"phema_{run_name}.png", run_name
+        )
     return out
 
 
@@ -99,17 +132,31 @@ def best_ema_verdicts(params, grouped):
             per = {g: sub[(sub.group == g) & (sub.sigma_rel == best[g])].set_index("seed").value for g in (a, b)}
             diff, half = paired_interval(per[a], per[b])
             n = len(per[a].index.intersection(per[b].index))
-            line = {"comparison": f"{a} − {b}", "sampler": sampler, "metric": metric,
-                    "best σ_rel A": f"{best[a]:g}", "best σ_rel B": f"{best[b]:g}", "difference": diff,
-                    "low": diff - half, "high": diff + half, "seeds": n,
-                    "verdict": verdict_of(diff, half, a, b, lower_is_better(metric)) if n > 1 else "one seed"}
+            line = {
+                "comparison": f"{a} − {b}",
+                "sampler": sampler,
+                "metric": metric,
+                "best σ_rel A": f"{best[a]:g}",
+                "best σ_rel B": f"{best[b]:g}",
+                "difference": diff,
+                "low": diff - half,
+                "high": diff + half,
+                "seeds": n,
+                "verdict": verdict_of(diff, half, a, b, lower_is_better(metric)) if n > 1 else "one seed",
+            }
             held = {g: leave_one_seed_out(sub[sub.group == g], metric) for g in (a, b)}
             common = held[a].index.intersection(held[b].index)
             if len(common) > 1:
                 hdiff, hhalf = paired_interval(held[a][common], held[b][common])
-                line.update({"held-out difference": hdiff, "held-out low": hdiff - hhalf,
-                             "held-out high": hdiff + hhalf, "held-out seeds": len(common),
-                             "held-out verdict": verdict_of(hdiff, hhalf, a, b, lower_is_better(metric))})
+                line.update(
+                    {
+                        "held-out difference": hdiff,
+                        "held-out low": hdiff - hhalf,
+                        "held-out high": hdiff + hhalf,
+                        "held-out seeds": len(common),
+                        "held-out verdict": verdict_of(hdiff, hhalf, a, b, lower_is_better(metric)),
+                    }
+                )
             lines.append(line)
     return pd.DataFrame(lines)
 

@@ -9,8 +9,14 @@ from alphaflow.io import atomic_write_text
 from alphaflow.jsonl import read_jsonl
 from alphaflow.plots import plot_metric_vs_step_by_group, plot_primary_endpoint
 from alphaflow.report.tables import fmt, interval_strings, markdown
-from alphaflow.stats import (detectable_difference, lower_is_better, paired_interval, t_interval, verdict_of,
-                             welch_interval)
+from alphaflow.stats import (
+    detectable_difference,
+    lower_is_better,
+    paired_interval,
+    t_interval,
+    verdict_of,
+    welch_interval,
+)
 
 
 def with_groups(params, results):
@@ -27,9 +33,19 @@ def seed_table(grouped):
     rows = []
     for (group, weights, sampler, metric), sub in grouped.groupby(["group", "weights", "sampler", "metric"]):
         mean, half = t_interval(sub.value)
-        rows.append({"group": group, "weights": weights, "sampler": sampler, "metric": metric, "mean": mean,
-                     "low": mean - half, "high": mean + half, "seeds": len(sub),
-                     "per_seed": " ".join(f"{v:.2f}" for v in sub.sort_values("seed").value)})
+        rows.append(
+            {
+                "group": group,
+                "weights": weights,
+                "sampler": sampler,
+                "metric": metric,
+                "mean": mean,
+                "low": mean - half,
+                "high": mean + half,
+                "seeds": len(sub),
+                "per_seed": " ".join(f"{v:.2f}" for v in sub.sort_values("seed").value),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -46,14 +62,26 @@ def verdicts(params, grouped):
                 continue
             lower_better = lower_is_better(metric)
             diff, half = welch_interval(va, vb)
-            line = {"comparison": f"{a} − {b}", "weights": weights, "sampler": sampler, "metric": metric,
-                    "difference": diff, "low": diff - half, "high": diff + half,
-                    "verdict": verdict_of(diff, half, a, b, lower_better)}
+            line = {
+                "comparison": f"{a} − {b}",
+                "weights": weights,
+                "sampler": sampler,
+                "metric": metric,
+                "difference": diff,
+                "low": diff - half,
+                "high": diff + half,
+                "verdict": verdict_of(diff, half, a, b, lower_better),
+            }
             common = va.index.intersection(vb.index)
             if len(common) >= 2:
                 pdiff, phalf = paired_interval(va[common], vb[common])
-                line.update(paired_seeds=len(common), paired_difference=pdiff, paired_low=pdiff - phalf,
-                            paired_high=pdiff + phalf, paired_verdict=verdict_of(pdiff, phalf, a, b, lower_better))
+                line.update(
+                    paired_seeds=len(common),
+                    paired_difference=pdiff,
+                    paired_low=pdiff - phalf,
+                    paired_high=pdiff + phalf,
+                    paired_verdict=verdict_of(pdiff, phalf, a, b, lower_better),
+                )
             lines.append(line)
     return pd.DataFrame(lines)
 
@@ -65,25 +93,34 @@ def seeds_report(params, results, tables, plots):
     table = seed_table(grouped)
     verdict = verdicts(params, grouped)
     out = {"seeds_csv": atomic_write_text(tables / "seeds_per_run.csv", grouped.to_csv(index=False))}
-    shown = table.assign(**{"mean [95 % t-interval over seeds]": [
-        f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in zip(table["mean"], table["low"], table["high"])]})
+    shown = table.assign(
+        **{
+            "mean [95 % t-interval over seeds]": [
+                f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in zip(table["mean"], table["low"], table["high"])
+            ]
+        }
+    )
     shown = shown[["group", "weights", "sampler", "metric", "mean [95 % t-interval over seeds]", "seeds", "per_seed"]]
-    text = (f"# Mean over training seeds — {params.profile}\n\nIntervals are Student-t 95 % intervals over "
-            f"training seeds (not bootstrap over samples).\n\n{markdown(shown)}")
+    text = (
+        f"# Mean over training seeds — {params.profile}\n\nIntervals are Student-t 95 % intervals over "
+        f"training seeds (not bootstrap over samples).\n\n{markdown(shown)}"
+    )
     if not verdict.empty:
         columns = ["comparison", "weights", "sampler", "metric", "A − B [95 % Welch interval]", "verdict"]
         verdict_shown = verdict.assign(**{"A − B [95 % Welch interval]": interval_strings(verdict, "")})
         if "paired_difference" in verdict:
             verdict_shown["paired by seed [95 % t-interval]"] = [
-                x if x == "–" else f"{x} (n={int(n)})" for x, n in zip(interval_strings(verdict, "paired_"),
-                                                                       verdict["paired_seeds"])]
+                x if x == "–" else f"{x} (n={int(n)})"
+                for x, n in zip(interval_strings(verdict, "paired_"), verdict["paired_seeds"])
+            ]
             verdict_shown["paired verdict"] = verdict["paired_verdict"].fillna("–")
             columns += ["paired by seed [95 % t-interval]", "paired verdict"]
-        text += ("\n## Verdicts\n\nLower is better for FD/FID. \"not separable\" = the interval contains 0. "
-                 "Welch treats the two groups' seeds as independent samples. The paired interval uses that seed k "
-                 "gives both methods the same initial weights, data order and noise draws: it is the t-interval "
-                 "of the per-seed differences over the n seeds both groups ran.\n\n"
-                 + markdown(verdict_shown[columns]))
+        text += (
+            '\n## Verdicts\n\nLower is better for FD/FID. "not separable" = the interval contains 0. '
+            "Welch treats the two groups' seeds as independent samples. The paired interval uses that seed k "
+            "gives both methods the same initial weights, data order and noise draws: it is the t-interval "
+            "of the per-seed differences over the n seeds both groups ran.\n\n" + markdown(verdict_shown[columns])
+        )
         out["verdicts_csv"] = atomic_write_text(tables / "verdicts.csv", verdict.to_csv(index=False))
     out["seeds"] = atomic_write_text(tables / "seeds.md", text)
     atomic_write_text(tables / "seeds.csv", table.to_csv(index=False))
@@ -95,15 +132,16 @@ def seeds_report(params, results, tables, plots):
     return out
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The pre-registered test
 
 
 def paired_values(grouped, spec):
     """(A, B): the two groups' values of spec's metric at its weights × sampler, indexed by the seeds both ran."""
     a, b = spec["contrast"]
-    sub = grouped[(grouped.weights == spec["weights"]) & (grouped.sampler == spec["sampler"])
-                  & (grouped.metric == spec["metric"])]
+    sub = grouped[
+        (grouped.weights == spec["weights"]) & (grouped.sampler == spec["sampler"]) & (grouped.metric == spec["metric"])
+    ]
     va, vb = (sub[sub.group == g].set_index("seed").value for g in (a, b))
     common = va.index.intersection(vb.index).sort_values()
     return va[common], vb[common]
@@ -114,11 +152,27 @@ def summarise_differences(d, spec, label, mean_b, level, power):
     a, b = spec["contrast"]
     mean, half = t_interval(d, level)
     sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-    return {"contrast": label, "weights": spec["weights"], "sampler": spec["sampler"], "metric": spec["metric"],
-            "seeds": len(d), "difference": mean, "low": mean - half, "high": mean + half, "sd": sd,
-            "detectable": detectable_difference(sd, len(d), level, power), "mean_b": mean_b,
-            "verdict": (verdict_of(mean, half, a, b, lower_is_better(spec["metric"])) if len(d) > 1
-                        else "not run yet" if len(d) == 0 else "one seed: no interval"), "per_seed": d}
+    return {
+        "contrast": label,
+        "weights": spec["weights"],
+        "sampler": spec["sampler"],
+        "metric": spec["metric"],
+        "seeds": len(d),
+        "difference": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "sd": sd,
+        "detectable": detectable_difference(sd, len(d), level, power),
+        "mean_b": mean_b,
+        "verdict": (
+            verdict_of(mean, half, a, b, lower_is_better(spec["metric"]))
+            if len(d) > 1
+            else "not run yet"
+            if len(d) == 0
+            else "one seed: no interval"
+        ),
+        "per_seed": d,
+    }
 
 
 def endpoint(grouped, spec, level=0.95, power=0.8):
@@ -175,9 +229,13 @@ def preregistered_report(params, grouped, tables, plots):
     level, power = spec.get("level", 0.95), spec.get("power", 0.8)
     primary = spec["primary"]
     rows = [("primary", primary)] + [("secondary", s) for s in spec.get("secondary", [])]
-    rows += [("post hoc", {**primary, "weights": w, "sampler": smp})
-             for w in params.raw["eval"]["weights"] for smp in params.samplers
-             if (w, smp) != (primary["weights"], primary["sampler"])]
+    rows += [
+        ("post hoc", {**primary, "weights": w, "sampler": smp})
+        for w in params.raw["eval"]["weights"]
+        for smp in params.samplers
+        if (w, smp) != (primary["weights"], primary["sampler"])
+    ]
+
     def evaluate(s):
         if s.get("at") == "matched_time":
             return matched_time_endpoint(params, grouped, s, level, power)
@@ -187,24 +245,46 @@ def preregistered_report(params, grouped, tables, plots):
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "per_seed"} for r in results])
     first = results[0]
     per_seed = first["per_seed"].rename("difference").rename_axis("seed").reset_index()
-    out = {"preregistered_csv": atomic_write_text(tables / "preregistered.csv", table.to_csv(index=False)),
-           "primary_per_seed_csv": atomic_write_text(tables / "primary_per_seed.csv", per_seed.to_csv(index=False))}
-    shown = table.assign(**{
-        f"A − B [{level:.0%} t-interval]": interval_strings(table, ""),
-        "paired SD": [fmt(x) for x in table.sd],
-        f"detectable with {power:.0%} power": [fmt(x) for x in table.detectable]})
-    shown = shown[["role", "contrast", "weights", "sampler", "metric", "seeds", f"A − B [{level:.0%} t-interval]",
-                   "paired SD", f"detectable with {power:.0%} power", "verdict"]]
+    out = {
+        "preregistered_csv": atomic_write_text(tables / "preregistered.csv", table.to_csv(index=False)),
+        "primary_per_seed_csv": atomic_write_text(tables / "primary_per_seed.csv", per_seed.to_csv(index=False)),
+    }
+    shown = table.assign(
+        **{
+            f"A − B [{level:.0%} t-interval]": interval_strings(table, ""),
+            "paired SD": [fmt(x) for x in table.sd],
+            f"detectable with {power:.0%} power": [fmt(x) for x in table.detectable],
+        }
+    )
+    shown = shown[
+        [
+            "role",
+            "contrast",
+            "weights",
+            "sampler",
+            "metric",
+            "seeds",
+            f"A − B [{level:.0%} t-interval]",
+            "paired SD",
+            f"detectable with {power:.0%} power",
+            "verdict",
+        ]
+    ]
     rel = first["detectable"] / first["mean_b"] if first["mean_b"] else float("nan")
-    statement = (f"With {first['seeds']} seeds and the measured paired SD of {fmt(first['sd'])}, this design detects a "
-                 f"true {first['contrast']} difference of {fmt(first['detectable'])} {first['metric']} "
-                 f"({rel:.1%} of the second arm's mean) with {power:.0%} power at the {1 - level:.0%} level "
-                 f"(two-sided paired t-test). Only the primary row is the test; the others are labelled.")
-    text = (f"# Pre-registered test — {params.profile}\n\n{spec.get('statement', '').strip()}\n\n"
-            f"**Primary endpoint**: {first['contrast']}, {first['metric']}, {first['weights']} weights, "
-            f"{first['sampler']}, paired over seeds: {interval_strings(table.iloc[:1], '')[0]} → "
-            f"**{first['verdict']}**.\n\n**Power**: {statement}\n\n{markdown(shown)}")
+    statement = (
+        f"With {first['seeds']} seeds and the measured paired SD of {fmt(first['sd'])}, this design detects a "
+        f"true {first['contrast']} difference of {fmt(first['detectable'])} {first['metric']} "
+        f"({rel:.1%} of the second arm's mean) with {power:.0%} power at the {1 - level:.0%} level "
+        f"(two-sided paired t-test). Only the primary row is the test; the others are labelled."
+    )
+    text = (
+        f"# Pre-registered test — {params.profile}\n\n{spec.get('statement', '').strip()}\n\n"
+        f"**Primary endpoint**: {first['contrast']}, {first['metric']}, {first['weights']} weights, "
+        f"{first['sampler']}, paired over seeds: {interval_strings(table.iloc[:1], '')[0]} → "
+        f"**{first['verdict']}**.\n\n**Power**: {statement}\n\n{markdown(shown)}"
+    )
     out["preregistered"] = atomic_write_text(tables / "preregistered.md", text)
-    out["primary_endpoint"] = plot_primary_endpoint(*paired_values(grouped, primary), primary,
-                                                    plots / "primary_endpoint.png")
+    out["primary_endpoint"] = plot_primary_endpoint(
+        *paired_values(grouped, primary), primary, plots / "primary_endpoint.png"
+    )
     return out

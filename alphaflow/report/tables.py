@@ -31,13 +31,21 @@ def paper_table(params, results, table="1", labels=None):
             paper = {**{k: v for k, v in paper.items() if not k.endswith(("_1nfe", "_2nfe"))}, **numbers}
         samplers = nfe_samplers(params, run_name, labels)
         for weights in params.raw["eval"]["weights"]:
-            row = {"run": run_name, "paper row": paper.get("row", "–"), "weights": weights,
-                   "protocol": paper.get("protocol", SAME_PROTOCOL)}
+            row = {
+                "run": run_name,
+                "paper row": paper.get("row", "–"),
+                "weights": weights,
+                "protocol": paper.get("protocol", SAME_PROTOCOL),
+            }
             for nfe in (1, 2):
                 for metric in metrics:
                     col = f"NFE{nfe} {METRIC_LABELS.get(metric, metric)}"
-                    hit = results[(results.run == run_name) & (results.weights == weights)
-                                  & (results.sampler == samplers[nfe]) & (results.metric == metric)]
+                    hit = results[
+                        (results.run == run_name)
+                        & (results.weights == weights)
+                        & (results.sampler == samplers[nfe])
+                        & (results.metric == metric)
+                    ]
                     ours = hit.iloc[0] if len(hit) else None
                     # The paper evaluates EMA weights only (paper Table 1).
                     theirs = paper.get(f"{metric}_{nfe}nfe") if weights == "ema" else None
@@ -45,7 +53,7 @@ def paper_table(params, results, table="1", labels=None):
                     row[f"{col} low"] = None if ours is None else float(ours.low)
                     row[f"{col} high"] = None if ours is None else float(ours.high)
                     row[f"{col} paper"] = theirs
-                    row[f"{col} Δ"] = (None if ours is None or theirs is None else float(ours.value) - theirs)
+                    row[f"{col} Δ"] = None if ours is None or theirs is None else float(ours.value) - theirs
             rows.append(row)
     return mark_best_sigma_rel(pd.DataFrame(rows), metrics)
 
@@ -68,7 +76,7 @@ def mark_best_sigma_rel(wide, metrics):
     return wide
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Formatting and files
 
 
@@ -88,8 +96,10 @@ def display_table(wide):
     if "protocol" in wide and (wide["protocol"] != SAME_PROTOCOL).any():  # rows not comparable like for like
         out["paper numbers' protocol"] = wide["protocol"]
     for col in [c[: -len(" ours")] for c in wide.columns if c.endswith(" ours")]:
-        ours = [NOT_RUN if pd.isna(v) else f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
-                for v, lo, hi in zip(wide[f"{col} ours"], wide[f"{col} low"], wide[f"{col} high"])]
+        ours = [
+            NOT_RUN if pd.isna(v) else f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+            for v, lo, hi in zip(wide[f"{col} ours"], wide[f"{col} low"], wide[f"{col} high"])
+        ]
         if wide[f"{col} paper"].isna().all() and all(o == NOT_RUN for o in ours):
             continue  # a metric nobody reports for this table
         out[f"{col} ours"] = ours
@@ -123,21 +133,22 @@ def write_table(wide, base, title):
 def samplers_table(results):
     if results.empty:
         return "no evaluation results yet\n"
-    pivot = results.assign(cell=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
-                                 zip(results.value, results.low, results.high)])
+    pivot = results.assign(
+        cell=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(results.value, results.low, results.high)]
+    )
     pivot = pivot.pivot_table(index=["run", "weights"], columns=["metric", "sampler"], values="cell", aggfunc="first")
     pivot.columns = [f"{METRIC_LABELS.get(m, m)} {s}" for m, s in pivot.columns]
     return markdown(pivot.reset_index().fillna("–"))
 
 
-#----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Notes under the title
 
 
 PROTOCOL_NOTES = {
     "alphaflow": "the official α-Flow evaluation: per-seed noise generators (seed mod 2³², the consistency "
-                 "sampler's fresh noise their next float64 draw), uint8 by truncation, real images through "
-                 "its float32 round trip",
+    "sampler's fresh noise their next float64 draw), uint8 by truncation, real images through "
+    "its float32 round trip",
     "adm": "the official α-Flow sampling, FID against ADM's reference batch (eval.adm_reference)",
 }
 
@@ -151,8 +162,11 @@ def provenance_notes(params):
         notes += f"\n\nOurs: eval.protocol = {protocol} ({PROTOCOL_NOTES[protocol]})."
     for run_name in params.run_names:
         source = (ckpt.read_state(params.run_dir(run_name) / "checkpoints" / "final", missing_ok=True) or {}).get(
-            "source")
+            "source"
+        )
         if source:
-            notes += (f"\n\n{run_name}: weights imported from {Path(source['file']).name} "
-                      f"(sha256 {source['sha256'][:16]}), not trained here.")
+            notes += (
+                f"\n\n{run_name}: weights imported from {Path(source['file']).name} "
+                f"(sha256 {source['sha256'][:16]}), not trained here."
+            )
     return notes

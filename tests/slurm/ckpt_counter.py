@@ -35,8 +35,9 @@ def main():
     p.add_argument("--step-s", type=float, default=0.2)
     p.add_argument("--resume-step-s", type=float, default=None, help="step time after a restart (default: --step-s)")
     p.add_argument("--stop-at", type=int, default=None)
-    p.add_argument("--started", type=Path, default=None,
-                   help="written once the loop runs: job id and pid (tests wait on it)")
+    p.add_argument(
+        "--started", type=Path, default=None, help="written once the loop runs: job id and pid (tests wait on it)"
+    )
     args = p.parse_args()
     rank = os.environ.get("RANK", "0")
     args.state = Path(str(args.state).format(rank=rank))
@@ -46,8 +47,14 @@ def main():
         signal.signal(signum, lambda num, frame: stop.append(signal.Signals(num).name))  # idempotent
 
     state = json.loads(args.state.read_text()) if args.state.exists() else {"count": 0, "checksum": 0, "starts": []}
-    state["starts"].append({"at": state["count"], "time": time.time(), "job": os.environ.get("SLURM_JOB_ID", "local"),
-                            "restart": os.environ.get("SLURM_RESTART_COUNT", "0")})
+    state["starts"].append(
+        {
+            "at": state["count"],
+            "time": time.time(),
+            "job": os.environ.get("SLURM_JOB_ID", "local"),
+            "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+        }
+    )
     save(args.state, state)
     step_s = args.step_s if len(state["starts"]) == 1 or args.resume_step_s is None else args.resume_step_s
     print(f"start at {state['count']} (start #{len(state['starts'])})", flush=True)

@@ -1,6 +1,6 @@
 """A tiny DDP stage for the launch tests: gloo all_reduce on CPU, one JSON file per rank.
 
-    python ddp_check.py OUT_DIR
+python ddp_check.py OUT_DIR
 """
 
 import json
@@ -19,8 +19,17 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     x = torch.tensor([float(rank + 1)])
     dist.all_reduce(x)  # sum over ranks: world * (world + 1) / 2
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_ID")
+    keys = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+        "SLURM_GPUS_ON_NODE",
+        "SLURM_JOB_ID",
+    )
     info = {k: os.environ.get(k) for k in keys}
     info.update(rank=rank, world=world, allreduce=x.item())
     (out / f"rank{rank}.json").write_text(json.dumps(info))

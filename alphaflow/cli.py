@@ -7,6 +7,7 @@
     alphaflow reference --params P
     alphaflow sample    --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S [--part I --num-parts N]
     alphaflow evaluate  --params P --run R --weights ema|raw|phema-<σ_rel> --sampler S
+    alphaflow sample-evaluate --params P --run R   (eval.jobs run: every cell of R in one process)
     alphaflow report    --params P
     alphaflow export-npz --params P --run R --weights ema --sampler S --out FILE.npz   (ADM evaluator batch)
     alphaflow generate  --params P --run R [--weights W] | --checkpoint FILE [--model B/2] [--vae DIR]
@@ -123,6 +124,12 @@ def cmd_evaluate(args, params):
     from alphaflow.evaluate import evaluate_run
 
     evaluate_run(params, args.run, args.weights, args.sampler, device=device_of(args, params), quiet=args.quiet)
+
+
+def cmd_sample_evaluate(args, params):
+    from alphaflow.evaluate import sample_evaluate
+
+    sample_evaluate(params, args.run, device=device_of(args, params), quiet=args.quiet)
 
 
 def cmd_generate(args, params):
@@ -272,6 +279,14 @@ def build_parser():
         if name == "sample":
             p.add_argument("--part", type=int, default=0)
             p.add_argument("--num-parts", type=int, default=1)
+
+    p = stage_parser(
+        sub,
+        "sample-evaluate",
+        cmd_sample_evaluate,
+        "sample and evaluate every cell of a run in one process (eval.jobs: run), keeping the current ones",
+    )
+    p.add_argument("--run", required=True)
 
     p = stage_parser(
         sub,

@@ -180,6 +180,7 @@ def validate(raw, schema=None):
                 )
     validate_weight_sets(raw)
     validate_protocol(raw)
+    validate_eval_jobs(raw)
     for i, sampler in enumerate(raw["eval"]["samplers"]):
         try:
             parse_t_steps(sampler["t_steps"])
@@ -223,6 +224,21 @@ def metric_extractor(metric, raw_eval):
 def protocol_rounding(protocol):
     """How a protocol turns decoded images into uint8: the official α-Flow/ADM code truncates."""
     return "round" if protocol == "default" else "truncate"
+
+
+def eval_jobs(raw_eval):
+    """params eval.jobs: "cell" (a sample and an evaluate job per cell, the schema default) or "run"."""
+    return raw_eval.get("jobs") or "cell"
+
+
+def validate_eval_jobs(raw, executor=None):
+    """eval.jobs run samples and evaluates a run's cells in one in-process job: no launcher executor."""
+    executor = executor or raw.get("executor") or "none"
+    if eval_jobs(raw["eval"]) == "run" and executor != "none":
+        raise ParamsError(
+            f"params key 'eval.jobs' = 'run' with executor {executor!r}: one job per run is for the in-process "
+            "executor (the demo); on a cluster every cell is its own job: set eval.jobs: cell"
+        )
 
 
 def validate_protocol(raw):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from alphaflow.config import eval_jobs
 from alphaflow.io import atomic_write_text
 
 HEADER = (
@@ -198,7 +199,19 @@ def build(params, params_file):
         ]
         + protocol_keys,
     )
-    for run_name, weights, sampler in params.evaluation_cells():
+    if eval_jobs(ev) == "run":  # one stage per run samples and evaluates all of its cells (Snakemake's sample_evaluate)
+        for run_name in params.run_names:
+            cells = [(w, s) for r, w, s in params.evaluation_cells() if r == run_name]
+            stages[f"sample_evaluate-{run_name}"] = stage(
+                command(params_file, "sample-evaluate", f"--run {run_name}"),
+                [params.run_dir(run_name) / "checkpoints", reference] + SAMPLE_CODE,
+                params_file,
+                list(dict.fromkeys(sample_keys + eval_keys)),
+                [{str(params.samples_dir(run_name, w, s)): {"persist": True}} for w, s in cells],  # chunks resume
+                # persist: DVC would delete them before the stage runs, and the stage keeps the current ones
+                metrics=[{str(params.eval_file(run_name, w, s)): {"cache": False, "persist": True}} for w, s in cells],
+            )
+    for run_name, weights, sampler in params.evaluation_cells() if eval_jobs(ev) == "cell" else ():
         run_dir, cell = params.run_dir(run_name), f"{run_name}-{weights}-{sampler}"
         args = f"--run {run_name} --weights {weights} --sampler {sampler}"
         samples = params.samples_dir(run_name, weights, sampler)

@@ -1,6 +1,7 @@
 """The evaluate stage: metrics of one cell's generated images, with bootstrap intervals (paper Table 1).
 
     alphaflow evaluate --params P --run R --weights ema --sampler 1nfe
+    alphaflow sample-evaluate --params P --run R     # eval.jobs run: every cell of R, sampled and evaluated
 
 Reads the finished sample set (alphaflow.samples) and the reference statistics (alphaflow.reference), computes
 every metric of params eval.metrics with a bootstrap interval over samples and writes
@@ -8,6 +9,7 @@ eval/<weights>/<sampler>.json; the report stage logs them onto the run's MLflow 
 connection per run, not one per evaluation job). `in_training_metrics` gives the FD_clf curve during training.
 """
 
+import json
 import time
 
 import torch
@@ -21,7 +23,16 @@ from alphaflow.images import save_grid
 from alphaflow.io import atomic_write_json
 from alphaflow.provenance import file_hash, fingerprint, stage_reads
 from alphaflow.reference import INCEPTION_LIKE, capped, is_score, metric_plan, reference_images, reference_stats_for
-from alphaflow.samples import generate, labels_for_seeds, load_samples, no_autocast, sample_fingerprint, samples_parts
+from alphaflow.samples import (
+    generate,
+    labels_for_seeds,
+    load_samples,
+    no_autocast,
+    sample_fingerprint,
+    sample_run,
+    samples_current,
+    samples_parts,
+)
 from alphaflow.tracking import mlflow_metric_name
 
 
@@ -89,6 +100,27 @@ def in_training_metrics(params, nets, device):
     return out
 
 
+def current_evaluation(params, run_name, weights, sampler_name):
+    """The cell's evaluation record when it is current (its fingerprint: these params, these samples, this
+    reference), else None."""
+    path = params.eval_file(run_name, weights, sampler_name)
+    out = params.samples_dir(run_name, weights, sampler_name)
+    if not path.exists() or samples_parts(out) is None:
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    samples_fp = sample_fingerprint(params, run_name, weights, sampler_name, samples_parts(out))
+    return record if record.get("fingerprint") == evaluation_fingerprint(params, weights, samples_fp) else None
+
+
+def evaluation_fingerprint(params, weights, samples_fp):
+    reference = params.reference_marker()
+    upstream = [samples_fp, file_hash(reference) if reference.exists() else None]
+    return fingerprint("evaluate", stage_reads(params, "evaluate", weights=weights), upstream)
+
+
 def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=False):
     device = resolve_device(device)
     out = params.samples_dir(run_name, weights, sampler_name)
@@ -96,13 +128,11 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
     images, labels = load_samples(out, fingerprint=samples_fp)
     t0 = time.perf_counter()
     metrics = evaluate_images(params, images, device, weights=weights)
-    reference = params.reference_marker()
-    upstream = [samples_fp, file_hash(reference) if reference.exists() else None]
     record = {
         "run": run_name,
         "weights": weights,
         "sampler": sampler_name,
-        "fingerprint": fingerprint("evaluate", stage_reads(params, "evaluate", weights=weights), upstream),
+        "fingerprint": evaluation_fingerprint(params, weights, samples_fp),
         "samples_fingerprint": samples_fp,
         "num_samples": len(images),
         "labels": params.samplers[sampler_name].get("labels") or params.raw["eval"].get("labels", "random"),
@@ -129,3 +159,23 @@ def evaluate_run(params, run_name, weights, sampler_name, *, device=None, quiet=
         shown = ", ".join(f"{m} {v['value']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for m, v in metrics.items())
         print(f"[alphaflow] evaluate {run_name}/{weights}/{sampler_name}: {shown}")
     return record
+
+
+def sample_evaluate(params, run_name, *, device=None, quiet=False):
+    """Every cell of a run (params.evaluation_cells) sampled and evaluated in this one process (eval.jobs run):
+    the sample stage resumes or keeps a current sample set, and a current evaluation is kept, so a re-run
+    redoes exactly the cells whose inputs changed, as the per-cell jobs would."""
+    device = resolve_device(device)
+    num_parts = params.raw["eval"].get("parts") or 1
+    for run, weights, sampler_name in params.evaluation_cells():
+        if run != run_name:
+            continue
+        if not samples_current(params, run, weights, sampler_name, num_parts):
+            for part in range(num_parts):
+                sample_run(
+                    params, run, weights, sampler_name, part=part, num_parts=num_parts, device=device, quiet=quiet
+                )
+        if current_evaluation(params, run, weights, sampler_name) is None:
+            evaluate_run(params, run, weights, sampler_name, device=device, quiet=quiet)
+        elif not quiet:
+            print(f"[alphaflow] evaluate {run}/{weights}/{sampler_name}: current, kept")

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from alphaflow import evaluate as E
 from alphaflow import samples as S
-from alphaflow.config import load_params
+from alphaflow.config import ParamsError, load_params
 from alphaflow.data.shards import ShardError
 from helpers import ROOT
 
@@ -111,3 +112,42 @@ def test_paper_report_lists_every_paper_row_with_its_numbers_and_not_run(tmp_pat
     assert marked == {"meanflow-M-2-cfg", "meanflow-L-2-cfg"}
     assert sum("as the paper" in line for line in ema_rows) == 10
     assert (tmp_path / "tables" / "paper" / "table1.tex").read_text().startswith("\\begin{tabular}")
+
+
+def test_sample_evaluate_does_every_cell_of_a_run_once_and_keeps_the_current_ones(trained):
+    """eval.jobs run's job: every cell of the run sampled and evaluated in one process, with the per-cell stage's
+    metrics; a second call rewrites nothing; a stale evaluation is redone alone."""
+    from alphaflow.evaluate import current_evaluation, evaluate_run, sample_evaluate
+
+    params, run = trained, "alphaflow-tiny"
+    sample_evaluate(params, run, device="cpu", quiet=True)
+    cells = [(w, s) for r, w, s in params.evaluation_cells() if r == run]
+    records = {c: json.loads(params.eval_file(run, *c).read_text()) for c in cells}
+    assert len(cells) == 4 and all(current_evaluation(params, run, *c) == records[c] for c in cells)
+    evaluate_run(params, run, *cells[-1], device="cpu", quiet=True)  # the per-cell stage on the same samples
+    assert json.loads(params.eval_file(run, *cells[-1]).read_text())["metrics"] == records[cells[-1]]["metrics"]
+
+    stamps = lambda: {p: p.stat().st_mtime_ns for p in params.run_dir(run).rglob("*.json")}
+    before = stamps()
+    sample_evaluate(params, run, device="cpu", quiet=True)
+    assert stamps() == before
+    stale = params.eval_file(run, *cells[0])
+    stale.write_text(json.dumps({**records[cells[0]], "fingerprint": "0" * 16}))
+    before = stamps()
+    sample_evaluate(params, run, device="cpu", quiet=True)
+    after = stamps()
+    assert {p for p in before if after[p] != before[p]} == {stale}
+    assert json.loads(stale.read_text())["metrics"] == records[cells[0]]["metrics"]
+
+
+def test_one_job_per_run_is_for_the_in_process_executor(tmp_path):
+    from helpers import tiny_params_dict
+
+    d = tiny_params_dict(tmp_path / "results", tmp_path / "images")
+    d["eval"]["jobs"] = "run"
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(d))
+    assert load_params(tmp_path / "ok.yaml").raw["eval"]["jobs"] == "run"
+    d["executor"] = "slurm"
+    (tmp_path / "slurm.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(ParamsError, match="'eval.jobs' = 'run' with executor 'slurm'"):
+        load_params(tmp_path / "slurm.yaml")

@@ -36,14 +36,19 @@ def snakemake_commands(*args, cwd=ROOT, env=None):
 
 
 def test_demo_plan_covers_every_run_weights_sampler():
+    # The demo's eval.jobs run: one sample_evaluate job per run writes all 6 of its cells.
     out, cmds = snakemake_commands("all")
     counts = job_counts(out)
-    # 4 runs × ({ema, raw} × 2 samplers + 2 post-hoc EMA sets × the 1-NFE sampler)
-    assert counts["train"] == 4 and counts["sample"] == 24 and counts["evaluate"] == 24 and counts["report"] == 1
+    assert counts["train"] == 4 and counts["sample_evaluate"] == 4 and counts["report"] == 1
+    assert "sample" not in counts and "evaluate" not in counts
+    assert "alphaflow sample-evaluate --params params/default.yaml --quiet --run meanflow-N-4" in cmds
     assert "alphaflow train --params params/default.yaml --quiet --run meanflow-N-4" in cmds
-    assert (
-        "alphaflow sample --params params/default.yaml --quiet --run alphaflow-T-4 --weights phema-0.15 --sampler 1nfe"
-    ) in cmds
+    # The same DAG per cell: 4 runs × ({ema, raw} × 2 samplers + 2 post-hoc EMA sets × the 1-NFE sampler)
+    out, cmds = snakemake_commands("all", "--config", "set=[eval.jobs=cell]")
+    counts = job_counts(out)
+    assert counts["train"] == 4 and counts["sample"] == 24 and counts["evaluate"] == 24 and counts["report"] == 1
+    one = "alphaflow sample --params params/default.yaml --set eval.jobs=cell --quiet --run alphaflow-T-4"
+    assert f"{one} --weights phema-0.15 --sampler 1nfe" in cmds
     assert not any("phema" in c and "2nfe" in c for c in cmds)
 
 
@@ -175,9 +180,15 @@ def test_each_profiles_dvc_pipeline_is_current_and_declares_snakemakes_stages_an
 def test_the_demo_pipeline_has_the_demo_cells():
     stages = dvc_stages()
     assert sum(name.startswith("train-") for name, _, _ in stages) == 4
-    # ema, raw × 2 samplers and the two post-hoc EMA sets at 1 NFE (eval.phema_samplers), for 4 runs
-    assert sum(name.startswith("evaluate-") for name, _, _ in stages) == 4 * (2 * 2 + 2)
-    assert sum(name.startswith("evaluate-") and "phema" in name for name, _, _ in stages) == 4 * 2
+    # one sample_evaluate stage per run (eval.jobs run), each with its ema, raw × 2 samplers and the two post-hoc
+    # EMA sets at 1 NFE (eval.phema_samplers): 6 sample folders and 6 evaluations
+    joint = {name: paths for name, _, paths in stages if name.startswith("sample_evaluate-")}
+    assert len(joint) == 4 and not any(name.startswith(("sample-", "evaluate-")) for name, _, _ in stages)
+    demo = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in joint:
+        evals = [next(iter(m)) for m in demo[name]["metrics"]]
+        assert len(evals) == 2 * 2 + 2 and sum("phema" in e for e in evals) == 2
+        assert len(demo[name]["outs"]) == 6
     small = dvc_stages("pipelines/small/dvc.yaml")
     assert sum(name.startswith("train-") for name, _, _ in small) == 13  # 3 methods × 3 seeds + 2 × 2 ablation
 
@@ -241,6 +252,65 @@ def test_snakemake_runs_the_tiny_dag_end_to_end_and_then_has_nothing_to_do(tiny_
     assert (tmp_path / "results" / "plots" / "test" / "training.png").exists()
     again = run([*args[:2], "-n", *args[2:]]).stdout
     assert "Nothing to be done" in again
+
+
+def cell_outputs(results):
+    """{cell: (sample chunk sha256s, metric values)} of every evaluated cell under a results folder."""
+    out = {}
+    for ev in sorted(results.glob("runs/*/eval/*/*.json")):
+        run_dir, weights, sampler = ev.parents[2], ev.parent.name, ev.stem
+        done = json.loads((run_dir / "samples" / weights / sampler / "done.json").read_text())
+        out[f"{run_dir.name}/{weights}/{sampler}"] = (
+            [c["sha256"] for c in done["chunks"]],
+            json.loads(ev.read_text())["metrics"],
+        )
+    return out
+
+
+@pytest.mark.slow
+def test_one_job_per_run_writes_what_the_per_cell_jobs_write_and_redoes_only_a_changed_cell(tiny_dag, tmp_path):
+    """eval.jobs run on the tiny profile: 2 sample_evaluate jobs instead of 8 sample and 8 evaluate jobs, the same
+    samples and metrics as the per-cell DAG (tiny_dag), nothing to do on a second call, and after a sampler's
+    t_steps change the run's job redoes that sampler's cells only (the others' samples and metrics are kept)."""
+    args, cell_base = tiny_dag
+    params = tmp_path / "params.yaml"
+    d = tiny_profile(params, cell_base / "images", results=str(tmp_path / "results"))
+    d["eval"]["jobs"] = "run"
+    params.write_text(yaml.safe_dump(d, sort_keys=False))
+    cmd = [
+        args[0],
+        "all",
+        "-s",
+        ROOT / "Snakefile",
+        "--directory",
+        tmp_path,
+        "--cores",
+        "2",
+        "--config",
+        f"params={params}",
+    ]
+    proc = run(cmd)
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["sample_evaluate"] == 2 and "sample" not in counts and "evaluate" not in counts
+    assert cell_outputs(tmp_path / "results") == cell_outputs(cell_base / "results")
+    assert "Nothing to be done" in run([*cmd[:2], "-n", *cmd[2:]]).stdout
+
+    # Snakemake touches a job's outputs: what was redone shows in the contents (each record's "seconds")
+    runs = tmp_path / "results" / "runs"
+    files = lambda: {
+        f: f.read_bytes() for f in [*runs.glob("*/eval/*/*.json"), *runs.glob("*/samples/*/*/chunks-*/part-*.json")]
+    }
+    before, outputs = files(), cell_outputs(tmp_path / "results")
+    changed = d["eval"]["samplers"][1]["name"]
+    d["eval"]["samplers"][1]["t_steps"] = [1.0, 0.4, 0.0]
+    params.write_text(yaml.safe_dump(d, sort_keys=False))
+    proc = run(cmd)
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["sample_evaluate"] == 2 and counts["report"] == 1
+    after, new = files(), cell_outputs(tmp_path / "results")
+    rewritten = {str(f.relative_to(runs)) for f in before if after.get(f) != before[f]}
+    assert rewritten and all(f"/{changed}" in f for f in rewritten), rewritten  # eval/W/S.json, samples/W/S/…
+    assert {c for c in new if new[c] != outputs[c]} == {c for c in new if c.endswith(f"/{changed}")}
 
 
 # Snakemake's report is one page whose app shows a result after clicks: this script clicks menu entries by their

@@ -7,6 +7,7 @@
 # resources, --set overrides of other keys) never re-runs anything.
 import shlex
 
+from alphaflow.config import eval_jobs, validate_eval_jobs
 from alphaflow.presets import PRESETS
 from alphaflow.provenance import stage_reads
 
@@ -30,6 +31,9 @@ def train_cost(run):
     cfg = P.run(run)
     arch = {**PRESETS[cfg.model], **cfg.model_overrides}
     return cfg.steps * cfg.batch_size * arch["depth"] * arch["hidden_size"] ** 2 / arch["patch_size"] ** 2
+EVAL_JOBS = eval_jobs(P.raw["eval"])
+validate_eval_jobs(P.raw, EXECUTOR)  # eval.jobs run: the in-process executor only
+RUN_CELLS = [(w, s) for r, w, s in P.evaluation_cells() if r == RUNS[0]]  # the same cells for every run
 NEEDS_CLASSIFIER = any(m in ("fd_classifier", "is_classifier") for m in P.raw["eval"]["metrics"])
 
 
@@ -88,6 +92,13 @@ def train_inputs(w):
     elif source:
         inputs.append(final_state(source))
     return inputs
+
+
+def run_cells_reads(w):
+    """What a run's sample_evaluate job reads: every cell's sample and evaluate reads."""
+    return {f"{weights}/{sampler}": {"sample": stage_reads(P, "sample", weights=weights, sampler=sampler),
+                                     "evaluate": stage_reads(P, "evaluate", weights=weights)}
+            for weights, sampler in RUN_CELLS}
 
 
 def samples_done(run, weights, sampler):

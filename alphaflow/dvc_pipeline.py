@@ -31,6 +31,8 @@ HEADER = (
 )
 TRAIN_CODE = [
     "alphaflow/train.py",
+    "alphaflow/train_state.py",
+    "alphaflow/train_step.py",
     "alphaflow/objectives.py",
     "alphaflow/divergence.py",
     "alphaflow/models",

@@ -7,13 +7,12 @@ accumulation, NaN/Inf gradients zeroed and counted, global-norm clip, EMA with a
 DDP from the environment, atomic checkpoints with exact resume, SIGTERM/SIGUSR2 → checkpoint + requeue
 exit code, MLflow + metrics.jsonl with the loss per t bucket. A diverging run stops or rolls back to its last
 checkpoint (params `divergence`, alphaflow.divergence). Starting a run whose folder has a checkpoint resumes it.
+This module is the loop; the step is alphaflow.train_step's, the state and its checkpoints alphaflow.train_state's.
 """
 
 import contextlib
-import math
 import signal
 import time
-from dataclasses import dataclass, field
 
 import torch
 import yaml
@@ -21,100 +20,23 @@ from tqdm import tqdm
 
 from alphaflow import checkpoint as ckpt
 from alphaflow import distributed, runlock
-from alphaflow.config import ParamsError, RunConfig
-from alphaflow.data import LatentLoader, build_encoder
-from alphaflow.data.latents import estimate_latent_stats
-from alphaflow.divergence import (
-    BUCKETS,
-    Diverged,
-    bucket_means,
-    bucket_sums,
-    fault_batches,
-    monitor_for,
-    poison,
-    worst_bucket,
-)
-from alphaflow.ema import EMA
+from alphaflow.config import ParamsError
+from alphaflow.data import LatentLoader
+from alphaflow.divergence import Diverged, bucket_means, fault_batches
 from alphaflow.errors import REQUEUE_EXIT_CODE
-from alphaflow.images import save_grid
 from alphaflow.io import atomic_write_bytes
-from alphaflow.jsonl import append_jsonl, truncate_jsonl
-from alphaflow.models import build_model
-from alphaflow.objectives import alpha_flow_loss, drop_labels, gradient_conflict, sample_times
-from alphaflow.official import load_official_weight_sets
-from alphaflow.phema import PowerEMA, discard_after, save_snapshot
-from alphaflow.released import import_released, released_file
+from alphaflow.jsonl import append_jsonl
+from alphaflow.objectives import gradient_conflict, sample_times
+from alphaflow.phema import discard_after, save_snapshot
+from alphaflow.released import import_released
 from alphaflow.run_folder import discard_stale, train_fingerprint
-from alphaflow.sampling import class_grid
 from alphaflow.tracking import Tracker, git_commit, metric_key
-
-LOG_KEYS = ("loss", "L_TFM", "L_TC", "L_sum", "delta_sq")
+from alphaflow.train_state import checkpoint, finish, save, setup, start
+from alphaflow.train_step import DivergenceEvent, skip_batch, train_step
 
 
 class Preempted(SystemExit):
     """Raised after the checkpoint is written on SIGTERM/SIGUSR2; exits with REQUEUE_EXIT_CODE."""
-
-
-class DivergenceEvent(Exception):
-    """A step whose events reached the divergence policy's limit (train_step raises it before the update)."""
-
-    def __init__(self, event, where):
-        super().__init__(event)
-        self.event, self.where = event, where
-
-
-def learning_rate(run, step):
-    """Linear warm-up from lr/1e4 to lr over warmup_steps, then constant (official code: num_warmup_steps)."""
-    if step >= run.warmup_steps:
-        return run.lr
-    return run.lr * (1e-4 + (1 - 1e-4) * step / run.warmup_steps)
-
-
-# ----------------------------------------------------------------------------
-# Set-up
-
-
-def batch_split(run, world_size):
-    """(per-device batch, micro-batch, accumulation steps) with clear errors."""
-    if run.batch_size % world_size:
-        raise ParamsError(
-            f"params key 'runs.{run.name}.batch_size' = {run.batch_size}: not divisible by the "
-            f"{world_size} processes of this job (change batch_size or the job's GPUs/nodes)"
-        )
-    per_rank = run.batch_size // world_size
-    micro = run.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ParamsError(
-            f"params key 'runs.{run.name}.micro_batch_size' = {micro}: the per-device batch {per_rank} "
-            f"is not divisible by micro_batch_size {micro}"
-        )
-    return per_rank, micro, per_rank // micro
-
-
-def micro_batch_draws(gen, x, y, run, null_label, info):
-    """This rank's ε, (t, r) and dropped labels for its micro-batch of the current global micro-step.
-
-    Every rank draws, from the same stream, the randomness of all W micro-batches the W ranks train on
-    now (LatentLoader deals micro-batch j to rank j mod W) and keeps its own. So the draws, like the data,
-    equal those of one process that accumulates the W micro-batches in order: the result depends on the
-    global batch only. The extra draws are W micro-batches of noise per micro-step (cheap beside a forward).
-    """
-    for k in range(info.world_size):
-        noise = torch.randn(x.shape, generator=gen, device=x.device)
-        t, r = sample_times(len(y), run.fm_ratio, run.time_loc, run.time_scale, generator=gen)
-        t, r = t.to(x.device), r.to(x.device)
-        dropped = drop_labels(y, t, run.label_dropout, null_label, run.cfg_interval, gen)
-        if k == info.rank:
-            mine = noise, t, r, dropped
-    return mine
-
-
-def build_run_model(run, loader, device):
-    c, h, w = loader.latent_shape
-    torch.manual_seed(run.seed)
-    return build_model(
-        run.model, num_classes=loader.num_classes, input_size=h, in_channels=c, **run.model_overrides
-    ).to(device)
 
 
 class SignalFlag:
@@ -138,131 +60,7 @@ class SignalFlag:
 
 
 # ----------------------------------------------------------------------------
-# The training state, and the functions that set it up, advance it and save it
-
-
-@dataclass
-class TrainState:
-    """What the loop advances; `save` writes it (with the networks', optimizer's and generators' tensors)."""
-
-    run: RunConfig
-    info: distributed.DistInfo
-    device: torch.device
-    fingerprint: str  # train_fingerprint: what the weights depend on
-    loader: LatentLoader
-    net: torch.nn.Module  # the raw weights (DDP wraps it in `forward`)
-    ema: EMA
-    phema: PowerEMA | None  # post-hoc EMA profiles (phema_every), else None
-    opt: torch.optim.Optimizer
-    # fmt: off
-    gen: torch.Generator        # ε, (t, r) and label dropout of the whole global batch (micro_batch_draws)
-    accum: int                  # micro-batches per optimizer step on this rank
-    monitor: object = None      # divergence.Monitor: events and the policy
-    step: int = 0               # optimizer steps done
-    batch: int = 0              # global batches consumed (= step, plus the skipped ones)
-    # fmt: on
-    skip: set = field(default_factory=set)  # global batches not trained on (skip_batches, rollbacks)
-    # fmt: off
-    ema_offset: int = 0         # steps of a fine-tune's source, so its EMA ramp-up continues
-    bad_total: int = 0          # steps whose non-finite gradients were zeroed, over the run
-    bad_run: int = 0            # … in a row now
-    # fmt: on
-    sums: dict = field(default_factory=dict)  # LOG_KEYS summed over the logging window (float64 tensors)
-    bucket_sums: object = None  # per-t-bucket loss sums and sample counts of the window (divergence.bucket_sums)
-    bucket_counts: object = None
-    # fmt: off
-    window_n: int = 0           # steps in the logging window
-    window_t0: float = 0.0      # when the window started (perf_counter), for images/s
-    # fmt: on
-    window_images: int = 0
-
-
-def setup(params, run, info, dev, fp):
-    """The loader, the DiT with its latent statistics, EMA, post-hoc EMA, Adam and the draw generator."""
-    _, micro, accum = batch_split(run, info.world_size)
-    latent_dir = params.latent_dir()
-    loader = LatentLoader(latent_dir, micro, seed=run.seed, rank=info.rank, world_size=info.world_size, device=dev)
-    net = build_run_model(run, loader, dev)
-    mean, std = estimate_latent_stats(latent_dir, run.stats_samples, run.seed, dev)
-    net.latent_mean.copy_(mean)
-    net.latent_std.copy_(std)
-    ema = EMA(net, run.ema_halflife, run.ema_rampup)
-    # Post-hoc EMA: power-function EMAs of the raw weights, snapshotted every phema_every steps.
-    phema = PowerEMA(net, run.phema_sigma_rels) if run.phema_every else None
-    opt = torch.optim.Adam(
-        net.parameters(),
-        lr=run.lr,
-        betas=tuple(run.betas),
-        eps=run.adam_eps,
-        weight_decay=0.0,
-        fused=(dev.type == "cuda") or None,
-    )
-    # One generator stream for the whole global batch, the same on every rank (see micro_batch_draws).
-    gen = torch.Generator(dev).manual_seed(run.seed * 1000)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return TrainState(
-        run=run,
-        info=info,
-        device=dev,
-        fingerprint=fp,
-        loader=loader,
-        net=net,
-        ema=ema,
-        phema=phema,
-        opt=opt,
-        gen=gen,
-        accum=accum,
-        monitor=monitor_for(run),
-        skip=set(run.skip_batches),
-    )
-
-
-def start(state, params, latest, quiet):
-    """Resume from `latest` (the same fingerprint: a kill, a requeue, or more steps for a finished run), or
-    fine-tune from a released file or another run, or start fresh; then open the logging window."""
-    run, dev, say = state.run, state.device, state.info.is_main and not quiet
-    window = {}
-    if latest is not None:
-        saved, rng = ckpt.load_checkpoint(
-            latest, net=state.net, ema=state.ema, optimizer=state.opt, device=dev, phema=state.phema
-        )
-        state.loader.load_state_dict(saved["loader"])
-        state.gen.set_state(rng[f"gen.{state.info.rank}"].to(torch.uint8))
-        state.step, state.bad_total, window = saved["step"], saved["bad_total"], saved.get("window", {})
-        state.ema_offset = saved.get("ema_step_offset", 0)
-        state.batch = saved.get("batch", state.step)
-        state.skip = set(run.skip_batches) | set(saved.get("skipped", []))
-        state.monitor.load_state_dict(saved.get("divergence", {}))
-        with distributed.main_work("truncating metrics.jsonl") as mine:
-            if mine:
-                truncate_jsonl(params.run_dir(run.name) / "metrics.jsonl", state.step)
-                if not quiet:
-                    print(f"[alphaflow] {run.name}: resuming from {latest.name} (step {state.step} of {run.steps})")
-    elif params.init_file(run.name) is not None:  # a released snapshot (e.g. the XL/2 that XL/2+ fine-tunes)
-        source = released_file(params, run.name, "init_from")
-        sets = load_official_weight_sets(source, state.loader.num_classes)
-        state.net.load_state_dict({k: v.to(dev) for k, v in sets["raw"].items()})
-        state.ema.load_state_dict({k: v.to(dev) for k, v in sets["ema"].items()})
-        # The snapshot's step is not known: the EMA continues with its full half-life (ramp-up complete).
-        state.ema_offset = math.ceil(run.ema_halflife / run.ema_rampup) if run.ema_rampup else 0
-        if say:
-            print(f"[alphaflow] {run.name}: fine-tuning from the released {source} (EMA at its full half-life)")
-    elif run.init_from is not None:
-        source = params.run_dir(run.init_from) / "checkpoints" / "final"
-        state.net.load_state_dict(ckpt.load_weights(source, "raw", dev))
-        state.ema.load_state_dict(ckpt.load_weights(source, "ema", dev))
-        # The fine-tune continues the source's EMA with its full half-life: its ramp-up counts the source's
-        # steps too (restarting at 0 would set β = 0 and throw the loaded EMA away at the first update).
-        state.ema_offset = ckpt.read_state(source)["step"]
-        if say:
-            print(f"[alphaflow] {run.name}: fine-tuning from {source} (EMA continues at step {state.ema_offset})")
-    state.sums = {k: torch.tensor(window.get(k, 0.0), device=dev, dtype=torch.float64) for k in LOG_KEYS}
-    zeros = [0.0] * 2 * BUCKETS
-    state.bucket_sums = torch.tensor(window.get("bucket_sums", zeros), device=dev, dtype=torch.float64)
-    state.bucket_counts = torch.tensor(window.get("bucket_counts", zeros), device=dev, dtype=torch.float64)
-    state.window_n = window.get("n", 0)
+# Tracking and logging
 
 
 def open_tracker(params, state, tracking):
@@ -312,104 +110,6 @@ def held_out_batch(params, run, dev):
         return hx, hy, ht.to(dev), hr.to(dev), torch.randn(hx.shape, generator=hg, device=dev)
 
 
-def skip_batch(state):
-    """Consumes global batch `state.batch` without a step: its micro-batches and their draws, as a step would."""
-    for _ in range(state.accum):
-        x, y = next(state.loader)
-        micro_batch_draws(state.gen, x, y, state.run, state.net.null_label, state.info)
-    state.batch += 1
-
-
-def train_step(state, forward, teacher, autocast, ddp, faults=frozenset()):
-    """One optimizer step of the α-Flow loss (paper Alg. 1) over `accum` micro-batches; returns (α, lr, ‖g‖).
-
-    Raises DivergenceEvent, before the update, when the step's events reach the divergence policy's limit.
-    faults: global batches whose loss is poisoned (divergence.fault_batches)."""
-    run, net, info = state.run, state.net, state.info
-    alpha, lr = run.alpha(state.step), learning_rate(run, state.step)
-    for group in state.opt.param_groups:
-        group["lr"] = lr
-    step_sums = torch.zeros_like(state.bucket_sums)
-    step_counts = torch.zeros_like(state.bucket_counts)
-    for i in range(state.accum):
-        x, y = next(state.loader)
-        x = net.normalize(x)
-        noise, t, r, y = micro_batch_draws(state.gen, x, y, run, net.null_label, info)
-        sync = contextlib.nullcontext() if (i == state.accum - 1 or info.world_size == 1) else ddp.no_sync()
-        with sync, autocast():
-            terms = alpha_flow_loss(
-                forward,
-                x,
-                y,
-                t,
-                r,
-                noise,
-                alpha,
-                omega=run.cfg_omega,
-                kappa=run.cfg_kappa,
-                cfg_interval=run.cfg_interval,
-                null_label=net.null_label,
-                clamp_target=run.clamp_target,
-                weight_eps=run.weight_eps,
-                shift=run.shift,
-                jvp_mode=run.jvp_mode,
-                teacher=teacher,
-            )
-            if state.batch in faults:
-                terms.loss = poison(terms.loss, t)
-            (terms.loss.mean() / state.accum).backward()
-        with torch.no_grad():
-            sums, counts = bucket_sums(terms.loss, t, r)
-            step_sums += sums
-            step_counts += counts
-            for key, value in (
-                ("loss", terms.loss.detach()),
-                ("L_TFM", terms.tfm),
-                ("L_TC", terms.tc),
-                ("L_sum", terms.tfm + terms.tc),
-                ("delta_sq", terms.delta_sq.detach()),
-            ):
-                state.sums[key] += value.mean() / state.accum
-    # NaN/Inf gradients → zero and count (official code: grad_nan_to_num); then the global-norm clip.
-    params_list = list(net.parameters())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params_list if p.grad is not None])
-    norm_value = float(norm)  # the step's one device sync
-    finite = math.isfinite(norm_value)
-    event = state.monitor.observe(state.step, state.batch, norm_value)
-    if event is not None:
-        where = worst_bucket(bucket_means(step_sums, step_counts), bucket_means(state.bucket_sums, state.bucket_counts))
-        raise DivergenceEvent(event, where)
-    state.bucket_sums += step_sums
-    state.bucket_counts += step_counts
-    if not finite:
-        for p in params_list:
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        state.bad_total, state.bad_run = state.bad_total + 1, state.bad_run + 1
-        if state.bad_run >= run.max_bad_steps:
-            raise RuntimeError(
-                f"{run.name}: {state.bad_run} consecutive steps with NaN/Inf gradients at step "
-                f"{state.step}; aborting (lower lr, check the data, or raise max_bad_steps)"
-            )
-    else:
-        state.bad_run = 0
-    if run.grad_clip is not None:
-        if finite:
-            torch.nn.utils.clip_grads_with_norm_(params_list, run.grad_clip, norm)
-        else:
-            torch.nn.utils.clip_grad_norm_(params_list, run.grad_clip)
-    state.opt.step()
-    state.opt.zero_grad(set_to_none=True)
-    state.ema.update(net, state.ema_offset + state.step)
-    state.step += 1
-    state.batch += 1
-    if state.phema is not None:  # t counts this run's images (a fine-tune's profiles start at its first step)
-        state.phema.update(net, t=state.step * run.batch_size, dt=run.batch_size)
-    state.window_n += 1
-    state.window_images += run.batch_size
-    return alpha, lr, norm
-
-
 def log_step(state, params, tracker, bar, alpha, lr, norm, conflict_batch):
     """A metrics.jsonl record (and MLflow) of the logging window's means; then a new window."""
     run, done = state.run, state.step
@@ -450,76 +150,6 @@ def evaluate_in_training(state, params, tracker, evaluate):
             append_jsonl(params.run_dir(state.run.name) / "metrics.jsonl", {"step": done, **scores})
             tracker.log_metrics(scores, step=done)
             state.window_t0 += time.perf_counter() - t_eval
-
-
-def save(state, ckpt_dir):
-    """Checkpoint `step-<N>`: weights, EMA, post-hoc EMA, optimizer, every rank's generator, loader position and
-    the logging window, atomically (rank 0 writes)."""
-    states = distributed.gather_states(state.gen.get_state())
-    name = step_name(state.step)
-    with distributed.main_work(f"writing checkpoint {ckpt_dir / name}") as mine:
-        if mine:
-            saved = {
-                "step": state.step,
-                "bad_total": state.bad_total,
-                "loader": state.loader.state_dict(),
-                "fingerprint": state.fingerprint,
-                "run": state.run.to_dict(),
-                "world_size": state.info.world_size,
-                "ema_step_offset": state.ema_offset,
-                "batch": state.batch,
-                "skipped": sorted(state.skip),
-                "divergence": state.monitor.state_dict(),
-                "window": {
-                    **{k: float(v) for k, v in state.sums.items()},
-                    "n": state.window_n,
-                    "bucket_sums": state.bucket_sums.tolist(),
-                    "bucket_counts": state.bucket_counts.tolist(),
-                },
-            }
-            rng = {f"gen.{r}": s for r, s in enumerate(states)}
-            ckpt.save_checkpoint(
-                ckpt_dir,
-                name,
-                net=state.net,
-                ema=state.ema,
-                optimizer=state.opt,
-                rng=rng,
-                state=saved,
-                phema=state.phema,
-                what=f"checkpoint {name} of run {state.run.name}",
-            )
-
-
-def checkpoint(state, params, ckpt_dir, tracker):
-    """save, then prune to the snapshots and the last two; a sample grid at every snapshot."""
-    run, done = state.run, state.step
-    save(state, ckpt_dir)
-    with distributed.main_work(f"pruning checkpoints / the sample grid at step {done}") as mine:
-        if mine:
-            ckpt.prune(ckpt_dir, set(range(run.snapshot_every, run.steps + 1, run.snapshot_every)))
-            if done % run.snapshot_every == 0:
-                log_grid(
-                    state.ema.module,
-                    params,
-                    params.run_dir(run.name) / "samples" / f"grid-{done:07d}.png",
-                    tracker,
-                    state.loader,
-                )
-
-
-def finish(state, params, ckpt_dir, tracker, plot_curves):
-    """checkpoints/final → the last step; the final sample grid and the training curves. Returns the grid."""
-    run_dir = params.run_dir(state.run.name)
-    with distributed.main_work("the final checkpoint, sample grid and training curves") as mine:
-        if not mine:
-            return None
-        ckpt.publish_final(ckpt_dir, step_name(state.run.steps))
-        grid = log_grid(state.ema.module, params, run_dir / "samples" / "grid-final.png", tracker, state.loader)
-        if plot_curves is not None:
-            curves = plot_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "training.png", title=state.run.name)
-            tracker.log_artifact(curves, "plots")
-        return str(grid)
 
 
 # ----------------------------------------------------------------------------
@@ -729,16 +359,3 @@ def roll_back(state, params, ckpt_dir, tracker, diverged, quiet):
                     f"{run.max_rollbacks}), skipping global batches {sorted(state.skip)}",
                     flush=True,
                 )
-
-
-def step_name(step):
-    return ckpt.step_dir_name(step)
-
-
-def log_grid(net, params, path, tracker, loader, per_class=8):
-    """A class-sorted sample grid of `net` (one row per class) as a PNG, logged to MLflow; returns its path."""
-    decoder = build_encoder(**params.encoder_args(), device=next(net.parameters()).device)
-    images = class_grid(net, decoder, loader.num_classes, per_class)
-    grid = save_grid(images, path, nrow=per_class, scale=2 if images.shape[-1] < 64 else 1)
-    tracker.log_artifact(grid, "samples")
-    return grid

@@ -18,7 +18,8 @@ from alphaflow.config import ParamsError, load_params
 from alphaflow.ema import ema_beta
 from alphaflow.errors import REQUEUE_EXIT_CODE
 from alphaflow.plots import plot_training_curves
-from alphaflow.train import learning_rate, train
+from alphaflow.train import train
+from alphaflow.train_step import learning_rate
 from helpers import ROOT, run_cli
 from helpers import assert_bit_identical, final_tensors
 

@@ -79,6 +79,10 @@ class NoMeasurementsError(UserError):
     """The folder of measured tables is missing or empty."""
 
 
+class NotMeasuredError(UserError, LookupError):
+    """No step-cost table for the asked device (kind, GPU name, threads, dtype): one line naming the measured ones."""
+
+
 def load_measurements(folder=BENCH_DIR, kind="step-cost"):
     """The measured tables of one kind in `folder`: "step-cost" (step_cost.py's, which carry no kind) or
     "eval-throughput" (eval_throughput.py's)."""
@@ -124,7 +128,7 @@ def pick_measurement(records, device_type, model, dtype, threads=None, gpu=None,
     ]
     if not pool:
         measured = sorted({f"{r['device']} ({r['device_type']}, {r['dtype']})" for r in records})
-        raise LookupError(
+        raise NotMeasuredError(
             f"no step-cost measurement for device {device_type!r} {gpu or ''} {dtype}"
             f"{f', {threads} threads' if threads else ''}; measured: {', '.join(measured) or 'none'}. "
             "Pass --gpu with a measured name, --device cpu, or run benchmarks/step_cost.py there first"

@@ -98,6 +98,26 @@ def test_no_measurement_for_the_device_is_a_clear_error(tmp_path):
     (tmp_path / "cpu-T4-b64-fp32-t1.json").write_text(json.dumps(bench_record()))
     with pytest.raises(LookupError, match=r"measured: cpu.*Pass --gpu with a measured name.*step_cost.py there first"):
         plan(load_params(ROOT / "params" / "default.yaml"), device_type="cuda", gpu="H100", bench_dir=tmp_path)
+    # through the CLI: one line and exit 2, no traceback (a GPU whose step costs are not measured yet)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alphaflow",
+            "plan",
+            "--params",
+            "params/default.yaml",
+            "--gpu",
+            "H100",
+            "--bench",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("alphaflow: no step-cost measurement for device 'cuda' H100 bf16; measured: cpu")
 
 
 def test_plan_command_prints_the_paper_profile_totals():

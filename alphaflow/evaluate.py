@@ -29,8 +29,8 @@ from alphaflow.samples import (
     load_samples,
     no_autocast,
     sample_fingerprint,
+    finished_fingerprint,
     sample_run,
-    samples_current,
     samples_parts,
 )
 from alphaflow.tracking import mlflow_metric_name
@@ -100,18 +100,18 @@ def in_training_metrics(params, nets, device):
     return out
 
 
-def current_evaluation(params, run_name, weights, sampler_name):
-    """The cell's evaluation record when it is current (its fingerprint: these params, these samples, this
-    reference), else None."""
-    path = params.eval_file(run_name, weights, sampler_name)
-    out = params.samples_dir(run_name, weights, sampler_name)
-    if not path.exists() or samples_parts(out) is None:
-        return None
+def current_evaluation(params, run_name, weights, sampler_name, samples_fp=None):
+    """The cell's evaluation record when it is current (its fingerprint: these params, the samples of `samples_fp`
+    (default: what these params make of the finished sample set), this reference), else None."""
+    if samples_fp is None:
+        parts = samples_parts(params.samples_dir(run_name, weights, sampler_name))
+        if parts is None:
+            return None
+        samples_fp = sample_fingerprint(params, run_name, weights, sampler_name, parts)
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(params.eval_file(run_name, weights, sampler_name).read_text())
     except (OSError, ValueError):
         return None
-    samples_fp = sample_fingerprint(params, run_name, weights, sampler_name, samples_parts(out))
     return record if record.get("fingerprint") == evaluation_fingerprint(params, weights, samples_fp) else None
 
 
@@ -170,12 +170,17 @@ def sample_evaluate(params, run_name, *, device=None, quiet=False):
     for run, weights, sampler_name in params.evaluation_cells():
         if run != run_name:
             continue
-        if not samples_current(params, run, weights, sampler_name, num_parts):
+        # The expected sample fingerprint once per cell (a post-hoc EMA's hashes its weights file), and only where
+        # a finished set is there to compare: before the first sampling those weights may not exist yet.
+        out = params.samples_dir(run, weights, sampler_name)
+        samples_fp = finished_fingerprint(out)
+        if samples_fp is None or samples_fp != sample_fingerprint(params, run, weights, sampler_name, num_parts):
             for part in range(num_parts):
                 sample_run(
                     params, run, weights, sampler_name, part=part, num_parts=num_parts, device=device, quiet=quiet
                 )
-        if current_evaluation(params, run, weights, sampler_name) is None:
+            samples_fp = finished_fingerprint(out)
+        if current_evaluation(params, run, weights, sampler_name, samples_fp) is None:
             evaluate_run(params, run, weights, sampler_name, device=device, quiet=quiet)
         elif not quiet:
             print(f"[alphaflow] evaluate {run}/{weights}/{sampler_name}: current, kept")

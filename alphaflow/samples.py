@@ -211,15 +211,12 @@ def write_samples_manifest(out, chunk_dir, n, batch, num_parts, sampler, fp):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
-def samples_current(params, run_name, weights, sampler_name, num_parts):
-    """Whether the cell's finished sample set (done.json) is the one these params and weights make."""
-    path = params.samples_dir(run_name, weights, sampler_name) / "done.json"
+def finished_fingerprint(out):
+    """The fingerprint the finished sample set in `out` records in its done.json (None when there is none)."""
     try:
-        done = json.loads(path.read_text())
+        return json.loads((Path(out) / "done.json").read_text()).get("fingerprint")
     except (OSError, ValueError):
-        return False
-    expected = sample_fingerprint(params, run_name, weights, sampler_name, num_parts)
-    return done.get("num_parts") == num_parts and done.get("fingerprint") == expected
+        return None
 
 
 def samples_parts(out):

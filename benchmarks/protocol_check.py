@@ -75,7 +75,8 @@ def timed_generate(net, sampler, n, batch, device, autocast):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run() if device.type == "cuda" else None  # warm-up (kernels, allocator) where it matters
+    if device.type == "cuda":  # warm-up (kernels, allocator) where it matters
+        run()
     t0 = time.perf_counter()
     run()
     return n / (time.perf_counter() - t0)

@@ -1,8 +1,6 @@
 """`alphaflow plan`: the curriculum's step mix, the FLOP scaling and the cost arithmetic."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -13,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from alphaflow.config import load_params
 from alphaflow.models import build_model
 from alphaflow.plan import dit_flops, plan, step_mix
-from helpers import ROOT
+from helpers import ROOT, run_cli
 
 
 def test_step_mix_counts_the_curriculum_like_training_does():
@@ -99,35 +97,13 @@ def test_no_measurement_for_the_device_is_a_clear_error(tmp_path):
     with pytest.raises(LookupError, match=r"measured: cpu.*Pass --gpu with a measured name.*step_cost.py there first"):
         plan(load_params(ROOT / "params" / "default.yaml"), device_type="cuda", gpu="H100", bench_dir=tmp_path)
     # through the CLI: one line and exit 2, no traceback (a GPU whose step costs are not measured yet)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alphaflow",
-            "plan",
-            "--params",
-            "params/default.yaml",
-            "--gpu",
-            "H100",
-            "--bench",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli("plan", "--params", "params/default.yaml", "--gpu", "H100", "--bench", tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("alphaflow: no step-cost measurement for device 'cuda' H100 bf16; measured: cpu")
 
 
 def test_plan_command_prints_the_paper_profile_totals():
-    out = subprocess.run(
-        [sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--gpu", "H200"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_cli("plan", "--params", "params/paper.yaml", "--gpu", "H200").stdout
     assert "| alphaflow-XL-2-cfg | XL/2 |" in out and "device-hours of training" in out
 
 
@@ -150,22 +126,10 @@ def test_plan_prices_the_hardware_the_profile_asks_for():
     assert profile_device(load_params(ROOT / "params" / "paper.yaml")) == "cuda"
     assert profile_device(load_params(ROOT / "params" / "released.yaml")) == "cuda"  # imports on CPU, sampling on GPUs
     assert profile_device(load_params(ROOT / "params" / "default.yaml")) == "cpu"
-    out = subprocess.run(
-        [sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_cli("plan", "--params", "params/paper.yaml").stdout
     assert out.startswith("Cost plan on cuda") and "step costs: NVIDIA H200 bf16" in out
     assert "time limit shorter than one checkpoint interval" not in out
-    cpu = subprocess.run(
-        [sys.executable, "-m", "alphaflow", "plan", "--params", "params/paper.yaml", "--device", "cpu"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    cpu = run_cli("plan", "--params", "params/paper.yaml", "--device", "cpu").stdout
     assert cpu.startswith("Cost plan on cpu")
 
 

@@ -23,10 +23,11 @@ deleted by hand is linked again). Release
 (leaving `hold` normally, by an exception or SIGTERM's exit) removes the lock if it is still ours; after
 kill -9 it stays, for takeover.
 
-Stale: the holder is on this host and its process is gone (os.kill(pid, 0) → ProcessLookupError, or the pid
-now belongs to a later process); or it is the same SLURM job (requeued, with a new pid, perhaps on another
-node) and not alive on this host; or it is on another host and its heartbeat is older than stale_s (default
-10 × heartbeat_s; the hosts' clocks must agree, as NTP keeps them).
+Stale: the holder is on this host and its process is gone (os.kill(pid, 0) → ProcessLookupError, a zombie
+that init has not reaped yet, or the pid now belongs to a later process); or it is the same SLURM job
+(requeued, with a new pid, perhaps on another node) and not alive on this host; or it is on another host and
+its heartbeat is older than stale_s (default 10 × heartbeat_s; the hosts' clocks must agree, as NTP keeps
+them).
 
 Takeover: under a second lock `<name>.break`, taken like the first (so one taker at a time), the taker
 checks that the lock still holds the stale record's token and os.replaces it by its own record. The lock
@@ -74,13 +75,19 @@ def slurm_job(environ=os.environ):
     return environ.get("SLURM_JOB_ID") or None
 
 
-def process_start(pid):
-    """The start time of process `pid` in clock ticks since boot (/proc/<pid>/stat), or None where unknown."""
+def proc_stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (state first), or None where unknown."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def process_start(pid):
+    """The start time of process `pid` in clock ticks since boot (/proc/<pid>/stat), or None where unknown."""
+    fields = proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def holder_record(what):
@@ -126,6 +133,9 @@ def process_alive(pid, start=None):
         return False
     except PermissionError:
         pass  # another user's process: alive
+    fields = proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False  # killed, not yet reaped: a container's init may take seconds to reap an orphan
     return start is None or process_start(pid) in (None, start)
 
 

@@ -102,6 +102,23 @@ def test_lock_of_a_killed_holder_is_taken_over(tmp_path, capsys):
     assert f"took over the stale lock {path} of pid {proc.pid}" in err and "is gone" in err
 
 
+def test_lock_of_a_killed_holder_not_yet_reaped_is_taken_over(tmp_path):
+    """kill -9 of a whole process tree leaves the holder a zombie until init reaps it, which in a container can
+    take seconds; os.kill(pid, 0) still succeeds on it, yet it holds nothing."""
+    path = tmp_path / ".lock"
+    proc = start_holder(path)
+    proc.send_signal(signal.SIGKILL)
+    deadline = time.time() + 10
+    while runlock.proc_stat(proc.pid)[0] != "Z":  # not waited for: a zombie
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, 0)  # the pid still answers
+    assert not runlock.process_alive(proc.pid)
+    with runlock.hold(path, "second") as lock:
+        assert lock.ours()
+    proc.wait()
+
+
 def test_foreign_holder_taken_over_only_when_its_heartbeat_is_stale(tmp_path, capsys):
     path = tmp_path / ".lock"
     foreign(path, age_s=5)

@@ -1,4 +1,4 @@
-"""Encoders and latent extraction (alphaflow/data/encoders.py, latents.py; latents as the official code stores them)."""
+"""Encoders and latent extraction (alphaflow/data/encoders.py, encode.py; latents as the official code stores them)."""
 
 import json
 
@@ -215,7 +215,7 @@ def test_encode_argument_errors(prepared, tmp_path):
 
 
 def test_stats_floor_for_constant_elements(tmp_path):
-    """An element constant in the stats sample gets std = 0.1·median, not 1e-8 (see latents.py)."""
+    """An element constant in the stats sample gets std = 0.1·median, not 1e-8 (see alphaflow/data/encode.py)."""
     rng = np.random.default_rng(1)
     for i in range(8):
         pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)

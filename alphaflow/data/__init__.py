@@ -13,7 +13,8 @@ import importlib
 _EXPORTS = {
     "embedded": ["EMBEDDED", "FASHION_CLASSES", "load_embedded"],
     "encoders": ["ENCODERS", "IdentityEncoder", "VAEEncoder", "build_encoder"],
-    "latents": ["LatentLoader", "encode_dataset", "finalize_latents", "load_latent_stats", "read_latent_manifest"],
+    "encode": ["encode_dataset", "finalize_latents"],
+    "latents": ["LatentLoader", "load_latent_stats", "read_latent_manifest"],
     "prepare": ["center_crop_resize", "iter_prepared_shards", "load_prepared", "prepare_embedded", "prepare_folder"],
     "shards": ["ShardError"],
 }

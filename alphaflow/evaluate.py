@@ -24,12 +24,12 @@ from alphaflow.io import atomic_write_json
 from alphaflow.provenance import file_hash, fingerprint, stage_reads
 from alphaflow.reference import INCEPTION_LIKE, capped, is_score, metric_plan, reference_images, reference_stats_for
 from alphaflow.samples import (
+    finished_fingerprint,
     generate,
     labels_for_seeds,
     load_samples,
     no_autocast,
     sample_fingerprint,
-    finished_fingerprint,
     sample_run,
     samples_parts,
 )

@@ -84,10 +84,14 @@ def proc_stat(pid):
         return None
 
 
+def start_of(fields):
+    """The start time in clock ticks since boot from proc_stat's fields, or None where unknown."""
+    return fields[19] if fields and len(fields) > 19 else None
+
+
 def process_start(pid):
     """The start time of process `pid` in clock ticks since boot (/proc/<pid>/stat), or None where unknown."""
-    fields = proc_stat(pid)
-    return fields[19] if fields and len(fields) > 19 else None
+    return start_of(proc_stat(pid))
 
 
 def holder_record(what):
@@ -133,10 +137,10 @@ def process_alive(pid, start=None):
         return False
     except PermissionError:
         pass  # another user's process: alive
-    fields = proc_stat(pid)
+    fields = proc_stat(pid)  # read once: the state and the start time
     if fields and fields[0] in ("Z", "X"):
         return False  # killed, not yet reaped: a container's init may take seconds to reap an orphan
-    return start is None or process_start(pid) in (None, start)
+    return start is None or start_of(fields) in (None, start)
 
 
 def stale_reason(holder, me, stale_s, now=None, requeue=True):
